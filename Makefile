@@ -1,0 +1,28 @@
+# Two commands: `make serve` (set up, then serve the built-in model on 127.0.0.1:8000) and `make test`.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+PIP := $(PYTHON) -m pip
+
+.PHONY: install serve test bench clean
+
+install: $(VENV)/.installed
+
+# torch is pinned before anything else can ask for it: a looser spec would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+serve: install
+	$(VENV)/bin/imagegen serve
+
+test: install
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) bench/bench_serving.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,32 @@
+"""What can go wrong with a request, independent of HTTP. server/errors.py maps each to a status."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of the engine's errors."""
+
+
+class InvalidRequestError(EngineError):
+    """The request cannot be served as asked; ``param`` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class EngineOverloadedError(EngineError):
+    """The queue is full; the client should retry later."""
+
+
+class RequestTimeoutError(EngineError):
+    """The request ran past its deadline (a worker did not answer in time)."""
+
+
+class EngineDeadError(EngineError):
+    """No worker can serve requests (died, or the engine is closed)."""
+
+
+class GenerationFailedError(EngineError):
+    """The pipeline raised for this request."""

@@ -1,0 +1,25 @@
+"""Prometheus metrics of the engine and the server, all with the imagegen_ prefix and a model_name label."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+REQUESTS = Counter("imagegen_requests", "HTTP requests answered", ["model_name", "endpoint", "status"])
+E2E_LATENCY = Histogram(
+    "imagegen_request_e2e_time_seconds", "Time from request received to response ready", ["model_name"],
+    buckets=_LATENCY_BUCKETS,
+)
+QUEUE_TIME = Histogram(
+    "imagegen_request_queue_time_seconds", "Time a request waited before its step started", ["model_name"],
+    buckets=_LATENCY_BUCKETS,
+)
+INFERENCE_TIME = Histogram(
+    "imagegen_request_inference_time_seconds", "Duration of the engine step that served a request", ["model_name"],
+    buckets=_LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "imagegen_batch_size_images", "Images per engine step", ["model_name"], buckets=(1, 2, 4, 8, 16, 32, 64)
+)
+IMAGES_GENERATED = Counter("imagegen_images_generated", "Images generated", ["model_name"])
+REQUESTS_WAITING = Gauge("imagegen_num_requests_waiting", "Requests queued for a step", ["model_name"])
+REQUESTS_RUNNING = Gauge("imagegen_num_requests_running", "Requests in a step that is running", ["model_name"])

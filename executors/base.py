@@ -1,0 +1,78 @@
+"""DiffusionExecutor: the one transport between the engine and its workers."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from workers.config import OmniDiffusionConfig
+
+
+class ExecutorError(RuntimeError):
+    """Base of the errors an executor raises; the engine maps them to its own."""
+
+
+class WorkerStartupError(ExecutorError):
+    """A worker could not load its model or never answered the handshake."""
+
+
+class WorkerDiedError(ExecutorError):
+    """A worker process or actor is gone; calls it held are failed with this."""
+
+
+class RpcTimeoutError(ExecutorError, TimeoutError):
+    """A worker did not answer a call within its timeout."""
+
+
+class WorkerRpcError(ExecutorError):
+    """A worker answered a call with an error."""
+
+
+class DiffusionExecutor(ABC):
+    """Starts or connects to workers and forwards calls to them.
+
+    ``collective_rpc`` is the single transport: every other operation is built on it or on
+    the backend's liveness check. Backends implement the abstract methods.
+    """
+
+    def __init__(self, od_config: OmniDiffusionConfig):
+        self.od_config = od_config
+        self.is_closed = False
+        self._init_executor()
+
+    @abstractmethod
+    def _init_executor(self) -> None:
+        """Start or find the workers and wait until each is ready to serve."""
+
+    @abstractmethod
+    def collective_rpc(
+        self,
+        method: str,
+        timeout: float | None = None,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        unique_reply_rank: int | None = None,
+    ) -> Any:
+        """Call ``method`` on every rank's worker.
+
+        Returns the replies in rank order, or only rank ``unique_reply_rank``'s reply.
+        ``timeout`` defaults to ``od_config.rpc_timeout_s``.
+        """
+
+    @abstractmethod
+    def check_health(self) -> None:
+        """Raise ExecutorError when a worker is dead or unreachable."""
+
+    @abstractmethod
+    def _shutdown_workers(self) -> None:
+        """Release the workers (stop them if this executor owns them)."""
+
+    def shutdown(self) -> None:
+        """Idempotent."""
+        if self.is_closed:
+            return
+        self.is_closed = True
+        self._shutdown_workers()
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self.od_config.rpc_timeout_s if timeout is None else timeout

@@ -1,0 +1,83 @@
+"""`imagegen serve`: every OmniDiffusionConfig field is a flag of the same name."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from typing import Any
+
+from pydantic import ValidationError
+
+from engine import DiffusionEngine, OmniDiffusionConfig
+
+
+def _flag_type(annotation: Any) -> tuple[Any, list | None]:
+    """(argparse type, choices) for a settings field's annotation."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, list(typing.get_args(annotation))
+    options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    simple = options[0]
+    return (simple if simple in (int, float) else str), None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagegen", description="OpenAI-compatible image generation server")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="start the HTTP server",
+        description="Start the HTTP server. Each flag also reads IMAGEGEN_<NAME> from the environment.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for name, field in OmniDiffusionConfig.model_fields.items():
+        flag_type, choices = _flag_type(field.annotation)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(default)
+        serve.add_argument(
+            f"--{name.replace('_', '-')}",
+            *extra.get("cli_aliases", []),
+            dest=name,
+            type=flag_type,
+            choices=choices,
+            # Unset flags stay unset, so the environment can still supply them.
+            default=argparse.SUPPRESS,
+            help=f"{field.description} (default: {default})",
+        )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    flags = {name: value for name, value in vars(args).items() if name != "command"}
+    try:
+        config = OmniDiffusionConfig(**flags)
+    except ValidationError as error:
+        print(f"imagegen: invalid configuration: {error}", file=sys.stderr)
+        return 2
+    return serve(config)
+
+
+def serve(config: OmniDiffusionConfig) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    try:
+        engine = DiffusionEngine(config)
+    except Exception as error:  # noqa: BLE001 - start-up failures end in one line, not a traceback
+        print(f"imagegen: could not start model '{config.model}': {error}", file=sys.stderr)
+        return 1
+    try:
+        uvicorn.run(create_app(engine), host=config.host, port=config.port, log_level="info")
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

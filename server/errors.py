@@ -1,0 +1,78 @@
+"""The one error table: every failure becomes an OpenAI error body with the right status."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from engine.errors import (
+    EngineDeadError,
+    EngineError,
+    EngineOverloadedError,
+    GenerationFailedError,
+    InvalidRequestError,
+    RequestTimeoutError,
+)
+from server.protocol import ErrorDetail, ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+# engine error -> (HTTP status, OpenAI error type)
+ERROR_TABLE: dict[type[EngineError], tuple[int, str]] = {
+    InvalidRequestError: (400, "invalid_request_error"),
+    EngineOverloadedError: (429, "rate_limit_error"),
+    GenerationFailedError: (500, "server_error"),
+    EngineDeadError: (503, "server_error"),
+    RequestTimeoutError: (504, "server_error"),
+}
+
+# The engine speaks of its own request fields; clients know the OpenAI names.
+_PARAM_NAMES = {"num_images": "n", "width": "size", "height": "size"}
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def engine_error_response(error: EngineError) -> JSONResponse:
+    status, type_ = next((v for cls, v in ERROR_TABLE.items() if isinstance(error, cls)), (500, "server_error"))
+    param = getattr(error, "param", None)
+    return error_response(status, str(error), type_, _PARAM_NAMES.get(param, param), getattr(error, "code", None))
+
+
+def _validation_response(error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return error_response(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+    if first.get("type") == "missing":
+        message = f"Missing required parameter: '{'.'.join(location)}'."
+    else:
+        message = f"Invalid value for '{'.'.join(location)}': {first.get('msg')}."
+    param = location[0] if location else None
+    return error_response(400, message, "invalid_request_error", param, first.get("type"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        return _validation_response(error)
+
+    @app.exception_handler(EngineError)
+    async def _engine(_: Request, error: EngineError) -> JSONResponse:
+        return engine_error_response(error)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, error: HTTPException) -> JSONResponse:
+        type_ = "invalid_request_error" if error.status_code < 500 else "server_error"
+        return error_response(error.status_code, str(error.detail), type_)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return error_response(500, f"internal server error ({type(error).__name__})", "server_error")

@@ -1,0 +1,116 @@
+"""Start and stop real things for tests: a free port, an `imagegen serve` process, polling with deadlines."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def poll(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    """Wait until ``condition()`` is true; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def decode(b64_or_bytes: str | bytes) -> np.ndarray:
+    import base64
+
+    data = base64.b64decode(b64_or_bytes) if isinstance(b64_or_bytes, str) else b64_or_bytes
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid``, read from /proc (no psutil needed)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # Field 4 is the parent pid; the command name (field 2) may hold spaces, so split after it.
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def metric_samples(text: str, name: str) -> list:
+    return [s for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
+
+
+class ServerProcess:
+    """`python -m server.cli serve ...` on a free loopback port, stopped by the test that started it."""
+
+    def __init__(self, *flags: str, env: dict[str, str] | None = None, ready_timeout_s: float = 120):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        # A file, not a pipe: nobody reads a pipe while the test runs, and a full one blocks the server.
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="imagegen-server-", suffix=".log")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), *flags],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self._wait_ready(ready_timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        def up() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}: {self.output()}")
+            try:
+                return httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        poll(up, timeout_s, "the server to answer /health", interval_s=0.2)
+
+    def output(self) -> str:
+        with open(self.log.name) as log:
+            return log.read()
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.base_url}/metrics", timeout=10).text
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()

@@ -1,0 +1,162 @@
+"""The real server (uvicorn, one mp worker, tiny model) driven by the official openai client and httpx."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from helpers import decode, metric_samples
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def client(tiny_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def generate(client: openai.OpenAI, seed: int, prompt: str = "a red fox", size: str = "64x64", **extra):
+    return client.images.generate(
+        prompt=prompt, size=size, extra_body={"seed": seed, "num_inference_steps": 4, **extra}
+    )
+
+
+def test_openai_client_gets_image_of_requested_size(client):
+    response = generate(client, seed=1, size="128x128")
+    assert len(response.data) == 1
+    assert decode(response.data[0].b64_json).shape == (128, 128, 3)
+    assert response.size == "128x128"
+    assert response.data[0].model_extra["seed"] == 1
+
+
+def test_n_images_get_consecutive_seeds_and_match_single_requests(client):
+    response = client.images.generate(prompt="a red fox", size="64x64", n=3, extra_body={"seed": 7, "num_inference_steps": 4})
+    assert [image.model_extra["seed"] for image in response.data] == [7, 8, 9]
+    third_alone = decode(generate(client, seed=9).data[0].b64_json)
+    assert np.abs(decode(response.data[2].b64_json) - third_alone).max() <= 1
+
+
+def test_same_seed_same_pixels_different_seed_different_pixels(client):
+    first = decode(generate(client, seed=42).data[0].b64_json)
+    again = decode(generate(client, seed=42).data[0].b64_json)
+    other = decode(generate(client, seed=43).data[0].b64_json)
+    assert np.array_equal(first, again)
+    assert np.abs(first - other).mean() > 5
+
+
+def test_seed_reported_when_client_gives_none(client):
+    response = client.images.generate(prompt="a red fox", size="64x64", extra_body={"num_inference_steps": 4})
+    seed = response.data[0].model_extra["seed"]
+    assert isinstance(seed, int)
+    assert np.array_equal(decode(response.data[0].b64_json), decode(generate(client, seed=seed).data[0].b64_json))
+
+
+@pytest.mark.parametrize("output_format, magic", [("png", b"\x89PNG"), ("jpeg", b"\xff\xd8"), ("webp", b"RIFF")])
+def test_output_formats(tiny_server, output_format, magic):
+    import base64
+
+    body = {"prompt": "a fox", "size": "64x64", "output_format": output_format, "num_inference_steps": 2}
+    response = httpx.post(f"{tiny_server.base_url}/v1/images/generations", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert base64.b64decode(response.json()["data"][0]["b64_json"]).startswith(magic)
+    assert response.json()["output_format"] == output_format
+
+
+def test_concurrent_requests_are_served_in_batches(tiny_server, client):
+    def batch_stats() -> tuple[float, float]:
+        samples = metric_samples(tiny_server.metrics(), "imagegen_batch_size_images_count")
+        sums = metric_samples(tiny_server.metrics(), "imagegen_batch_size_images_sum")
+        return samples[0].value, sums[0].value
+
+    steps_before, images_before = batch_stats()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda seed: generate(client, seed=seed), range(100, 116)))
+    assert all(len(r.data) == 1 for r in responses)
+    steps, images = batch_stats()
+    assert images - images_before == 16
+    # 16 single-image requests in fewer steps than requests: batches larger than one.
+    assert steps - steps_before < 16
+    buckets = metric_samples(tiny_server.metrics(), "imagegen_batch_size_images_bucket")
+    one_image_steps = next(s.value for s in buckets if s.labels["le"] == "1.0")
+    assert one_image_steps < steps
+
+
+def test_batched_image_matches_the_same_seed_alone(client):
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        batched = list(pool.map(lambda seed: generate(client, seed=seed), range(200, 208)))
+    alone = generate(client, seed=203)
+    assert np.abs(decode(batched[3].data[0].b64_json) - decode(alone.data[0].b64_json)).max() <= 1
+
+
+def test_models_lists_the_served_model(client):
+    assert [model.id for model in client.models.list()] == ["tiny"]
+
+
+def test_health_and_metrics(tiny_server):
+    assert httpx.get(f"{tiny_server.base_url}/health").json() == {"status": "ok"}
+    text = tiny_server.metrics()
+    for name in (
+        "imagegen_requests_total",
+        "imagegen_request_e2e_time_seconds_bucket",
+        "imagegen_request_queue_time_seconds_bucket",
+        "imagegen_request_inference_time_seconds_bucket",
+        "imagegen_num_requests_waiting",
+        "imagegen_num_requests_running",
+    ):
+        assert metric_samples(text, name), name
+
+
+BAD_REQUESTS = [
+    ({"size": "64x64"}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": "a", "model": "dall-e-3"}, "model"),
+    ({"prompt": "a", "size": "100x100"}, "size"),
+    ({"prompt": "a", "size": "big"}, "size"),
+    ({"prompt": "a", "n": 0}, "n"),
+    ({"prompt": "a", "n": 11}, "n"),
+    ({"prompt": "a", "n": "many"}, "n"),
+    ({"prompt": "a", "num_inference_steps": 0}, "num_inference_steps"),
+    ({"prompt": "a", "num_inference_steps": 1000}, "num_inference_steps"),
+    ({"prompt": "a", "guidance_scale": -1}, "guidance_scale"),
+    ({"prompt": "a", "guidance_scale": 1000}, "guidance_scale"),
+    ({"prompt": "a", "output_format": "gif"}, "output_format"),
+    ({"prompt": "a", "response_format": "xml"}, "response_format"),
+    ({"prompt": "a", "seed": -1}, "seed"),
+]
+
+
+@pytest.mark.parametrize("body, param", BAD_REQUESTS, ids=[f"{p}-{i}" for i, (_, p) in enumerate(BAD_REQUESTS)])
+def test_bad_input_gets_openai_400_naming_the_param(tiny_server, body, param):
+    response = httpx.post(f"{tiny_server.base_url}/v1/images/generations", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert error["message"]
+
+
+def test_unparseable_json_gets_openai_400(tiny_server):
+    response = httpx.post(
+        f"{tiny_server.base_url}/v1/images/generations",
+        content=b'{"prompt": ',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_openai_client_raises_bad_request_for_bad_size(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="a", size="100x100")
+    assert caught.value.body["param"] == "size"
+
+
+def test_unknown_route_is_openai_404(tiny_server):
+    response = httpx.get(f"{tiny_server.base_url}/v1/nothing")
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "invalid_request_error"

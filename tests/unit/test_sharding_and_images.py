@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.images import encode_image, to_pil
+from workers.data import OmniDiffusionRequest
+from workers.worker import shard_requests
+
+
+def request(size: int = 64, images: int = 1) -> OmniDiffusionRequest:
+    return OmniDiffusionRequest("x", height=size, width=size, num_inference_steps=4, seed=0, num_images=images)
+
+
+def test_shards_balance_images_and_cover_every_request_once():
+    requests = [request(images=n) for n in (4, 1, 1, 2, 1, 3)]
+    shards = shard_requests(requests, 3)
+    assert sorted(r.request_id for shard in shards for r in shard) == sorted(r.request_id for r in requests)
+    loads = [sum(r.num_images for r in shard) for shard in shards]
+    assert max(loads) - min(loads) <= 3
+
+
+def test_one_shard_keeps_order():
+    requests = [request() for _ in range(5)]
+    assert shard_requests(requests, 1) == [requests]
+
+
+def test_sharding_is_deterministic_and_groups_compatible_requests():
+    requests = [request(64), request(128), request(64), request(128)]
+    assert shard_requests(requests, 2) == shard_requests(list(requests), 2)
+    for shard in shard_requests(requests, 2):
+        assert len({r.batch_key() for r in shard}) == 1
+
+
+@pytest.mark.parametrize("fmt, pil_format", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_encode_image_formats(fmt, pil_format):
+    pixels = np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    decoded = Image.open(io.BytesIO(encode_image(to_pil(pixels), fmt)))
+    assert decoded.format == pil_format
+    assert decoded.size == (48, 32)
+
+
+def test_png_is_lossless_and_compression_shrinks_jpeg():
+    pixels = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    image = to_pil(pixels)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_image(image, "png")))), pixels)
+    assert len(encode_image(image, "jpeg", 20)) < len(encode_image(image, "jpeg", 95))

@@ -1,0 +1,105 @@
+"""The one settings object. Every layer reads it, so it lives at the bottom of the import graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from workers.models import default_cache_dir
+
+DEFAULT_ALLOWED_SIZES = (
+    "64x64",
+    "128x128",
+    "256x256",
+    "512x512",
+    "768x768",
+    "1024x1024",
+    "1024x1536",
+    "1536x1024",
+    "1024x1792",
+    "1792x1024",
+)
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'WxH' -> (width, height); ValueError for anything else."""
+    width, sep, height = size.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise ValueError(f"size must look like '512x512', got {size!r}")
+    return int(width), int(height)
+
+
+class OmniDiffusionConfig(BaseSettings):
+    """Settings for the server, the engine, the executor and the workers.
+
+    Read from keyword arguments, then ``IMAGEGEN_*`` environment variables, then defaults.
+    ``imagegen serve`` exposes every field as a flag of the same name (``--max-batch-size``).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="IMAGEGEN_",
+        protected_namespaces=(),
+        validate_assignment=True,
+        arbitrary_types_allowed=True,
+    )
+
+    model: str = Field("tiny", description="built-in model (tiny, tiny-flux), a diffusers folder, or a cached hub id")
+    served_model_name: str | None = Field(None, description="model id clients send and /v1/models lists (default: --model)")
+    model_cache_dir: Path = Field(default_factory=default_cache_dir, description="where built-in models are written")
+    num_gpus: int = Field(1, ge=1, description="number of workers (ranks); each owns one device")
+    distributed_executor_backend: str | type = Field(
+        "mp",
+        description="executor backend: mp, ray, ray_external, external_launcher, or package.module:Class",
+        json_schema_extra={"cli_aliases": ["--backend"]},
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto picks cuda when available")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto is bfloat16 on cuda and float32 on cpu"
+    )
+    max_batch_size: int = Field(8, ge=1, description="most images in one engine step")
+    batch_timeout_ms: float = Field(5.0, ge=0, description="how long a step waits to fill its batch")
+    rpc_timeout_s: float = Field(300.0, gt=0, description="longest a worker may take for one call")
+    worker_start_timeout_s: float = Field(600.0, gt=0, description="longest a worker may take to load its model")
+    default_size: str | None = Field(None, description="size when a request names none (default: the model's native size)")
+    default_num_inference_steps: int = Field(20, ge=1, description="denoising steps when a request names none")
+    default_guidance_scale: float | None = Field(None, description="guidance when a request names none (default: the pipeline's)")
+    max_num_inference_steps: int = Field(150, ge=1, description="largest num_inference_steps a request may ask for")
+    # NoDecode: the environment gives "64x64,128x128", split below, not JSON.
+    allowed_sizes: Annotated[list[str], NoDecode] = Field(list(DEFAULT_ALLOWED_SIZES), description="sizes a request may ask for (WxH, multiples of 8)")
+    host: str = Field("127.0.0.1", description="address the HTTP server binds")
+    port: int = Field(8000, ge=0, le=65535, description="port the HTTP server binds")
+
+    @field_validator("allowed_sizes", mode="before")
+    @classmethod
+    def _split_sizes(cls, value: Any) -> Any:
+        return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+
+    @field_validator("allowed_sizes")
+    @classmethod
+    def _check_sizes(cls, sizes: list[str]) -> list[str]:
+        for size in sizes:
+            width, height = parse_size(size)
+            if width % 8 or height % 8 or not width or not height:
+                raise ValueError(f"allowed size {size} is not a positive multiple of 8")
+        return sizes
+
+    @field_validator("default_size")
+    @classmethod
+    def _check_default_size(cls, size: str | None) -> str | None:
+        if size is not None:
+            parse_size(size)
+        return size
+
+    @model_validator(mode="after")
+    def _check_default_size_allowed(self) -> OmniDiffusionConfig:
+        if self.default_size is not None and self.default_size not in self.allowed_sizes:
+            raise ValueError(f"default_size {self.default_size} is not in allowed_sizes")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The id clients use for this model."""
+        return self.served_model_name or self.model

@@ -1,0 +1,194 @@
+"""Model resolution: built-in tiny pipelines, local diffusers folders and cached hub ids.
+
+The built-in models are built from configs with a fixed seed and written with
+``save_pretrained`` once, so that every model, built-in or not, is loaded through
+the same ``DiffusionPipeline.from_pretrained`` path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+class ModelNotFoundError(RuntimeError):
+    """The model is neither built in, a local diffusers folder, nor in the local hub cache."""
+
+
+def _tiny_tokenizer():
+    """A CLIP BPE tokenizer of single bytes and no merges: any text tokenizes, offline."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    symbols = sorted(ByteLevel.alphabet())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
+
+
+def _tiny_clip_text_encoder(vocab_size: int, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=32,
+        max_position_embeddings=77,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+
+
+def build_tiny_sd():
+    """A Stable Diffusion pipeline small enough to build and run in well under a second."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    tokenizer = _tiny_tokenizer()
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        timestep_spacing="trailing",
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=_tiny_clip_text_encoder(len(tokenizer)),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_flux():
+    """A Flux (DiT, flow matching) pipeline of the same tiny size."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tokenizer = _tiny_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+        sample_size=64,
+    )
+    text_encoder_2 = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
+    )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=_tiny_clip_text_encoder(len(tokenizer), with_projection=False),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        transformer=transformer,
+    )
+
+
+BUILTIN_MODELS: dict[str, Callable[[], object]] = {
+    "tiny": build_tiny_sd,
+    "tiny-flux": build_tiny_flux,
+}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imagegen" / "models"
+
+
+def resolve_model_path(model: str, cache_dir: Path) -> Path:
+    """Return a local diffusers folder for ``model``, building a built-in model on first use."""
+    if model in BUILTIN_MODELS:
+        return _ensure_builtin(model, Path(cache_dir))
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        return path
+    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
+        raise ModelNotFoundError(
+            f"model '{model}' is not a built-in model ({', '.join(BUILTIN_MODELS)}) and no such folder exists"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        # Never download at run time: only a snapshot already in the local cache is used.
+        return Path(snapshot_download(model, local_files_only=True))
+    except LocalEntryNotFoundError as error:
+        raise ModelNotFoundError(
+            f"model '{model}' is not in the local Hugging Face cache and downloads are disabled"
+        ) from error
+
+
+def _ensure_builtin(name: str, cache_dir: Path) -> Path:
+    target = cache_dir / name
+    if (target / "model_index.json").is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Build in a private folder and rename it into place: several workers may build at once,
+    # and a half-written folder must never be visible under the final name.
+    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
+    try:
+        pipeline = BUILTIN_MODELS[name]()
+        pipeline.save_pretrained(scratch / "pipeline", safe_serialization=True)
+        try:
+            os.rename(scratch / "pipeline", target)
+        except OSError:
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
