@@ -11,38 +11,50 @@ from dataclasses import dataclass, field
 
 from engine import metrics
 from engine.engine import DiffusionEngine, DiffusionOutput
-from engine.errors import EngineDeadError
+from engine.errors import EngineDeadError, EngineOverloadedError, RequestTimeoutError
 from workers.data import OmniDiffusionRequest
 
 logger = logging.getLogger(__name__)
 
-# Steps in flight at once: while the workers run one, the next is already queued at them, so they
-# never idle while the last step's images travel back and get encoded.
+# Steps in flight at once. A second step is sent only when it is full, so it waits at the workers
+# while the first runs and they never idle between steps; a partial batch waits for the first to end.
 PIPELINE_DEPTH = 2
+# While a worker restarts, how often the scheduler looks whether the engine is ready again.
+_READINESS_POLL_S = 0.1
 
 
 @dataclass(eq=False)
 class _Queued:
     request: OmniDiffusionRequest
     future: asyncio.Future
+    deadline: float
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
 class AsyncDiffusionEngine:
-    """Queues requests and runs them in batches of up to ``max_batch_size`` images.
+    """Queues requests and runs them in steps of up to ``max_batch_size`` images per worker.
 
-    A batch leaves when it is full or when its oldest request has waited ``batch_timeout_ms``;
-    it holds only requests that one pipeline call can serve together (same size, steps, ...).
+    With the workers idle, a step leaves when it is full or when its oldest request has waited
+    ``batch_timeout_ms``; while a step runs, the next leaves only when full or when the running
+    step ends. A step holds only requests that can share pipeline calls (same size, steps, ...).
     ``step()`` runs in a thread, so the event loop never blocks on generation.
+
+    Admission: more than ``max_queue_size`` queued images is EngineOverloadedError (429); a
+    request still queued after ``request_timeout_s`` is RequestTimeoutError (504) and never runs;
+    while a worker restarts, requests wait in the queue.
     """
 
     def __init__(self, engine: DiffusionEngine):
         self.engine = engine
         self._model_name = engine.od_config.model_name
-        self._max_batch_size = engine.od_config.max_batch_size
+        config = engine.od_config
+        self._step_capacity = config.max_batch_size * config.num_gpus
+        self._max_queue_size = config.max_queue_size
+        self._request_timeout_s = config.request_timeout_s
+        self.draining = False
         self._batch_timeout_s = engine.od_config.batch_timeout_ms / 1000
         self._queue: deque[_Queued] = deque()
-        self._arrived = asyncio.Event()
+        self._changed = asyncio.Event()  # a request arrived or a step ended
         self._free_slots = asyncio.Semaphore(PIPELINE_DEPTH)
         self._threads = ThreadPoolExecutor(PIPELINE_DEPTH, thread_name_prefix="imagegen-step")
         self._steps: set[asyncio.Task] = set()
@@ -59,25 +71,74 @@ class AsyncDiffusionEngine:
             self._scheduler.cancel()
         if self._steps:
             await asyncio.wait(self._steps)
-        while self._queue:
-            queued = self._queue.popleft()
-            if not queued.future.done():
-                queued.future.set_exception(EngineDeadError("the server is shutting down"))
-        self._waiting.set(0)
+        self._fail_queued(EngineDeadError("the server is shutting down"))
         self._threads.shutdown(wait=False)
+
+    def start_draining(self) -> None:
+        """Refuse new requests (503); queued and running ones still finish."""
+        self.draining = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until nothing is queued or running, at most ``timeout_s``; True if it got there."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue or self._steps:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return False
+        return True
 
     async def generate(self, request: OmniDiffusionRequest) -> DiffusionOutput:
         """Validate, queue and wait for ``request``. Raises the engine's errors."""
-        queued = _Queued(self.engine.prepare(request), asyncio.get_running_loop().create_future())
+        prepared = self.engine.prepare(request)
+        if self.draining:
+            raise EngineDeadError("the server is shutting down")
+        if self.engine.fatal_error is not None:
+            raise EngineDeadError(self.engine.fatal_error)
+        if self._queued_images() + prepared.num_images > self._max_queue_size:
+            metrics.REQUESTS_REJECTED.labels(self._model_name).inc()
+            raise EngineOverloadedError(
+                f"The server is busy: {self._max_queue_size} images are already waiting. Retry shortly."
+            )
+        now = time.monotonic()
+        loop = asyncio.get_running_loop()
+        queued = _Queued(prepared, loop.create_future(), deadline=now + self._request_timeout_s, enqueued_at=now)
         self._queue.append(queued)
         self._waiting.inc()
-        self._arrived.set()
+        self._changed.set()
         try:
             return await queued.future
+        except asyncio.CancelledError:
+            metrics.REQUESTS_CANCELLED.labels(self._model_name).inc()
+            raise
         finally:
             if queued in self._queue:  # cancelled while still queued: it must not run
                 self._queue.remove(queued)
                 self._waiting.dec()
+
+    def _fail_queued(self, error: Exception) -> None:
+        if self._queue:
+            self._changed.set()
+        while self._queue:
+            queued = self._queue.popleft()
+            self._waiting.dec()
+            if not queued.future.done():
+                queued.future.set_exception(error)
+
+    def _expire_overdue(self, now: float) -> None:
+        for queued in [q for q in self._queue if q.deadline <= now]:
+            self._changed.set()
+            self._queue.remove(queued)
+            self._waiting.dec()
+            metrics.REQUESTS_TIMED_OUT.labels(self._model_name).inc()
+            if not queued.future.done():
+                queued.future.set_exception(
+                    RequestTimeoutError(f"The request waited {self._request_timeout_s:g}s in the queue and was dropped.")
+                )
 
     # -- scheduling ------------------------------------------------------------------------------
     async def _schedule(self) -> None:
@@ -93,32 +154,39 @@ class AsyncDiffusionEngine:
         return sum(queued.request.num_images for queued in self._queue)
 
     async def _wait_for_batch(self) -> None:
-        while not self._queue:
-            self._arrived.clear()
-            await self._arrived.wait()
-        deadline = self._queue[0].enqueued_at + self._batch_timeout_s
-        while self._queue and self._queued_images() < self._max_batch_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._arrived.clear()
+        while True:
+            now = time.monotonic()
+            self._expire_overdue(now)
+            if self.engine.fatal_error is not None:
+                self._fail_queued(EngineDeadError(self.engine.fatal_error))
+            timeout = None
+            if self._queue:
+                ready = self.engine.is_ready()
+                if ready and self._queued_images() >= self._step_capacity:
+                    return
+                if not ready:
+                    timeout = _READINESS_POLL_S
+                elif not self._steps:
+                    timeout = self._queue[0].enqueued_at + self._batch_timeout_s - now
+                    if timeout <= 0:
+                        return
+                next_deadline = min(queued.deadline for queued in self._queue) - now
+                timeout = next_deadline if timeout is None else min(timeout, next_deadline)
+            self._changed.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+                await asyncio.wait_for(self._changed.wait(), None if timeout is None else max(timeout, 0))
             except TimeoutError:
-                break
-        while not self._queue:  # everything that was queued got cancelled meanwhile
-            self._arrived.clear()
-            await self._arrived.wait()
+                pass
 
     def _take_batch(self) -> list[_Queued]:
-        """The oldest request, then the next compatible ones in arrival order, up to max_batch_size images."""
+        """The oldest request, then the next compatible ones in arrival order, up to the step's capacity."""
         oldest = self._queue.popleft()
         batch, images = [oldest], oldest.request.num_images
         key = oldest.request.batch_key()
         for queued in list(self._queue):
-            if images >= self._max_batch_size:
+            if images >= self._step_capacity:
                 break
-            if queued.request.batch_key() == key and images + queued.request.num_images <= self._max_batch_size:
+            if queued.request.batch_key() == key and images + queued.request.num_images <= self._step_capacity:
                 self._queue.remove(queued)
                 batch.append(queued)
                 images += queued.request.num_images
@@ -136,6 +204,8 @@ class AsyncDiffusionEngine:
                 self._threads, self.engine.step, [queued.request for queued in batch]
             )
         except Exception as error:  # noqa: BLE001 - every request of the step gets the error
+            if isinstance(error, RequestTimeoutError):
+                metrics.REQUESTS_TIMED_OUT.labels(self._model_name).inc(len(batch))
             for queued in batch:
                 if not queued.future.done():
                     queued.future.set_exception(error)
@@ -149,3 +219,5 @@ class AsyncDiffusionEngine:
         finally:
             self._running.dec(len(batch))
             self._free_slots.release()
+            self._steps.discard(asyncio.current_task())
+            self._changed.set()

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
+from engine import metrics
 from engine.errors import EngineDeadError, GenerationFailedError, InvalidRequestError, RequestTimeoutError
 from engine.images import to_pil
 from executors import (
@@ -53,14 +56,23 @@ class DiffusionEngine:
     def __init__(self, od_config: OmniDiffusionConfig):
         self.od_config = od_config
         self._closed = False
+        # Why the engine cannot serve any more (policy "exit", or a restart that failed).
+        self.fatal_error: str | None = None
+        # Called with the reason once the engine turns fatal; the server exits on it.
+        self.fatal_listeners: list[Callable[[str], None]] = []
+        self._restarting_ranks: set[int] = set()
+        self._lock = threading.Lock()
         executor_class = get_executor_class(od_config.distributed_executor_backend)
         self.executor = executor_class(od_config)
+        self.executor.death_listeners.append(self._on_worker_death)
         try:
             self.model_info: dict[str, Any] = self.collective_rpc("describe", unique_reply_rank=0)
         except BaseException:
             self.executor.shutdown()
             raise
         self.native_size: str = od_config.default_size or self.model_info["native_size"]
+        for rank in range(od_config.num_gpus):
+            metrics.WORKER_UP.labels(od_config.model_name, str(rank)).set(1)
         logger.info("engine ready: %s", self.model_info)
 
     # -- requests ------------------------------------------------------------------------------
@@ -69,6 +81,12 @@ class DiffusionEngine:
         config = self.od_config
         if not isinstance(request.prompt, str) or not request.prompt.strip():
             raise InvalidRequestError("prompt must be a non-empty string", param="prompt")
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(request, name)
+            if text is not None and len(text) > config.max_prompt_length:
+                raise InvalidRequestError(
+                    f"{name} is {len(text)} characters long; the limit is {config.max_prompt_length}", param=name
+                )
         if not 1 <= request.num_images <= MAX_IMAGES_PER_REQUEST:
             raise InvalidRequestError(
                 f"num_images must be between 1 and {MAX_IMAGES_PER_REQUEST}, got {request.num_images}",
@@ -121,11 +139,12 @@ class DiffusionEngine:
         return [outputs[request.request_id] for request in requests]
 
     def _generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
-        if self._closed:
-            raise EngineDeadError("the engine is closed")
+        self._raise_if_dead()
         try:
             shards: list[list[RequestOutput]] = self.collective_rpc("generate_shard", args=(requests,))
         except RpcTimeoutError as error:
+            for rank in error.ranks:  # a hung worker is treated like a dead one
+                self._on_worker_death(rank, f"worker rank {rank} hung: {error}")
             raise RequestTimeoutError(str(error)) from error
         except WorkerDiedError as error:
             raise EngineDeadError(str(error)) from error
@@ -146,13 +165,58 @@ class DiffusionEngine:
         return self.executor.collective_rpc(method, timeout, args, kwargs, unique_reply_rank)
 
     def check_health(self) -> None:
-        """Raise EngineDeadError unless every worker is alive."""
-        if self._closed:
-            raise EngineDeadError("the engine is closed")
+        """Liveness: raise EngineDeadError unless every worker is alive or being restarted."""
+        self._raise_if_dead()
         try:
             self.executor.check_health()
         except ExecutorError as error:
-            raise EngineDeadError(str(error)) from error
+            if not self._restarting_ranks:
+                raise EngineDeadError(str(error)) from error
+
+    def _raise_if_dead(self) -> None:
+        if self._closed:
+            raise EngineDeadError("the engine is closed")
+        if self.fatal_error is not None:
+            raise EngineDeadError(self.fatal_error)
+
+    def is_ready(self) -> bool:
+        """Readiness: alive, and no worker is starting or restarting."""
+        return (
+            not self._closed and self.fatal_error is None and not self._restarting_ranks and self.executor.is_ready()
+        )
+
+    # -- worker failures -------------------------------------------------------------------------
+    def _on_worker_death(self, rank: int, reason: str) -> None:
+        """Apply ``on_worker_death``: replace the worker in the background, or turn fatal."""
+        metrics.WORKER_UP.labels(self.od_config.model_name, str(rank)).set(0)
+        if self.od_config.on_worker_death == "exit":
+            self._turn_fatal(reason)
+            return
+        with self._lock:
+            if self._closed or rank in self._restarting_ranks:
+                return
+            self._restarting_ranks.add(rank)
+        threading.Thread(target=self._restart, args=(rank,), name=f"imagegen-restart-{rank}", daemon=True).start()
+
+    def _restart(self, rank: int) -> None:
+        try:
+            self.executor.restart_worker(rank)
+        except Exception as error:  # noqa: BLE001 - a worker that cannot come back ends the engine
+            self._turn_fatal(f"worker rank {rank} could not be restarted: {error}")
+        else:
+            metrics.WORKER_RESTARTS.labels(self.od_config.model_name).inc()
+            metrics.WORKER_UP.labels(self.od_config.model_name, str(rank)).set(1)
+        finally:
+            with self._lock:
+                self._restarting_ranks.discard(rank)
+
+    def _turn_fatal(self, reason: str) -> None:
+        if self._closed or self.fatal_error is not None:
+            return
+        self.fatal_error = reason
+        logger.error("engine cannot serve any more: %s", reason)
+        for listener in self.fatal_listeners:
+            listener(reason)
 
     def close(self) -> None:
         """Release the executor (and stop workers it owns). Idempotent."""

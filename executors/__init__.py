@@ -12,11 +12,13 @@ from executors.base import (
     WorkerRpcError,
     WorkerStartupError,
 )
+from executors.external import ExternalDiffusionExecutor
 from executors.multiproc import MultiProcDiffusionExecutor
 
 __all__ = [
     "DiffusionExecutor",
     "ExecutorError",
+    "ExternalDiffusionExecutor",
     "MultiProcDiffusionExecutor",
     "RpcTimeoutError",
     "WorkerDiedError",
@@ -25,17 +27,31 @@ __all__ = [
     "get_executor_class",
 ]
 
-BACKENDS = ("mp",)
+BACKENDS = ("mp", "ray", "ray_external", "external_launcher")
 
 
 def get_executor_class(backend: str | type) -> type[DiffusionExecutor]:
-    """Map a backend name, a DiffusionExecutor subclass or a 'package.module:Class' string to a class."""
+    """Map a backend name, a DiffusionExecutor subclass or a 'package.module:Class' string to a class.
+
+    The Ray backends are imported only here, so Ray stays an optional extra.
+    """
     if isinstance(backend, type):
         if issubclass(backend, DiffusionExecutor):
             return backend
         raise ValueError(f"{backend.__qualname__} is not a DiffusionExecutor subclass")
     if backend == "mp":
         return MultiProcDiffusionExecutor
+    if backend == "ray":
+        from executors.ray import RayDiffusionExecutor
+
+        return RayDiffusionExecutor
+    if backend == "ray_external":
+        from executors.ray_external import RayExternalDiffusionExecutor
+
+        return RayExternalDiffusionExecutor
+    if backend == "external_launcher":
+        # Usable only through a subclass: constructing it says which methods to implement.
+        return ExternalDiffusionExecutor
     if isinstance(backend, str) and ":" in backend:
         module_name, _, class_name = backend.partition(":")
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 from workers.config import OmniDiffusionConfig
@@ -21,7 +22,11 @@ class WorkerDiedError(ExecutorError):
 
 
 class RpcTimeoutError(ExecutorError, TimeoutError):
-    """A worker did not answer a call within its timeout."""
+    """A worker did not answer a call within its timeout; ``ranks`` are the ones that did not answer."""
+
+    def __init__(self, message: str, ranks: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.ranks = ranks
 
 
 class WorkerRpcError(ExecutorError):
@@ -38,6 +43,8 @@ class DiffusionExecutor(ABC):
     def __init__(self, od_config: OmniDiffusionConfig):
         self.od_config = od_config
         self.is_closed = False
+        # Called as listener(rank, reason) when a worker dies while the executor is open.
+        self.death_listeners: list[Callable[[int, str], None]] = []
         self._init_executor()
 
     @abstractmethod
@@ -66,6 +73,18 @@ class DiffusionExecutor(ABC):
     @abstractmethod
     def _shutdown_workers(self) -> None:
         """Release the workers (stop them if this executor owns them)."""
+
+    def is_ready(self) -> bool:
+        """True when every worker can take calls now (none is starting or restarting)."""
+        return not self.is_closed
+
+    def restart_worker(self, rank: int) -> None:
+        """Replace rank's worker (stopping it first if it still runs) and wait until it is ready."""
+        raise NotImplementedError(f"{type(self).__name__} cannot restart its workers")
+
+    def _report_worker_death(self, rank: int, reason: str) -> None:
+        for listener in self.death_listeners:
+            listener(rank, reason)
 
     def shutdown(self) -> None:
         """Idempotent."""

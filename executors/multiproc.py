@@ -46,41 +46,45 @@ class _WorkerProcess:
     reap_lock: threading.Lock = field(default_factory=threading.Lock)
     pending: dict[int, Future] = field(default_factory=dict)
     death: str | None = None  # set once the worker is gone, with the reason
+    retired: bool = False  # stopped on purpose (shutdown or replacement): its death is no news
 
+    def wait_exit(self) -> str:
+        with self.reap_lock:
+            self.process.join(_GRACEFUL_EXIT_S)
+            return describe_exit(self.process.exitcode)
 
-def _wait_exit(worker: _WorkerProcess) -> str:
-    with worker.reap_lock:
-        worker.process.join(_GRACEFUL_EXIT_S)
-        return describe_exit(worker.process.exitcode)
+    def stop(self, graceful: bool = True) -> None:
+        """Give it time to leave (it was asked to), terminate, then kill; or kill at once."""
+        with self.reap_lock:
+            if graceful:
+                self.process.join(_GRACEFUL_EXIT_S)
+                if self.process.is_alive():
+                    self.process.terminate()
+                    self.process.join(_GRACEFUL_EXIT_S)
+            if self.process.is_alive():
+                self.process.kill()  # SIGKILL also ends a stopped or hung process
+                self.process.join()
+        self.conn.close()
 
 
 class MultiProcDiffusionExecutor(DiffusionExecutor):
     """Spawns ``num_gpus`` worker processes (rank r uses ``cuda:r``, or its share of the CPU cores).
 
     Several threads may call ``collective_rpc`` at once: each reply carries its call id and a
-    reader thread per worker hands it to the matching caller.
+    reader thread per worker hands it to the matching caller. A worker that dies fails the calls
+    it held at once and is reported to ``death_listeners``; ``restart_worker`` replaces it.
     """
 
     def _init_executor(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        num_ranks = self.od_config.num_gpus
-        num_threads = max(1, (os.cpu_count() or 1) // num_ranks)
+        self._context = multiprocessing.get_context("spawn")
+        self._num_threads = max(1, (os.cpu_count() or 1) // self.od_config.num_gpus)
         self._call_ids = itertools.count()
-        self._lock = threading.Lock()  # guards every worker's pending map and death
+        self._lock = threading.Lock()  # guards every worker's pending map, death, and the list itself
+        self._restarting: set[int] = set()
         self._workers: list[_WorkerProcess] = []
         try:
-            for rank in range(num_ranks):
-                parent_conn, child_conn = context.Pipe()
-                process = context.Process(
-                    target=run_worker_process,
-                    args=(rank, self.od_config, child_conn, num_threads),
-                    name=f"imagegen-worker-{rank}",
-                    daemon=True,
-                )
-                process.start()
-                # Drop our copy of the child's end, so that EOF on ours means the worker is gone.
-                child_conn.close()
-                self._workers.append(_WorkerProcess(rank, process, parent_conn))
+            for rank in range(self.od_config.num_gpus):
+                self._workers.append(self._spawn(rank))
             deadline = time.monotonic() + self.od_config.worker_start_timeout_s
             for worker in self._workers:
                 self._wait_ready(worker, deadline)
@@ -88,9 +92,20 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
             self._shutdown_workers()
             raise
         for worker in self._workers:
-            threading.Thread(
-                target=self._read_replies, args=(worker,), name=f"imagegen-rpc-reader-{worker.rank}", daemon=True
-            ).start()
+            self._start_reader(worker)
+
+    def _spawn(self, rank: int) -> _WorkerProcess:
+        parent_conn, child_conn = self._context.Pipe()
+        process = self._context.Process(
+            target=run_worker_process,
+            args=(rank, self.od_config, child_conn, self._num_threads),
+            name=f"imagegen-worker-{rank}",
+            daemon=True,
+        )
+        process.start()
+        # Drop our copy of the child's end, so that EOF on ours means the worker is gone.
+        child_conn.close()
+        return _WorkerProcess(rank, process, parent_conn)
 
     def _wait_ready(self, worker: _WorkerProcess, deadline: float) -> None:
         ready = wait_ready([worker.conn, worker.process.sentinel], timeout=max(0.0, deadline - time.monotonic()))
@@ -108,7 +123,12 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
             return
         if status is not None:
             raise WorkerStartupError(f"worker rank {worker.rank} failed to start: {status['error']}")
-        raise WorkerStartupError(f"worker rank {worker.rank} exited while starting ({_wait_exit(worker)})")
+        raise WorkerStartupError(f"worker rank {worker.rank} exited while starting ({worker.wait_exit()})")
+
+    def _start_reader(self, worker: _WorkerProcess) -> None:
+        threading.Thread(
+            target=self._read_replies, args=(worker,), name=f"imagegen-rpc-reader-{worker.rank}", daemon=True
+        ).start()
 
     def _read_replies(self, worker: _WorkerProcess) -> None:
         while True:
@@ -124,15 +144,16 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
                 future.set_result(reply.value)
             else:
                 future.set_exception(WorkerRpcError(f"worker rank {worker.rank}: {reply.value}"))
-        # The pipe closed: the worker died, or shutdown() stopped it.
-        death = f"worker rank {worker.rank} died ({_wait_exit(worker)})"
+        # The pipe closed: the worker died, or we stopped it.
+        death = f"worker rank {worker.rank} died ({worker.wait_exit()})"
         with self._lock:
             worker.death = death
             orphaned, worker.pending = worker.pending, {}
-        if not self.is_closed:
-            logger.error(death)
         for future in orphaned.values():
             future.set_exception(WorkerDiedError(death))
+        if not (self.is_closed or worker.retired):
+            logger.error(death)
+            self._report_worker_death(worker.rank, death)
 
     def collective_rpc(
         self,
@@ -144,8 +165,10 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
     ) -> Any:
         timeout = self._timeout(timeout)
         call = RpcCall(next(self._call_ids), method, tuple(args), dict(kwargs or {}))
+        with self._lock:
+            workers = list(self._workers)
         futures: list[Future] = []
-        for worker in self._workers:
+        for worker in workers:
             future: Future = Future()
             with self._lock:
                 if worker.death is not None:
@@ -160,38 +183,69 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
         _, late = wait_futures(futures, timeout=timeout)
         if late:
             with self._lock:
-                for worker in self._workers:
+                for worker in workers:
                     worker.pending.pop(call.call_id, None)
-            ranks = ", ".join(str(rank) for rank, f in enumerate(futures) if f in late)
-            raise RpcTimeoutError(f"RPC '{method}' timed out after {timeout:g}s waiting for rank {ranks}")
+            ranks = tuple(worker.rank for worker, future in zip(workers, futures) if future in late)
+            raise RpcTimeoutError(
+                f"RPC '{method}' timed out after {timeout:g}s waiting for rank {', '.join(map(str, ranks))}", ranks
+            )
         replies = [future.result() for future in futures]
         return replies if unique_reply_rank is None else replies[unique_reply_rank]
 
     def check_health(self) -> None:
         # Liveness only: an RPC would queue behind a long generation on the single-threaded worker.
-        for worker in self._workers:
+        with self._lock:
+            workers = list(self._workers)
+        for worker in workers:
             if worker.death is not None:
                 raise WorkerDiedError(worker.death)
             if not worker.process.is_alive():
-                raise WorkerDiedError(
-                    f"worker rank {worker.rank} is not running ({describe_exit(worker.process.exitcode)})"
-                )
+                raise WorkerDiedError(f"worker rank {worker.rank} is not running ({describe_exit(worker.process.exitcode)})")
+
+    def is_ready(self) -> bool:
+        with self._lock:
+            return not self.is_closed and not self._restarting and all(w.death is None for w in self._workers)
+
+    def restart_worker(self, rank: int) -> None:
+        with self._lock:
+            if self.is_closed or rank in self._restarting:
+                return
+            self._restarting.add(rank)
+            old = self._workers[rank]
+            old.retired = True
+        try:
+            # Dead or hung, it has nothing left to finish; a hung one must free the device first.
+            old.stop(graceful=False)
+            new = self._spawn(rank)
+            try:
+                self._wait_ready(new, time.monotonic() + self.od_config.worker_start_timeout_s)
+            except BaseException:
+                new.retired = True
+                new.stop(graceful=False)
+                raise
+            with self._lock:
+                if self.is_closed:
+                    new.retired = True
+                else:
+                    self._workers[rank] = new
+            if new.retired:
+                new.stop()
+            else:
+                self._start_reader(new)
+                logger.info("worker rank %d restarted", rank)
+        finally:
+            with self._lock:
+                self._restarting.discard(rank)
 
     def _shutdown_workers(self) -> None:
-        for worker in self._workers:
+        with self._lock:
+            workers = list(self._workers)
+        for worker in workers:
+            worker.retired = True
             try:
                 with worker.send_lock:
                     worker.conn.send(None)
             except OSError:
                 pass
-        for worker in self._workers:
-            with worker.reap_lock:
-                process = worker.process
-                process.join(_GRACEFUL_EXIT_S)
-                if process.is_alive():
-                    process.terminate()
-                    process.join(_GRACEFUL_EXIT_S)
-                if process.is_alive():
-                    process.kill()
-                    process.join()
-            worker.conn.close()
+        for worker in workers:
+            worker.stop()

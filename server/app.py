@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from collections.abc import Awaitable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -15,16 +17,19 @@ from engine import (
     AsyncDiffusionEngine,
     DiffusionEngine,
     DiffusionOutput,
+    EngineDeadError,
     EngineError,
     GenerationFailedError,
     InvalidRequestError,
     OmniDiffusionRequest,
-    metrics,
     parse_size,
 )
 from engine.images import encode_image
 from server.errors import engine_error_response, install_error_handlers
+from server.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
 from server.protocol import ImageData, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList
+
+T = TypeVar("T")
 
 
 def create_app(engine: DiffusionEngine) -> FastAPI:
@@ -42,20 +47,11 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
 
     app = FastAPI(title="imagegen", summary="OpenAI-compatible image generation", lifespan=lifespan)
     install_error_handlers(app)
-
-    @app.middleware("http")
-    async def _count_requests(request: Request, call_next):
-        started = time.monotonic()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = route.path if route is not None else "unmatched"
-        metrics.REQUESTS.labels(model_name, endpoint, str(response.status_code)).inc()
-        if endpoint.startswith("/v1/images"):
-            metrics.E2E_LATENCY.labels(model_name).observe(time.monotonic() - started)
-        return response
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, model_name=model_name)
 
     @app.post("/v1/images/generations", response_model=ImagesResponse)
-    async def create_image(body: ImageGenerationRequest) -> ImagesResponse:
+    async def create_image(body: ImageGenerationRequest, http_request: Request) -> ImagesResponse:
         if body.model is not None and body.model != model_name:
             raise InvalidRequestError(
                 f"The model '{body.model}' does not exist; this server serves '{model_name}'.",
@@ -73,7 +69,7 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
             seed=body.seed,
             num_images=body.n,
         )
-        output: DiffusionOutput = await app.state.engine.generate(request)
+        output: DiffusionOutput = await _cancel_on_disconnect(http_request, app.state.engine.generate(request))
         if output.error is not None:
             raise GenerationFailedError(output.error)
         encoded = await asyncio.to_thread(
@@ -96,17 +92,44 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        """Liveness: 503 only when the engine cannot serve any more."""
         try:
             engine.check_health()
         except EngineError as error:
             return engine_error_response(error)
         return JSONResponse({"status": "ok"})
 
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: 503 while a worker restarts or the server drains."""
+        if app.state.engine.draining:
+            return engine_error_response(EngineDeadError("the server is shutting down"))
+        if not engine.is_ready():
+            return engine_error_response(EngineDeadError("a worker is starting or restarting"))
+        return JSONResponse({"status": "ready"})
+
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client goes away first (a queued request then never runs)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        # The body has been read, so the next message can only be the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await task
+    finally:
+        watcher.cancel()
 
 
 def _parse_request_size(size: str | None) -> tuple[int | None, int | None]:

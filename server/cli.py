@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 import typing
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(config: OmniDiffusionConfig) -> int:
+    """Run the server until SIGINT/SIGTERM (exit 0) or until the engine turns fatal (exit 1)."""
     import uvicorn
 
     from server.app import create_app
@@ -72,10 +74,49 @@ def serve(config: OmniDiffusionConfig) -> int:
     except Exception as error:  # noqa: BLE001 - start-up failures end in one line, not a traceback
         print(f"imagegen: could not start model '{config.model}': {error}", file=sys.stderr)
         return 1
+    app = create_app(engine)
+
+    class Server(uvicorn.Server):
+        """On the first SIGTERM/SIGINT, drain: keep listening but answer new work (and /ready) with 503
+        until the queued and running requests are done, or shutdown_timeout_s has passed; then let
+        uvicorn close. A second signal stops at once."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            front = getattr(app.state, "engine", None)
+            if front is None or front.draining:
+                super().handle_exit(sig, frame)
+                return
+            front.start_draining()
+            self._loop.call_soon_threadsafe(self._loop.create_task, self._drain())
+
+        async def _drain(self) -> None:
+            await app.state.engine.wait_idle(config.shutdown_timeout_s)
+            # Not super().handle_exit(): uvicorn would re-raise the signal at exit, and a drained
+            # server should exit 0.
+            self.should_exit = True
+
+        async def serve(self, sockets: Any = None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="info",
+            timeout_graceful_shutdown=config.shutdown_timeout_s,
+        )
+    )
+    # uvicorn's loop polls should_exit, so setting it from a worker-monitor thread is safe.
+    engine.fatal_listeners.append(lambda reason: setattr(server, "should_exit", True))
     try:
-        uvicorn.run(create_app(engine), host=config.host, port=config.port, log_level="info")
+        server.run()
     finally:
         engine.close()
+    if engine.fatal_error is not None:
+        print(f"imagegen: exiting: {engine.fatal_error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -30,6 +30,9 @@ ERROR_TABLE: dict[type[EngineError], tuple[int, str]] = {
     RequestTimeoutError: (504, "server_error"),
 }
 
+# What a 429 tells clients to wait: a step of a small model takes well under this.
+RETRY_AFTER_S = 1
+
 # The engine speaks of its own request fields; clients know the OpenAI names.
 _PARAM_NAMES = {"num_images": "n", "width": "size", "height": "size"}
 
@@ -42,7 +45,10 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
 def engine_error_response(error: EngineError) -> JSONResponse:
     status, type_ = next((v for cls, v in ERROR_TABLE.items() if isinstance(error, cls)), (500, "server_error"))
     param = getattr(error, "param", None)
-    return error_response(status, str(error), type_, _PARAM_NAMES.get(param, param), getattr(error, "code", None))
+    response = error_response(status, str(error), type_, _PARAM_NAMES.get(param, param), getattr(error, "code", None))
+    if isinstance(error, EngineOverloadedError):
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
 
 
 def _validation_response(error: RequestValidationError) -> JSONResponse:

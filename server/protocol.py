@@ -13,7 +13,7 @@ class ImageGenerationRequest(BaseModel):
     # Clients send vendor fields we do not know; they are ignored rather than rejected.
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(min_length=1, max_length=32000)
+    prompt: str = Field(min_length=1)
     model: str | None = None
     n: int = Field(1, ge=1, le=10)
     size: str | None = Field(None, description="WxH, e.g. 512x512")

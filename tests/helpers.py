@@ -21,6 +21,18 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`imagegen ...` to completion, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -56,6 +68,19 @@ def child_pids(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(entry.name))
     return found
+
+
+def worker_pids_of(pid: int) -> list[int]:
+    """The spawned worker processes among ``pid``'s children (not multiprocessing's resource tracker)."""
+    workers = []
+    for child in child_pids(pid):
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in command:
+            workers.append(child)
+    return workers
 
 
 def pid_alive(pid: int) -> bool:
@@ -104,6 +129,19 @@ class ServerProcess:
 
     def metrics(self) -> str:
         return httpx.get(f"{self.base_url}/metrics", timeout=10).text
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels``."""
+        samples = metric_samples(self.metrics(), name)
+        return sum(s.value for s in samples if all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def worker_pids(self) -> list[int]:
+        return worker_pids_of(self.process.pid)
+
+    def post(self, timeout: float = 120, **body) -> httpx.Response:
+        body.setdefault("prompt", "a red fox")
+        body.setdefault("size", "64x64")
+        return httpx.post(f"{self.base_url}/v1/images/generations", json=body, timeout=timeout)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -59,7 +60,7 @@ class OmniDiffusionConfig(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto is bfloat16 on cuda and float32 on cpu"
     )
-    max_batch_size: int = Field(8, ge=1, description="most images in one engine step")
+    max_batch_size: int = Field(8, ge=1, description="most images one worker generates in one step")
     batch_timeout_ms: float = Field(5.0, ge=0, description="how long a step waits to fill its batch")
     rpc_timeout_s: float = Field(300.0, gt=0, description="longest a worker may take for one call")
     worker_start_timeout_s: float = Field(600.0, gt=0, description="longest a worker may take to load its model")
@@ -71,11 +72,64 @@ class OmniDiffusionConfig(BaseSettings):
     allowed_sizes: Annotated[list[str], NoDecode] = Field(list(DEFAULT_ALLOWED_SIZES), description="sizes a request may ask for (WxH, multiples of 8)")
     host: str = Field("127.0.0.1", description="address the HTTP server binds")
     port: int = Field(8000, ge=0, le=65535, description="port the HTTP server binds")
+    # -- faults and overload; see docs/reliability.md ------------------------------------------
+    on_worker_death: Literal["restart", "exit"] = Field(
+        "restart", description="restart a dead or hung worker, or exit non-zero so an orchestrator restarts us"
+    )
+    max_queue_size: int = Field(256, ge=1, description="most images waiting for a step; more are refused with 429")
+    request_timeout_s: float = Field(600.0, gt=0, description="a request still queued after this is answered 504")
+    shutdown_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
+    max_request_body_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    max_prompt_length: int = Field(32000, ge=1, description="longest prompt, in characters")
+    # -- Ray backends (ray, ray_external); see docs/executors.md ---------------------------------
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster to join: host:port, 'auto' or ray://host:port (default: RAY_ADDRESS; "
+        "backend ray starts a private local Ray when neither is set)",
+    )
+    ray_namespace: str | None = Field(
+        None, description="Ray namespace of the worker actors (default: the Ray driver's own namespace)"
+    )
+    # NoDecode: "a,b" from the environment is split below, as from the command line.
+    worker_actor_names: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="Ray actor names of the workers, in rank order, for backend ray_external "
+        "(default: DIFFUSION_WORKER_ACTOR_NAMES)",
+    )
+    ray_cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs each worker actor of backend ray reserves when the cluster has no GPU"
+    )
+    ray_placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how backend ray places its one-bundle-per-rank placement group on the nodes"
+    )
+    # NoDecode: the JSON is parsed below, the same way from flags, keywords and the environment.
+    ray_rank_resources: Annotated[list[dict[str, float]] | None, NoDecode] = Field(
+        None,
+        description='extra Ray resources per rank for backend ray, as JSON: [{"node_a": 1}, {"node_b": 1}] '
+        "pins rank 0 and rank 1 to the nodes that offer them",
+    )
 
     @field_validator("allowed_sizes", mode="before")
     @classmethod
     def _split_sizes(cls, value: Any) -> Any:
         return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+
+    @field_validator("worker_actor_names", mode="before")
+    @classmethod
+    def _split_actor_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()] or None
+        return value
+
+    @field_validator("ray_rank_resources", mode="before")
+    @classmethod
+    def _parse_rank_resources(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else None
+            except json.JSONDecodeError as error:
+                raise ValueError(f'must be JSON like [{{"node_a": 1}}, {{"node_b": 1}}]: {error}') from error
+        return value
 
     @field_validator("allowed_sizes")
     @classmethod

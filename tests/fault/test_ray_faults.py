@@ -1,0 +1,79 @@
+"""Backend "ray" when one of its actors dies: the engine's on_worker_death policy applies, as with mp."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+import ray
+from helpers import poll
+
+from engine import DiffusionEngine, EngineDeadError, OmniDiffusionConfig, OmniDiffusionRequest
+
+pytestmark = pytest.mark.slow
+
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    saved = {name: os.environ.get(name) for name in [*RAY_ENV, "RAY_ADDRESS"]}
+    os.environ.update(RAY_ENV)
+    os.environ.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="imagegen-ray-")
+    ray.init(
+        address="local",
+        num_cpus=4,
+        num_gpus=0,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.2",
+        _temp_dir=temp_dir,
+    )
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def ray_engine(policy: str) -> DiffusionEngine:
+    return DiffusionEngine(
+        OmniDiffusionConfig(model="tiny", distributed_executor_backend="ray", on_worker_death=policy)
+    )
+
+
+def one_request(seed: int = 1) -> list[OmniDiffusionRequest]:
+    return [OmniDiffusionRequest("a red fox", num_inference_steps=2, seed=seed)]
+
+
+def test_killed_actor_fails_the_step_then_is_replaced_in_its_bundle():
+    with ray_engine("restart") as engine:
+        (before,) = engine.step(one_request())
+        old = engine.executor.worker_handles[0]
+        ray.kill(old)
+        with pytest.raises(EngineDeadError, match=r"worker rank 0 .* is dead"):
+            engine.step(one_request())
+        poll(engine.is_ready, 120, "the engine to replace the actor")
+        new = engine.executor.worker_handles[0]
+        assert new != old
+        assert ray.get(new.get_rank.remote(), timeout=30) == 0
+        (after,) = engine.step(one_request())
+        engine.check_health()
+    assert after.error is None and after.images[0].tobytes() == before.images[0].tobytes()
+    # The replacement ran in the same placement group: closing the engine gave back every CPU.
+    poll(lambda: ray.available_resources().get("CPU") == 4, 30, "the CPUs to return")
+
+
+def test_killed_actor_under_exit_policy_makes_the_engine_fatal():
+    with ray_engine("exit") as engine:
+        ray.kill(engine.executor.worker_handles[0])
+        with pytest.raises(EngineDeadError, match="rank 0"):
+            engine.check_health()
+        assert "rank 0" in engine.fatal_error
+        with pytest.raises(EngineDeadError):
+            engine.step(one_request())

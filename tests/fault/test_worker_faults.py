@@ -1,0 +1,126 @@
+"""Dead, hung and failing workers, with the real server and real worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from helpers import ServerProcess, pid_alive, poll, run_cli
+
+pytestmark = pytest.mark.slow
+
+# A request that keeps the tiny model busy for seconds on this machine's CPUs.
+SLOW = {"size": "128x128", "num_inference_steps": 40}
+
+
+def start_slow_request(server: ServerProcess, pool: ThreadPoolExecutor, **body):
+    running_before = server.metric("imagegen_num_requests_running")
+    future = pool.submit(server.post, **{**SLOW, **body})
+    poll(lambda: server.metric("imagegen_num_requests_running") > running_before, 30, "the request to start running")
+    return future
+
+
+def test_killed_worker_fails_inflight_with_503_then_restarts():
+    server = ServerProcess("--on-worker-death", "restart")
+    try:
+        (worker,) = server.worker_pids()
+        with ThreadPoolExecutor(2) as pool:
+            inflight = start_slow_request(server, pool)
+            os.kill(worker, signal.SIGKILL)
+            response = inflight.result(timeout=5)
+            # Sent while the worker is down: it waits in the queue for the replacement.
+            during_restart = pool.submit(server.post, num_inference_steps=2, seed=1)
+            assert response.status_code == 503
+            message = response.json()["error"]["message"]
+            assert "rank 0" in message and "SIGKILL" in message
+            assert httpx.get(f"{server.base_url}/health").status_code == 200  # alive: restarting, not dead
+            assert during_restart.result(timeout=120).status_code == 200
+        poll(lambda: httpx.get(f"{server.base_url}/ready").status_code == 200, 60, "/ready after the restart")
+        (replacement,) = server.worker_pids()
+        assert replacement != worker
+        assert server.metric("imagegen_worker_restarts_total") == 1
+        assert server.metric("imagegen_worker_up", rank="0") == 1
+        assert server.post(num_inference_steps=2).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_ready_is_503_while_a_worker_restarts():
+    server = ServerProcess("--on-worker-death", "restart")
+    try:
+        (worker,) = server.worker_pids()
+        os.kill(worker, signal.SIGKILL)
+        poll(lambda: httpx.get(f"{server.base_url}/ready").status_code == 503, 10, "/ready to turn 503")
+        poll(lambda: httpx.get(f"{server.base_url}/ready").status_code == 200, 60, "/ready to recover")
+    finally:
+        server.stop()
+
+
+def test_exit_policy_makes_the_server_exit_nonzero_without_orphans():
+    server = ServerProcess("--on-worker-death", "exit")
+    try:
+        (worker,) = server.worker_pids()
+        os.kill(worker, signal.SIGKILL)
+        server.process.wait(timeout=30)
+        assert server.process.returncode not in (0, None)
+        assert "worker rank 0 died" in server.output()
+        assert not pid_alive(worker)
+    finally:
+        server.stop()
+
+
+def test_hung_worker_fails_with_504_and_is_replaced():
+    server = ServerProcess("--rpc-timeout-s", "3")
+    try:
+        (worker,) = server.worker_pids()
+        with ThreadPoolExecutor(1) as pool:
+            inflight = start_slow_request(server, pool)
+            os.kill(worker, signal.SIGSTOP)  # hangs it: alive, but never answers
+            response = inflight.result(timeout=30)
+        assert response.status_code == 504
+        assert "timed out after 3s" in response.json()["error"]["message"]
+        poll(lambda: not pid_alive(worker), 30, "the hung worker to be killed")
+        poll(lambda: httpx.get(f"{server.base_url}/ready").status_code == 200, 60, "the replacement")
+        assert server.post(num_inference_steps=2).status_code == 200
+        assert server.metric("imagegen_requests_timed_out_total") >= 1
+    finally:
+        server.stop()
+
+
+def test_workers_exit_when_the_server_is_killed():
+    server = ServerProcess("--num-gpus", "2")
+    workers = server.worker_pids()
+    assert len(workers) == 2
+    server.process.kill()
+    server.process.wait()
+    poll(lambda: not any(pid_alive(pid) for pid in workers), 15, "orphaned workers to exit")
+    server.stop()
+
+
+def test_sigterm_finishes_inflight_requests_refuses_new_ones_and_exits_zero():
+    server = ServerProcess("--shutdown-timeout-s", "60", "--max-batch-size", "1")
+    try:
+        workers = server.worker_pids()
+        with ThreadPoolExecutor(3) as pool:
+            inflight = [start_slow_request(server, pool, seed=seed) for seed in (1, 2)]
+            server.process.send_signal(signal.SIGTERM)
+            poll(lambda: httpx.get(f"{server.base_url}/ready").status_code == 503, 10, "draining to begin")
+            refused = server.post(num_inference_steps=2)
+            assert refused.status_code == 503
+            assert [f.result(timeout=120).status_code for f in inflight] == [200, 200]
+        assert server.process.wait(timeout=60) == 0
+        poll(lambda: not any(pid_alive(pid) for pid in workers), 10, "workers to exit")
+    finally:
+        server.stop()
+
+
+def test_broken_model_folder_fails_startup_with_one_line(tmp_path):
+    (tmp_path / "model_index.json").write_text("{not json")
+    result = run_cli("serve", "--model", str(tmp_path), "--port", "0")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("imagegen:")]
+    assert len(lines) == 1 and "failed to start" in lines[0]

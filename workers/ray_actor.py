@@ -1,0 +1,108 @@
+"""RayDiffusionWorkerActor: one rank's WorkerWrapperBase inside a Ray actor.
+
+Backend ``ray`` launches these actors itself; backend ``ray_external`` finds actors that someone
+else created by name. Either way the executor talks to them through the methods below, and
+results come back as plain data (RequestOutput with uint8 numpy arrays), which Ray moves
+through its shared-memory object store without copying when they are large.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+try:
+    import ray
+except ImportError as error:  # Ray is an optional extra
+    raise ImportError("the Ray backends need Ray: pip install 'imagegen[ray]'") from error
+
+from workers.config import OmniDiffusionConfig
+from workers.data import OmniDiffusionRequest, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+# get_rank() answers from its own thread, so a health check never queues behind a generation.
+HEALTH_CONCURRENCY_GROUP = "health"
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+# num_gpus=1 is only the default: .options(num_gpus=0, num_cpus=k) runs the same actor on CPUs.
+@ray.remote(num_gpus=1, concurrency_groups={HEALTH_CONCURRENCY_GROUP: 1})
+class RayDiffusionWorkerActor:
+    """Owns rank ``rank``'s device and pipeline.
+
+    Create it with ``RayDiffusionWorkerActor.options(num_gpus=..., name=...).remote(rank=rank,
+    od_config=config)`` and call ``initialize()`` before use. Methods other than ``get_rank`` run
+    one at a time, in the order they arrive: the pipeline is not thread-safe.
+    """
+
+    def __init__(self, rank: int, od_config: OmniDiffusionConfig):
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker{rank} %(levelname)s %(message)s")
+        from workers.worker import WorkerWrapperBase  # loads torch: only inside the actor process
+
+        self.rank = rank
+        self.od_config = od_config
+        self._worker = WorkerWrapperBase(rank, od_config)
+        self._description: dict | None = None
+
+    def initialize(self) -> dict:
+        """Load the model. Idempotent: a second call reports the first one's result.
+
+        Returns ``{"status": "ready", ...}`` with the model description, the number of ranks this
+        actor was configured for and its Ray node, or ``{"status": "error", "error": ..., "rank": ...}``.
+        """
+        if self._description is None:
+            try:
+                self._set_num_threads()
+                self._description = self._worker.initialize()
+            except Exception as error:  # noqa: BLE001 - the caller gets one clear line
+                logger.exception("rank %d failed to initialize", self.rank)
+                return {"status": "error", "error": _describe(error), "rank": self.rank}
+        return {
+            "status": "ready",
+            **self._description,
+            "num_ranks": self.od_config.num_gpus,
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
+
+    def execute_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> Any:
+        """Call ``WorkerWrapperBase.<method>(*args, **kwargs)``.
+
+        Returns its result, or ``{"status": "error", "error": ..., "rank": ...}`` when it raised:
+        the actor lives on and the executor turns the dict into an exception.
+        """
+        try:
+            if method.startswith("_"):
+                raise AttributeError(f"'{method}' is not a public worker method")
+            if self._description is None and method not in ("get_rank", "initialize"):
+                raise RuntimeError(f"rank {self.rank} is not initialized: call initialize() first")
+            return getattr(self._worker, method)(*args, **(kwargs or {}))
+        except Exception as error:  # noqa: BLE001 - reported to the caller, never kills the actor
+            return {"status": "error", "error": _describe(error), "rank": self.rank}
+
+    def generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
+        """Generate every request on this rank (pipeline failures are reported per request)."""
+        if self._description is None:
+            raise RuntimeError(f"rank {self.rank} is not initialized: call initialize() first")
+        return self._worker.generate(requests)
+
+    @ray.method(concurrency_group=HEALTH_CONCURRENCY_GROUP)
+    def get_rank(self) -> int:
+        return self.rank
+
+    def shutdown(self) -> None:
+        """Release the pipeline (and GPU memory). The actor process stays until its owner kills it."""
+        self._worker.shutdown()
+        self._description = None
+
+    def _set_num_threads(self) -> None:
+        import torch
+
+        # One thread per CPU that Ray reserved for this actor; without a CPU reservation, the
+        # machine's cores split over the ranks, as the mp backend does.
+        reserved = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
+        torch.set_num_threads(reserved or max(1, (os.cpu_count() or 1) // self.od_config.num_gpus))
