@@ -157,11 +157,15 @@ class AsyncDiffusionEngine:
         while True:
             now = time.monotonic()
             self._expire_overdue(now)
-            if self.engine.fatal_error is not None:
-                self._fail_queued(EngineDeadError(self.engine.fatal_error))
             timeout = None
+            ready = self.engine.is_ready()
+            if self._queue and not ready:
+                # Not ready: wait while a worker restarts, but fail at once when the engine is dead.
+                try:
+                    await asyncio.to_thread(self.engine.check_health)
+                except EngineDeadError as error:
+                    self._fail_queued(error)
             if self._queue:
-                ready = self.engine.is_ready()
                 if ready and self._queued_images() >= self._step_capacity:
                     return
                 if not ready:

@@ -146,14 +146,16 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
                 future.set_exception(WorkerRpcError(f"worker rank {worker.rank}: {reply.value}"))
         # The pipe closed: the worker died, or we stopped it.
         death = f"worker rank {worker.rank} died ({worker.wait_exit()})"
+        if not (self.is_closed or worker.retired):
+            logger.error(death)
+            # Before the death is visible: listeners mark the rank as restarting, so nobody
+            # mistakes the engine for dead in between.
+            self._report_worker_death(worker.rank, death)
         with self._lock:
             worker.death = death
             orphaned, worker.pending = worker.pending, {}
         for future in orphaned.values():
             future.set_exception(WorkerDiedError(death))
-        if not (self.is_closed or worker.retired):
-            logger.error(death)
-            self._report_worker_death(worker.rank, death)
 
     def collective_rpc(
         self,

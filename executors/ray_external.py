@@ -104,7 +104,9 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
 
     def _connect_to_workers(self) -> None:
         self._owns_ray_connection = connect_ray(self.od_config, start_local=False)
+        self._dead_ranks: set[int] = set()
         names = self.actor_names()
+        self._names = names
         self.actor_labels = [f"Ray actor '{name}'" for name in names]
         self.worker_handles.extend(self._find_actor(name) for name in names)
         self.worker_info = self._initialize(dict(enumerate(self.worker_handles)))
@@ -169,6 +171,7 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
     def _forward_rpc_to_workers(
         self, method: str, timeout: float, args: tuple, kwargs: dict, unique_reply_rank: int | None
     ) -> Any:
+        self._reconnect_replaced_actors()
         # Every rank runs the call (a step is one broadcast); only the reply choice differs.
         replies = self._call_ranks(
             dict(enumerate(self.worker_handles)),
@@ -179,6 +182,7 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
         return [replies[rank] for rank in sorted(replies)] if unique_reply_rank is None else replies[unique_reply_rank]
 
     def _check_worker_health(self) -> None:
+        self._reconnect_replaced_actors()
         # get_rank runs in the actor's own health thread, so a busy worker still answers at once.
         ranks = self._call_ranks(
             dict(enumerate(self.worker_handles)),
@@ -197,7 +201,25 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
         self._owns_ray_connection = False
 
     def _on_actor_death(self, rank: int, handle: ray.actor.ActorHandle, reason: str) -> None:
-        """Called when a call finds ``handle`` (rank's actor) dead. Its owner replaces it, not us."""
+        """Called when a call finds ``handle`` (rank's actor) dead. Its owner replaces it, not us:
+        the next call or health check connects to the new actor of the same name."""
+        self._dead_ranks.add(rank)
+
+    def is_ready(self) -> bool:
+        return not self.is_closed and not self._dead_ranks
+
+    def _reconnect_replaced_actors(self) -> None:
+        for rank in sorted(self._dead_ranks):
+            try:
+                handle = ray.get_actor(self._names[rank], namespace=self.od_config.ray_namespace)
+            except ValueError:
+                continue  # not back yet
+            if handle._actor_id == self.worker_handles[rank]._actor_id:
+                continue  # the name still points at the dead actor
+            self._initialize({rank: handle})
+            self.worker_handles[rank] = handle
+            self._dead_ranks.discard(rank)
+            logger.info("worker rank %d: reconnected to the new %s", rank, self.actor_labels[rank])
 
     def _call_ranks(
         self,

@@ -54,11 +54,11 @@ def ray_cluster():
             os.environ[name] = value
 
 
-def start_actors(names: list[str], config: OmniDiffusionConfig) -> list:
+def start_actors(names: list[str], config: OmniDiffusionConfig, first_rank: int = 0) -> list:
     """CPU actors: num_gpus=0 and one CPU each (one torch thread)."""
     return [
         RayDiffusionWorkerActor.options(num_gpus=0, num_cpus=1, name=name).remote(rank=rank, od_config=config)
-        for rank, name in enumerate(names)
+        for rank, name in enumerate(names, start=first_rank)
     ]
 
 
@@ -312,6 +312,16 @@ def test_serve_through_named_actors_and_health_503_when_one_dies(ray_cluster):
         )
         assert failed.status_code == 503
         assert "rank 1" in failed.json()["error"]["message"]
+        assert httpx.get(f"{server.base_url}/ready", timeout=30).status_code == 503
+
+        # The actors' owner brings rank 1 back under the same name: the server reconnects to it.
+        handles[1:] = start_actors(names[1:], OmniDiffusionConfig(model="tiny", num_gpus=2), first_rank=1)
+        poll(lambda: httpx.get(f"{server.base_url}/health", timeout=30).status_code == 200, 60, "the reconnect")
+        assert httpx.get(f"{server.base_url}/ready", timeout=30).status_code == 200
+        again = client.images.generate(
+            prompt="a red fox", size="64x64", n=2, extra_body={"seed": 11, "num_inference_steps": 4}
+        )
+        assert [image.b64_json for image in again.data] == [image.b64_json for image in response.data]
     finally:
         if server is not None:
             server.stop()

@@ -1,0 +1,122 @@
+"""Overload, deadlines, abusive input and clients that go away, against the real server."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from helpers import ServerProcess, poll
+
+pytestmark = pytest.mark.slow
+
+SLOW = {"size": "128x128", "num_inference_steps": 40}
+
+
+@pytest.fixture(scope="module")
+def small_queue_server():
+    server = ServerProcess(
+        "--max-batch-size", "1", "--max-queue-size", "2", "--max-request-body-bytes", "4096",
+        "--max-prompt-length", "100",
+    )
+    yield server
+    server.stop()
+
+
+def wait_until(server: ServerProcess, metric: str, value: float) -> None:
+    poll(lambda: server.metric(metric) >= value, 30, f"{metric} >= {value}")
+
+
+def test_full_queue_gets_429_with_retry_after_at_once(small_queue_server):
+    server = small_queue_server
+    with ThreadPoolExecutor(3) as pool:
+        # One step runs and one full step waits at the worker; then the queue takes two images.
+        busy = [pool.submit(server.post, **SLOW, seed=seed) for seed in (1, 2)]
+        wait_until(server, "imagegen_num_requests_running", 2)
+        queued = pool.submit(server.post, **SLOW, n=2)
+        wait_until(server, "imagegen_num_requests_waiting", 1)
+        refused = server.post(num_inference_steps=2, timeout=5)
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert server.metric("imagegen_requests_rejected_total") >= 1
+        assert [f.result(timeout=120).status_code for f in busy + [queued]] == [200, 200, 200]
+
+
+def test_oversized_body_gets_413(small_queue_server):
+    response = httpx.post(
+        f"{small_queue_server.base_url}/v1/images/generations",
+        json={"prompt": "x" * 10_000},
+        timeout=10,
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["message"]
+
+
+def test_chunked_oversized_body_gets_413(small_queue_server):
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(100):
+            yield b"x" * 100
+        yield b'"}'
+
+    response = httpx.post(
+        f"{small_queue_server.base_url}/v1/images/generations",
+        content=chunks(),
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
+    assert response.status_code == 413
+
+
+def test_prompt_over_the_limit_gets_400_naming_prompt(small_queue_server):
+    response = small_queue_server.post(prompt="y" * 101, timeout=10)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "prompt"
+
+
+def test_request_queued_past_its_deadline_gets_504_and_never_runs():
+    server = ServerProcess("--max-batch-size", "1", "--request-timeout-s", "2")
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            busy = [pool.submit(server.post, **SLOW, seed=seed) for seed in (1, 2)]
+            wait_until(server, "imagegen_num_requests_running", 2)
+            late = server.post(num_inference_steps=2, timeout=60)
+            assert late.status_code == 504
+            assert "queue" in late.json()["error"]["message"]
+            assert [f.result(timeout=120).status_code for f in busy] == [200, 200]
+        assert server.metric("imagegen_images_generated_total") == 2
+        assert server.metric("imagegen_requests_timed_out_total") == 1
+    finally:
+        server.stop()
+
+
+def test_clients_that_time_out_leave_the_queue_and_the_server_stays_responsive():
+    server = ServerProcess("--max-queue-size", "1000")
+    try:
+        async def impatient_clients() -> int:
+            limits = httpx.Limits(max_connections=200)
+            async with httpx.AsyncClient(timeout=0.2, limits=limits) as client:
+                async def one(seed: int) -> bool:
+                    try:
+                        await client.post(
+                            f"{server.base_url}/v1/images/generations",
+                            json={"prompt": "a fox", "size": "64x64", "num_inference_steps": 4, "seed": seed},
+                        )
+                        return False
+                    except httpx.TimeoutException:
+                        return True
+
+                return sum(await asyncio.gather(*(one(seed) for seed in range(200))))
+
+        timed_out = asyncio.run(impatient_clients())
+        assert timed_out > 150
+        poll(lambda: server.metric("imagegen_num_requests_waiting") == 0, 30, "the queue to empty")
+        poll(lambda: server.metric("imagegen_num_requests_running") == 0, 60, "running steps to end")
+        assert server.metric("imagegen_requests_cancelled_total") >= timed_out - 16
+        # The abandoned requests were not generated; a normal request is served.
+        assert server.metric("imagegen_images_generated_total") < 100
+        assert server.post(num_inference_steps=2, timeout=60).status_code == 200
+    finally:
+        server.stop()
