@@ -102,9 +102,13 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
     _owns_ray_connection = False
     worker_info: list[dict]  # each rank's ready reply: model description, num_ranks, node_id
 
+    def _init_executor(self) -> None:
+        # Ranks whose actor died; a new actor of the same name is connected when its owner starts one.
+        self._dead_ranks: set[int] = set()
+        super()._init_executor()
+
     def _connect_to_workers(self) -> None:
         self._owns_ray_connection = connect_ray(self.od_config, start_local=False)
-        self._dead_ranks: set[int] = set()
         names = self.actor_names()
         self._names = names
         self.actor_labels = [f"Ray actor '{name}'" for name in names]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +33,50 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subproc
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+# Token auth is on by default in recent Ray; usage stats would try to reach the internet.
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@contextlib.contextmanager
+def ray_test_environment():
+    """RAY_ENV set and RAY_ADDRESS unset for the block, then the environment as it was."""
+    saved = {name: os.environ.get(name) for name in [*RAY_ENV, "RAY_ADDRESS"]}
+    os.environ.update(RAY_ENV)
+    os.environ.pop("RAY_ADDRESS", None)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int, namespace: str | None = None):
+    """A private local Ray on a loopback address; yields its GCS address."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="imagegen-ray-")
+    with ray_test_environment():
+        # Ray maps 127.0.0.1 to the machine's routable address; 127.0.0.2 stays on loopback.
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=0,
+            include_dashboard=False,
+            namespace=namespace,
+            _node_ip_address="127.0.0.2",
+            _temp_dir=temp_dir,
+        )
+        try:
+            yield ray.get_runtime_context().gcs_address
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -2,43 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-
 import pytest
 import ray
-from helpers import poll
+from helpers import local_ray, poll
 
 from engine import DiffusionEngine, EngineDeadError, OmniDiffusionConfig, OmniDiffusionRequest
 
 pytestmark = pytest.mark.slow
 
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    saved = {name: os.environ.get(name) for name in [*RAY_ENV, "RAY_ADDRESS"]}
-    os.environ.update(RAY_ENV)
-    os.environ.pop("RAY_ADDRESS", None)
-    temp_dir = tempfile.mkdtemp(prefix="imagegen-ray-")
-    ray.init(
-        address="local",
-        num_cpus=4,
-        num_gpus=0,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.2",
-        _temp_dir=temp_dir,
-    )
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with local_ray(num_cpus=4):
+        yield
 
 
 def ray_engine(policy: str) -> DiffusionEngine:

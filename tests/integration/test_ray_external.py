@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-
 import httpx
 import numpy as np
 import openai
 import pytest
 import ray
-from helpers import ServerProcess, decode, poll
+from helpers import ServerProcess, decode, local_ray, poll
 from ray.exceptions import RayActorError
 
 from engine import DiffusionEngine, EngineDeadError, OmniDiffusionConfig, OmniDiffusionRequest
@@ -23,35 +19,13 @@ pytestmark = pytest.mark.slow
 
 NAMESPACE = "imagegen-tests"
 NAMES = ["imagegen_rank_0", "imagegen_rank_1"]
-# Token auth is on by default in recent Ray; usage stats would try to reach the internet.
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray of 8 logical CPUs on a loopback address; yields its GCS address."""
-    saved = {name: os.environ.get(name) for name in [*RAY_ENV, "RAY_ADDRESS"]}
-    os.environ.update(RAY_ENV)
-    os.environ.pop("RAY_ADDRESS", None)
-    temp_dir = tempfile.mkdtemp(prefix="imagegen-ray-")
-    # Ray maps 127.0.0.1 to the machine's routable address; 127.0.0.2 stays on loopback.
-    ray.init(
-        address="local",
-        num_cpus=8,
-        num_gpus=0,
-        include_dashboard=False,
-        namespace=NAMESPACE,
-        _node_ip_address="127.0.0.2",
-        _temp_dir=temp_dir,
-    )
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with local_ray(num_cpus=8, namespace=NAMESPACE) as address:
+        yield address
 
 
 def start_actors(names: list[str], config: OmniDiffusionConfig, first_rank: int = 0) -> list:

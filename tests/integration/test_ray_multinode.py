@@ -19,7 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 import ray
-from helpers import ServerProcess, decode, free_port, poll
+from helpers import RAY_ENV, ServerProcess, decode, free_port, poll, ray_test_environment
 
 from engine import DiffusionEngine, OmniDiffusionConfig, OmniDiffusionRequest
 from executors.ray_external import RayDiffusionWorkerActor
@@ -27,7 +27,6 @@ from executors.ray_external import RayDiffusionWorkerActor
 pytestmark = pytest.mark.slow
 
 NAMESPACE = "imagegen-multinode"
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
 
 
@@ -108,27 +107,20 @@ def alive_nodes() -> list[dict]:
 @pytest.fixture(scope="module")
 def two_nodes():
     """Head node on 127.0.0.2 offering 'head_node', worker node on 127.0.0.3 offering 'worker_node'."""
-    saved = {name: os.environ.get(name) for name in [*RAY_ENV, "RAY_ADDRESS"]}
-    os.environ.update(RAY_ENV)
-    os.environ.pop("RAY_ADDRESS", None)
-    head = RayNode("127.0.0.2", "head_node")
-    nodes = [head]
-    try:
-        head.wait_started()
-        worker = RayNode("127.0.0.3", "worker_node", head_address=head.address)
-        nodes.append(worker)
-        worker.wait_started()
-        yield head.address
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        for node in reversed(nodes):
-            node.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with ray_test_environment():
+        head = RayNode("127.0.0.2", "head_node")
+        nodes = [head]
+        try:
+            head.wait_started()
+            worker = RayNode("127.0.0.3", "worker_node", head_address=head.address)
+            nodes.append(worker)
+            worker.wait_started()
+            yield head.address
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            for node in reversed(nodes):
+                node.stop()
 
 
 def node_ids_by_resource() -> dict[str, str]:
