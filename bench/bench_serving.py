@@ -1,15 +1,19 @@
 """Serving benchmark: the raw diffusers pipeline vs a naive FastAPI server vs `imagegen serve`, in one run.
 
 Every number is measured in this run on this machine and printed as ratios against the raw
-pipeline, so results from different machines are never mixed. Loopback only; bounded counts.
+pipeline (and, for the Ray backends, against `imagegen serve` on mp), so results from different
+machines are never mixed. Loopback only; bounded counts. See docs/benchmarks.md.
 
     python bench/bench_serving.py                        # tiny model, 64x64, 4 steps, CPU
     python bench/bench_serving.py --size 512 --device cuda
+    python bench/bench_serving.py --backends mp          # without the Ray backends
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import statistics
@@ -135,11 +139,13 @@ def load(name: str, port: int, args, clients: int, requests_per_client: int) -> 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
-    return summary(f"{name}, {clients} client(s)", clients * requests_per_client, time.perf_counter() - started, latencies)
+    result = summary(f"{name}, {clients} client(s)", clients * requests_per_client, time.perf_counter() - started,
+                     latencies)
+    return {**result, "clients": clients}
 
 
 def bench_server(name: str, command: list[str], port: int, args, logs: Path) -> list[dict]:
-    process = start(command, port, logs / f"{name.split()[0]}.log")
+    process = start(command, port, logs / f"{name.replace(' ', '-')}.log")
     try:
         return [
             load(name, port, args, 1, args.single_requests),
@@ -149,7 +155,96 @@ def bench_server(name: str, command: list[str], port: int, args, logs: Path) -> 
         stop(process)
 
 
+# -- imagegen serve on each backend ---------------------------------------------------------------
+BACKENDS = ("mp", "ray", "ray_external")
+
+
+def use_gpus(args) -> bool:
+    from workers.worker import resolve_device
+
+    return resolve_device(args.device, 0).type == "cuda"
+
+
+def cpus_per_rank(args) -> int:
+    # What mp gives each rank (its share of the cores); the Ray actors reserve the same, since an
+    # actor runs one torch thread per CPU it reserved.
+    return max(1, (os.cpu_count() or 1) // args.num_gpus)
+
+
+@contextlib.contextmanager
+def external_actors(args):
+    """A private local Ray with one named, initialized worker actor per rank, for backend ray_external.
+
+    Yields the server flags that find them. Ray runs only inside this block, so its driver holds no
+    CPU while the other parts are measured; on exit the actors are killed and that Ray is stopped.
+    """
+    import ray
+
+    from executors.ray_external import RayDiffusionWorkerActor
+    from workers.config import OmniDiffusionConfig
+
+    gpus = use_gpus(args)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, namespace="bench",
+             _node_ip_address="127.0.0.2")
+    actors = []
+    try:
+        config = OmniDiffusionConfig(model=args.model, num_gpus=args.num_gpus, device=args.device,
+                                     max_batch_size=args.max_batch_size)
+        names = [f"bench_rank_{rank}" for rank in range(args.num_gpus)]
+        # The same resources backend ray reserves per rank: one GPU, or this rank's share of the CPUs.
+        options = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_gpus": 0, "num_cpus": cpus_per_rank(args)}
+        actors = [
+            RayDiffusionWorkerActor.options(name=name, **options).remote(rank=rank, od_config=config)
+            for rank, name in enumerate(names)
+        ]
+        for reply in ray.get([actor.initialize.remote() for actor in actors]):
+            if reply.get("status") != "ready":
+                raise RuntimeError(f"worker actor did not start: {reply}")
+        yield ["--worker-actor-names", ",".join(names), "--ray-address", ray.get_runtime_context().gcs_address,
+               "--ray-namespace", "bench"]
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        ray.shutdown()
+
+
+def bench_imagegen(backend: str, args, logs: Path) -> list[dict]:
+    port = free_port()
+    command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model", args.model,
+               "--device", args.device, "--max-batch-size", str(args.max_batch_size), "--num-gpus", str(args.num_gpus),
+               "--backend", backend]
+    name = f"imagegen {backend}"
+    if backend == "ray":
+        # No --ray-address: the server starts a private Ray and stops it when it closes.
+        return bench_server(name, command + ["--ray-cpus-per-worker", str(cpus_per_rank(args))], port, args, logs)
+    if backend == "ray_external":
+        with external_actors(args) as flags:
+            return bench_server(name, command + flags, port, args, logs)
+    return bench_server(name, command, port, args, logs)
+
+
+def parse_backends(value: str) -> list[str]:
+    backends = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in backends if name not in BACKENDS]
+    if unknown or not backends:
+        raise argparse.ArgumentTypeError(f"backends are a comma-separated subset of {','.join(BACKENDS)}")
+    return backends
+
+
+def add_ratios(results: list[dict]) -> None:
+    """x raw b8 and p50 - raw b1 for every row; x mp (same client count) for every imagegen row."""
+    by_name = {r["name"]: r for r in results}
+    raw1, raw8 = by_name["raw pipeline, batch 1"], by_name["raw pipeline, batch 8"]
+    mp = {r["clients"]: r for r in results if r["name"].startswith("imagegen mp,")}
+    for r in results:
+        r["x_raw_b8"] = r["images_per_s"] / raw8["images_per_s"]
+        r["p50_minus_raw_b1_ms"] = r["p50_ms"] - raw1["p50_ms"]
+        if r["name"].startswith("imagegen ") and r["clients"] in mp:
+            r["x_mp"] = r["images_per_s"] / mp[r["clients"]]["images_per_s"]
+
+
 def main() -> None:
+    ray_available = importlib.util.find_spec("ray") is not None
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--size", type=int, default=64)
@@ -160,12 +255,19 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=10)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--num-gpus", type=int, default=1, help="imagegen workers")
+    parser.add_argument("--backends", type=parse_backends, default=list(BACKENDS) if ray_available else ["mp"],
+                        help="imagegen backends to measure, comma-separated (default: mp,ray,ray_external "
+                        "when Ray is installed, else mp)")
     parser.add_argument("--cache-dir", default=os.environ.get("IMAGEGEN_MODEL_CACHE_DIR") or tempfile.mkdtemp())
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     os.environ["IMAGEGEN_MODEL_CACHE_DIR"] = args.cache_dir
+    # For the Ray backends: a private loopback Ray needs no auth token, and reports nothing.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     logs = Path(tempfile.mkdtemp(prefix="imagegen-bench-"))
+    load_before = os.getloadavg()[0]  # other work on the machine makes every number noisy: say so
 
     results = bench_raw(args)
     if not args.skip_naive:
@@ -173,20 +275,27 @@ def main() -> None:
         naive = [sys.executable, str(ROOT / "bench" / "naive_server.py"), "--port", str(port),
                  "--model", args.model, "--device", args.device]
         results += bench_server("naive server", naive, port, args, logs)
-    port = free_port()
-    imagegen = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model", args.model,
-                "--device", args.device, "--max-batch-size", str(args.max_batch_size), "--num-gpus", str(args.num_gpus)]
-    results += bench_server("imagegen mp", imagegen, port, args, logs)
+    failed = []
+    for backend in args.backends:
+        try:
+            results += bench_imagegen(backend, args, logs)
+        except Exception as error:  # report the other backends' numbers anyway; the server's log is in logs
+            last_line = (str(error).strip().splitlines() or [repr(error)])[-1]
+            failed.append(f"imagegen {backend} failed: {last_line}")
 
-    by_name = {r["name"]: r for r in results}
-    raw1, raw8 = by_name["raw pipeline, batch 1"], by_name["raw pipeline, batch 8"]
-    print(f"\nmodel={args.model} size={args.size}x{args.size} steps={args.steps} device={args.device}")
-    print(f"{'':34} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'x raw b8':>9} {'p50-raw b1':>11}")
+    add_ratios(results)
+    print(f"\nmodel={args.model} size={args.size}x{args.size} steps={args.steps} device={args.device} "
+          f"cpus={os.cpu_count()} load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after, logs {logs}")
+    print(f"{'':36} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'x raw b8':>9} {'p50-raw b1':>11} {'x mp':>6}")
     for r in results:
-        print(f"{r['name']:34} {r['images_per_s']:9.2f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
-              f"{r['images_per_s'] / raw8['images_per_s']:9.2f} {r['p50_ms'] - raw1['p50_ms']:+11.1f}")
+        x_mp = f"{r['x_mp']:6.2f}" if "x_mp" in r else ""
+        print(f"{r['name']:36} {r['images_per_s']:9.2f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
+              f"{r['x_raw_b8']:9.2f} {r['p50_minus_raw_b1_ms']:+11.1f} {x_mp}".rstrip())
+    for line in failed:
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
