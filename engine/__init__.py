@@ -1,17 +1,18 @@
 """The engine owns requests, batching and pre/post-processing. No HTTP here."""
 
 from engine.batcher import AsyncDiffusionEngine
-from engine.engine import DiffusionEngine, DiffusionOutput
+from engine.engine import DiffusionEngine, DiffusionOutput, steps_for_quality
 from engine.errors import (
     EngineDeadError,
     EngineError,
     EngineOverloadedError,
     GenerationFailedError,
     InvalidRequestError,
+    NotFoundError,
     RequestTimeoutError,
 )
 from workers.config import OmniDiffusionConfig, parse_size
-from workers.data import OmniDiffusionRequest
+from workers.data import OmniDiffusionRequest, Usage
 
 __all__ = [
     "AsyncDiffusionEngine",
@@ -22,8 +23,11 @@ __all__ = [
     "EngineOverloadedError",
     "GenerationFailedError",
     "InvalidRequestError",
+    "NotFoundError",
     "OmniDiffusionConfig",
     "OmniDiffusionRequest",
     "RequestTimeoutError",
+    "Usage",
     "parse_size",
+    "steps_for_quality",
 ]

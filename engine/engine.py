@@ -7,14 +7,15 @@ import logging
 import random
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from engine import metrics
 from engine.errors import EngineDeadError, GenerationFailedError, InvalidRequestError, RequestTimeoutError
-from engine.images import to_pil
+from engine.images import resize_pixels, to_pil
 from executors import (
     ExecutorError,
     RpcTimeoutError,
@@ -23,27 +24,50 @@ from executors import (
     get_executor_class,
 )
 from workers.config import OmniDiffusionConfig, parse_size
-from workers.data import OmniDiffusionRequest, RequestOutput
+from workers.data import OmniDiffusionRequest, RequestOutput, Usage
 
 logger = logging.getLogger(__name__)
 
 MAX_IMAGES_PER_REQUEST = 10  # OpenAI's limit on n
 MAX_GUIDANCE_SCALE = 50.0
 MAX_SEED = 2**63 - 1 - MAX_IMAGES_PER_REQUEST  # image i uses seed + i, which must stay a valid int64
+MAX_PARTIAL_IMAGES = 3  # OpenAI's limit on partial_images
+# OpenAI quality -> multiple of default_num_inference_steps (capped at max_num_inference_steps).
+QUALITY_STEP_FACTORS = {
+    "low": 0.5,
+    "medium": 1.0,
+    "auto": 1.0,
+    "standard": 1.0,
+    "high": 2.0,
+    "hd": 2.0,
+    "xhigh": 3.0,
+    "max": 4.0,
+}
+
+
+def steps_for_quality(quality: str, config: OmniDiffusionConfig) -> int:
+    """Denoising steps for an OpenAI ``quality``: default_num_inference_steps x QUALITY_STEP_FACTORS[quality],
+    within 1..max_num_inference_steps."""
+    steps = round(config.default_num_inference_steps * QUALITY_STEP_FACTORS[quality])
+    return max(1, min(steps, config.max_num_inference_steps))
 
 
 @dataclass
 class DiffusionOutput:
-    """The result of one request: ``num_images`` PIL images, the seed of the first, or an error.
+    """The result of one request: ``num_images`` PIL images, the request's seed, or an error.
 
-    ``rank`` is the worker that served it (None when the engine rejected the request).
+    ``rank`` is the worker that served it (None when the engine rejected the request);
+    ``seeds`` holds each image's seed, ``partial_images[i]`` image i's intermediate decodes.
     """
 
     request_id: str
     images: list[Image.Image]
-    seed: int | None
+    seed: int | tuple[int, ...] | None
     error: str | None = None
     rank: int | None = None
+    seeds: list[int] = field(default_factory=list)
+    partial_images: list[list[Image.Image]] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
 
 
 class DiffusionEngine:
@@ -77,9 +101,14 @@ class DiffusionEngine:
 
     # -- requests ------------------------------------------------------------------------------
     def prepare(self, request: OmniDiffusionRequest) -> OmniDiffusionRequest:
-        """Validate ``request`` and fill every default (size, steps, guidance, seed)."""
+        """Validate ``request`` and fill every default (size, steps, guidance, seed, strength).
+
+        An input image is resized to the request's size here (and the size defaults to the
+        image's own when that is allowed). Preparing a prepared request returns it unchanged.
+        """
         config = self.od_config
-        if not isinstance(request.prompt, str) or not request.prompt.strip():
+        # 1. Text.
+        if not isinstance(request.prompt, str) or (request.image is None and not request.prompt.strip()):
             raise InvalidRequestError("prompt must be a non-empty string", param="prompt")
         for name in ("prompt", "negative_prompt"):
             text = getattr(request, name)
@@ -92,7 +121,10 @@ class DiffusionEngine:
                 f"num_images must be between 1 and {MAX_IMAGES_PER_REQUEST}, got {request.num_images}",
                 param="num_images",
             )
+        # 2. Size: asked for, else the input image's (when allowed), else the model's native size.
         default_width, default_height = parse_size(self.native_size)
+        if request.image is not None and f"{request.image.shape[1]}x{request.image.shape[0]}" in config.allowed_sizes:
+            default_height, default_width = request.image.shape[:2]
         width = request.width or default_width
         height = request.height or default_height
         if f"{width}x{height}" not in config.allowed_sizes:
@@ -100,6 +132,7 @@ class DiffusionEngine:
                 f"size {width}x{height} is not supported; choose one of {', '.join(config.allowed_sizes)}",
                 param="size",
             )
+        # 3. Denoising.
         steps = request.num_inference_steps or config.default_num_inference_steps
         if not 1 <= steps <= config.max_num_inference_steps:
             raise InvalidRequestError(
@@ -111,12 +144,77 @@ class DiffusionEngine:
             raise InvalidRequestError(
                 f"guidance_scale must be between 0 and {MAX_GUIDANCE_SCALE:g}, got {guidance}", param="guidance_scale"
             )
-        seed = request.seed if request.seed is not None else random.randint(0, 2**31 - 1)
-        if not 0 <= seed <= MAX_SEED:
-            raise InvalidRequestError(f"seed must be between 0 and {MAX_SEED}, got {seed}", param="seed")
+        if not 0 <= request.partial_images <= MAX_PARTIAL_IMAGES:
+            raise InvalidRequestError(
+                f"partial_images must be between 0 and {MAX_PARTIAL_IMAGES}, got {request.partial_images}",
+                param="partial_images",
+            )
+        seed = self._prepare_seed(request)
+        # 4. Image-to-image and inpainting.
+        image, mask, strength = self._prepare_image(request, width, height, steps)
         return dataclasses.replace(
-            request, width=width, height=height, num_inference_steps=steps, guidance_scale=guidance, seed=seed
+            request,
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            seed=seed,
+            image=image,
+            mask=mask,
+            strength=strength,
         )
+
+    def _prepare_seed(self, request: OmniDiffusionRequest) -> int | tuple[int, ...]:
+        if isinstance(request.seed, (tuple, list)):
+            seeds = tuple(request.seed)
+            if len(seeds) != request.num_images:
+                raise InvalidRequestError(
+                    f"seed lists one seed per image: expected {request.num_images} seeds, got {len(seeds)}",
+                    param="seed",
+                )
+        else:
+            seeds = (request.seed if request.seed is not None else random.randint(0, 2**31 - 1),)
+        for seed in seeds:
+            if not 0 <= seed <= MAX_SEED:
+                raise InvalidRequestError(f"seed must be between 0 and {MAX_SEED}, got {seed}", param="seed")
+        return seeds if isinstance(request.seed, (tuple, list)) else seeds[0]
+
+    def _prepare_image(
+        self, request: OmniDiffusionRequest, width: int, height: int, steps: int
+    ) -> tuple[np.ndarray | None, np.ndarray | None, float | None]:
+        """The input image and mask at the output size, and the strength to use (all None for text2img)."""
+        if request.image is None:
+            if request.mask is not None:
+                raise InvalidRequestError("a mask needs an image to apply to", param="mask")
+            return None, None, None
+        task = request.task
+        if task not in self.model_info["tasks"]:
+            raise InvalidRequestError(
+                f"The model '{self.od_config.model_name}' does not support {task} "
+                f"(its pipeline is {self.model_info['pipeline']}).",
+                param="mask" if task == "inpaint" else "image",
+            )
+        image, mask = request.image, request.mask
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise InvalidRequestError("image must be a uint8 HxWx3 array", param="image")
+        if mask is not None and mask.shape[:2] != image.shape[:2]:
+            raise InvalidRequestError(
+                f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {image.shape[1]}x{image.shape[0]}; "
+                "they must be the same size",
+                param="mask",
+            )
+        strength = request.strength if request.strength is not None else self.model_info["default_strength"][task]
+        if not 0 < strength <= 1:
+            raise InvalidRequestError(f"strength must be in (0, 1], got {strength}", param="strength")
+        # img2img runs only the last steps * strength steps; diffusers refuses to run none.
+        if int(steps * strength) < 1:
+            raise InvalidRequestError(
+                f"num_inference_steps ({steps}) x strength ({strength:g}) must be at least 1", param="strength"
+            )
+        image = resize_pixels(image, width, height)
+        if mask is not None:
+            mask = resize_pixels(mask, width, height)
+        return image, mask, strength
 
     def step(self, requests: list[OmniDiffusionRequest]) -> list[DiffusionOutput]:
         """Generate ``requests`` (spread over all ranks); one output per request, in order.
@@ -125,16 +223,23 @@ class DiffusionEngine:
         failure of the workers themselves raises EngineDeadError or RequestTimeoutError.
         """
         outputs: dict[str, DiffusionOutput] = {}
-        runnable = []
+        runnable: dict[str, OmniDiffusionRequest] = {}
         for request in requests:
             try:
-                runnable.append(self.prepare(request))
+                runnable[request.request_id] = self.prepare(request)
             except InvalidRequestError as error:
                 outputs[request.request_id] = DiffusionOutput(request.request_id, [], request.seed, str(error))
         if runnable:
-            for reply in self._generate(runnable):
+            for reply in self._generate(list(runnable.values())):
                 outputs[reply.request_id] = DiffusionOutput(
-                    reply.request_id, [to_pil(pixels) for pixels in reply.images], reply.seed, reply.error, reply.rank
+                    reply.request_id,
+                    [to_pil(pixels) for pixels in reply.images],
+                    reply.seed,
+                    reply.error,
+                    reply.rank,
+                    seeds=runnable[reply.request_id].image_seeds(),
+                    partial_images=[[to_pil(p) for p in partials] for partials in reply.partial_images],
+                    usage=reply.usage,
                 )
         return [outputs[request.request_id] for request in requests]
 

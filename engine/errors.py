@@ -30,3 +30,7 @@ class EngineDeadError(EngineError):
 
 class GenerationFailedError(EngineError):
     """The pipeline raised for this request."""
+
+
+class NotFoundError(InvalidRequestError):
+    """What the request names (a model, a stored image) does not exist or has expired."""

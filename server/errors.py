@@ -15,14 +15,16 @@ from engine.errors import (
     EngineOverloadedError,
     GenerationFailedError,
     InvalidRequestError,
+    NotFoundError,
     RequestTimeoutError,
 )
 from server.protocol import ErrorDetail, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
-# engine error -> (HTTP status, OpenAI error type)
+# engine error -> (HTTP status, OpenAI error type); the first class that matches wins.
 ERROR_TABLE: dict[type[EngineError], tuple[int, str]] = {
+    NotFoundError: (404, "invalid_request_error"),
     InvalidRequestError: (400, "invalid_request_error"),
     EngineOverloadedError: (429, "rate_limit_error"),
     GenerationFailedError: (500, "server_error"),
@@ -36,10 +38,18 @@ RETRY_AFTER_S = 1
 # The engine speaks of its own request fields; clients know the OpenAI names.
 _PARAM_NAMES = {"num_images": "n", "width": "size", "height": "size"}
 
+# Transient failures (overload, a worker restarting, a timeout): the clients' default retries suit them.
+_TRANSIENT_STATUSES = {408, 409, 429, 502, 503, 504}
+
 
 def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status)
+    response = JSONResponse(body.model_dump(), status_code=status)
+    # The official clients retry 5xx three times unless told not to; a bad request or a pipeline
+    # failure (e.g. out of memory at this size) would only fail three more times.
+    if status not in _TRANSIENT_STATUSES:
+        response.headers["x-should-retry"] = "false"
+    return response
 
 
 def engine_error_response(error: EngineError) -> JSONResponse:
@@ -76,7 +86,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(_: Request, error: HTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if error.status_code < 500 else "server_error"
-        return error_response(error.status_code, str(error.detail), type_)
+        response = error_response(error.status_code, str(error.detail), type_)
+        response.headers.update(error.headers or {})  # e.g. Allow on a 405
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, error: Exception) -> JSONResponse:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 
 from starlette.exceptions import HTTPException
@@ -67,6 +69,57 @@ class BodySizeLimitMiddleware:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+_NO_KEY_MESSAGE = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization header "
+    "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+)
+
+
+class ApiKeyMiddleware:
+    """Requires ``Authorization: Bearer <key>`` with one of ``api_keys`` on /v1/* (and on /metrics
+    when ``protect_metrics``); anything else is answered 401 with an OpenAI error body.
+
+    /health and /ready stay open for probes. Stored images (/v1/images/files/) stay open too: like
+    OpenAI's signed URLs, their unguessable URL is the credential, so a browser can show them.
+    """
+
+    def __init__(self, app: ASGIApp, api_keys: list[str], protect_metrics: bool):
+        self.app = app
+        # Digests have one length, so comparing them tells nothing about a key's length either.
+        self._digests = [hashlib.sha256(key.encode()).digest() for key in api_keys]
+        self._protect_metrics = protect_metrics
+
+    def _protected(self, path: str) -> bool:
+        if path.startswith("/v1/images/files/"):
+            return False
+        return path.startswith("/v1/") or (self._protect_metrics and path == "/metrics")
+
+    def _accepts(self, token: bytes) -> bool:
+        digest = hashlib.sha256(token).digest()
+        # Compare with every key, without stopping at a match: the time taken says nothing about which.
+        matches = [hmac.compare_digest(digest, key) for key in self._digests]
+        return any(matches)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._protected(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        authorization = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+        scheme, _, token = authorization.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            message, code = _NO_KEY_MESSAGE, None
+        elif not self._accepts(token.strip()):
+            message, code = "Incorrect API key provided.", "invalid_api_key"
+        else:
+            await self.app(scope, receive, send)
+            return
+        from server.errors import error_response
+
+        response = error_response(401, message, "invalid_request_error", code=code)
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
 
 
 async def _send_error(scope: Scope, receive: Receive, send: Send, error: HTTPException) -> None:

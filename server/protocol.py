@@ -1,32 +1,50 @@
-"""The OpenAI Images API as pydantic models (request and response bodies)."""
+"""The OpenAI Images API as pydantic models (request and response bodies, stream events).
+
+Field names, types and limits follow the official ``openai`` client's types; see
+docs/openai-compatibility.md for what each field does here.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+Seed = Annotated[int, Field(ge=0)]
+Quality = Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"]
 
-class ImageGenerationRequest(BaseModel):
-    """POST /v1/images/generations. Fields after ``user`` are extensions (the OpenAI SDK sends them via extra_body)."""
 
-    # Clients send vendor fields we do not know; they are ignored rather than rejected.
-    model_config = ConfigDict(extra="ignore")
+class ImageOptions(BaseModel):
+    """Fields every image route shares. Fields after ``user`` are extensions (the SDK sends them via extra_body)."""
 
-    prompt: str = Field(min_length=1)
+    # Clients send vendor fields we do not know: accepted, and logged once (see server/app.py).
+    model_config = ConfigDict(extra="allow")
+
     model: str | None = None
     n: int = Field(1, ge=1, le=10)
-    size: str | None = Field(None, description="WxH, e.g. 512x512")
-    response_format: Literal["b64_json"] | None = None
+    size: str | None = Field(None, description="WxH, e.g. 512x512, or auto")
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None, description="default: the server's --default-response-format (b64_json unless set)"
+    )
     output_format: Literal["png", "jpeg", "webp"] = "png"
-    output_compression: int | None = Field(None, ge=0, le=100)
-    quality: str | None = None
-    style: str | None = None
+    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality; ignored for png")
     user: str | None = None
     negative_prompt: str | None = None
-    num_inference_steps: int | None = Field(None, ge=1)
+    num_inference_steps: int | None = Field(None, ge=1, description="overrides the steps that quality maps to")
     guidance_scale: float | None = Field(None, ge=0)
-    seed: int | None = Field(None, ge=0)
+    seed: Seed | list[Seed] | None = Field(None, description="image i uses seed + i, or one seed per image")
+
+
+class PromptedOptions(ImageOptions):
+    """Fields of the routes that take a prompt (generations and edits)."""
+
+    prompt: str = Field(min_length=1)
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    quality: Quality | None = None
+    moderation: Literal["low", "auto"] | None = Field(None, description="accepted and ignored")
+    safety_identifier: str | None = None
+    stream: bool = False
+    partial_images: int | None = Field(None, ge=0, le=3)
 
     @field_validator("prompt")
     @classmethod
@@ -36,10 +54,97 @@ class ImageGenerationRequest(BaseModel):
         return prompt
 
 
+class ImageGenerationRequest(PromptedOptions):
+    """POST /v1/images/generations."""
+
+    style: Literal["vivid", "natural"] | None = Field(None, description="accepted and ignored (a DALL-E 3 option)")
+
+
+class ImageReference(BaseModel):
+    """An input image in a JSON body: a ``data:`` URL (the server fetches nothing from the network)."""
+
+    image_url: str | None = None
+    file_id: str | None = None
+
+
+def _json_needs_images(schema: dict) -> None:
+    # A JSON body must carry its image; a multipart one sends it as a file, so validation cannot require it.
+    schema["required"] = [*schema.get("required", []), "images"]
+    schema["properties"]["images"]["minItems"] = 1
+
+
+class ImageEditRequest(PromptedOptions):
+    """POST /v1/images/edits as JSON; the multipart form has the same fields, with files for ``image`` and ``mask``."""
+
+    model_config = ConfigDict(json_schema_extra=_json_needs_images)
+
+    images: list[ImageReference] = Field(default_factory=list, description="JSON form of multipart `image`")
+    mask: ImageReference | None = None
+    input_fidelity: Literal["high", "low"] | None = Field(None, description="accepted and ignored")
+    strength: float | None = Field(
+        None, gt=0, le=1, description="how far from the input image (default: the pipeline's)"
+    )
+
+
+class ImageVariationRequest(ImageOptions):
+    """POST /v1/images/variations (multipart, or JSON with ``images``): image-to-image from the image alone."""
+
+    model_config = ConfigDict(json_schema_extra=_json_needs_images)
+
+    images: list[ImageReference] = Field(default_factory=list, description="JSON form of multipart `image`")
+    strength: float | None = Field(
+        None, gt=0, le=1, description="how far from the input image (default: the pipeline's)"
+    )
+
+
+class ImageEditForm(BaseModel):
+    """The multipart form of /v1/images/edits, for the OpenAPI schema; parsed into ImageEditRequest."""
+
+    image: list[bytes] = Field(json_schema_extra={"items": {"type": "string", "format": "binary"}})
+    mask: bytes | None = Field(None, json_schema_extra={"type": "string", "format": "binary"})
+    prompt: str
+    n: int = 1
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    strength: float | None = None
+    stream: bool = False
+    partial_images: int | None = None
+
+
+class ImageVariationForm(BaseModel):
+    """The multipart form of /v1/images/variations, for the OpenAPI schema; parsed into ImageVariationRequest."""
+
+    image: bytes = Field(json_schema_extra={"type": "string", "format": "binary"})
+    n: int = 1
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    strength: float | None = None
+
+
 class ImageData(BaseModel):
-    b64_json: str
+    """One image: base64 or a URL, and the seed it was drawn with (an extension)."""
+
+    b64_json: str | None = None
+    url: str | None = None
     revised_prompt: str | None = None
     seed: int
+
+
+class TokenDetails(BaseModel):
+    image_tokens: int
+    text_tokens: int
+
+
+class ImageUsage(BaseModel):
+    """OpenAI's usage object; ``images`` (the number of images made) is an extension."""
+
+    input_tokens: int
+    input_tokens_details: TokenDetails
+    output_tokens: int
+    output_tokens_details: TokenDetails
+    total_tokens: int
+    images: int
 
 
 class ImagesResponse(BaseModel):
@@ -47,6 +152,33 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
     size: str
     output_format: str
+    quality: str | None = None
+    background: Literal["opaque"] | None = None
+    usage: ImageUsage
+
+
+class _StreamEvent(BaseModel):
+    b64_json: str
+    background: Literal["opaque"] = "opaque"
+    created_at: int
+    output_format: str
+    quality: str
+    size: str
+
+
+class PartialImageEvent(_StreamEvent):
+    """``image_generation.partial_image`` / ``image_edit.partial_image``."""
+
+    type: Literal["image_generation.partial_image", "image_edit.partial_image"]
+    partial_image_index: int
+
+
+class CompletedEvent(_StreamEvent):
+    """``image_generation.completed`` / ``image_edit.completed``; ``seed`` is an extension."""
+
+    type: Literal["image_generation.completed", "image_edit.completed"]
+    usage: ImageUsage
+    seed: int
 
 
 class ModelCard(BaseModel):

@@ -108,6 +108,29 @@ class OmniDiffusionConfig(BaseSettings):
         description='extra Ray resources per rank for backend ray, as JSON: [{"node_a": 1}, {"node_b": 1}] '
         "pins rank 0 and rank 1 to the nodes that offer them",
     )
+    # -- OpenAI API; see docs/openai-compatibility.md ---------------------------------------------
+    # NoDecode: "key1,key2" from the environment is split below. repr=False: keys never reach logs.
+    api_key: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        repr=False,
+        description="API keys accepted as 'Authorization: Bearer <key>' on /v1/* (comma-separated; "
+        "default: no auth). Prefer IMAGEGEN_API_KEY to the flag, which other users can see in ps",
+    )
+    metrics_require_api_key: bool = Field(False, description="whether /metrics needs an API key too")
+    default_response_format: Literal["b64_json", "url"] = Field(
+        "b64_json", description="answer when a request names no response_format (url: like DALL-E)"
+    )
+    public_base_url: str | None = Field(
+        None, description="base of image URLs, e.g. https://proxy.example/imagegen (default: the request's own)"
+    )
+    image_storage_dir: Path | None = Field(
+        None, description="where url images are stored (default: a private temporary folder, removed at exit)"
+    )
+    image_ttl_s: float = Field(3600.0, gt=0, description="how long a url image can be fetched")
+    max_upload_image_bytes: int = Field(25 * 1024 * 1024, ge=1, description="largest uploaded image file, in bytes")
+    max_upload_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="most pixels an uploaded image may decode to (larger ones get 400)"
+    )
 
     @field_validator("allowed_sizes", mode="before")
     @classmethod
@@ -119,6 +142,13 @@ class OmniDiffusionConfig(BaseSettings):
     def _split_actor_names(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()] or None
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _split_api_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()] or None
         return value
 
     @field_validator("ray_rank_resources", mode="before")

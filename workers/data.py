@@ -10,10 +10,13 @@ import numpy as np
 
 @dataclass(frozen=True)
 class OmniDiffusionRequest:
-    """One text-to-image request for ``num_images`` images.
+    """One request for ``num_images`` images: text-to-image, or image-to-image when ``image`` is given.
 
-    Fields left as None are filled from the config by the engine before a worker sees them;
-    image ``i`` of the request is drawn with seed ``seed + i``.
+    Fields left as None are filled from the config by the engine before a worker sees them.
+    ``seed`` is an int (image ``i`` is drawn with ``seed + i``) or one seed per image.
+    ``image`` is a uint8 HxWx3 array of the request's size; ``mask`` (uint8 HxW, 255 = repaint)
+    turns image-to-image into inpainting. ``partial_images`` asks for that many intermediate
+    decodes at evenly spaced denoising steps.
     """
 
     prompt: str
@@ -22,21 +25,62 @@ class OmniDiffusionRequest:
     negative_prompt: str | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
-    seed: int | None = None
+    seed: int | tuple[int, ...] | None = None
     num_images: int = 1
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Arrays compare element-wise, so they stay out of the generated __eq__.
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+    strength: float | None = None
+    partial_images: int = 0
+
+    @property
+    def task(self) -> str:
+        """Which pipeline serves it: text2img, img2img or inpaint."""
+        if self.image is None:
+            return "text2img"
+        return "img2img" if self.mask is None else "inpaint"
+
+    def image_seeds(self) -> list[int]:
+        """The seed of each image (``seed`` must have been filled in)."""
+        if isinstance(self.seed, tuple):
+            return list(self.seed)
+        return [self.seed + i for i in range(self.num_images)]
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call."""
-        return (self.height, self.width, self.num_inference_steps, self.guidance_scale, self.negative_prompt is not None)
+        return (
+            self.height,
+            self.width,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.negative_prompt is not None,
+            self.task,
+            self.strength,
+            self.partial_images,
+        )
+
+
+@dataclass
+class Usage:
+    """What a request consumed: prompt tokens (the pipeline's tokenizer) and image tokens (latent positions)."""
+
+    text_tokens: int = 0
+    input_image_tokens: int = 0
+    output_image_tokens: int = 0
 
 
 @dataclass
 class RequestOutput:
-    """A worker's answer for one request: uint8 HxWx3 arrays (not PIL objects, which pickle badly)."""
+    """A worker's answer for one request: uint8 HxWx3 arrays (not PIL objects, which pickle badly).
+
+    ``partial_images[i]`` holds image ``i``'s intermediate decodes, in denoising order.
+    """
 
     request_id: str
     images: list[np.ndarray]
-    seed: int | None
+    seed: int | tuple[int, ...] | None
     rank: int
     error: str | None = None
+    partial_images: list[list[np.ndarray]] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)

@@ -8,9 +8,10 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+from PIL import Image
 
 from workers.config import OmniDiffusionConfig
-from workers.data import OmniDiffusionRequest, RequestOutput
+from workers.data import OmniDiffusionRequest, RequestOutput, Usage
 from workers.models import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -65,14 +66,16 @@ class WorkerWrapperBase:
         self.rank = rank
         self.od_config = od_config
         self.pipeline = None
+        # Task -> pipeline; img2img and inpaint share the text-to-image pipeline's modules.
+        self.pipelines: dict = {}
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
-        self._call_parameters: set[str] = set()
+        self._call_parameters: dict[str, dict[str, inspect.Parameter]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     def initialize(self) -> dict:
         """Load the model onto this rank's device. Returns the model description."""
-        from diffusers import DiffusionPipeline
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
@@ -85,7 +88,18 @@ class WorkerWrapperBase:
         pipeline = DiffusionPipeline.from_pretrained(path, dtype=self.dtype)
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline.to(self.device)
-        self._call_parameters = set(inspect.signature(self.pipeline.__call__).parameters)
+        self.pipelines = {"text2img": self.pipeline}
+        for task, auto_class in (("img2img", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
+            try:
+                # from_pipe reuses the loaded modules: no second copy of the weights.
+                derived = auto_class.from_pipe(self.pipeline)
+            except ValueError:  # diffusers has no such pipeline for this model family
+                continue
+            derived.set_progress_bar_config(disable=True)
+            self.pipelines[task] = derived
+        self._call_parameters = {
+            task: dict(inspect.signature(p.__call__).parameters) for task, p in self.pipelines.items()
+        }
         logger.info("rank %d loaded %s from %s on %s (%s)", self.rank, type(pipeline).__name__, path, self.device, self.dtype)
         return self.describe()
 
@@ -98,6 +112,13 @@ class WorkerWrapperBase:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "native_size": f"{native}x{native}",
+            "tasks": sorted(self.pipelines),
+            # What the engine fills in when an edit names no strength: each pipeline's own default.
+            "default_strength": {
+                task: parameters["strength"].default
+                for task, parameters in self._call_parameters.items()
+                if "strength" in parameters
+            },
         }
 
     def get_rank(self) -> int:
@@ -137,31 +158,91 @@ class WorkerWrapperBase:
     @torch.inference_mode()
     def _generate_group(self, group: list[OmniDiffusionRequest]) -> dict[str, RequestOutput]:
         first = group[0]
+        pipeline = self.pipelines[first.task]
+        parameters = self._call_parameters[first.task]
         # 1. One prompt and one generator per image, so a seed gives the same image in any batch.
         #    CPU generators make a seed draw the same noise on every device.
         prompts = [r.prompt for r in group for _ in range(r.num_images)]
-        generators = [torch.Generator().manual_seed(r.seed + i) for r in group for i in range(r.num_images)]
+        generators = [torch.Generator().manual_seed(seed) for r in group for seed in r.image_seeds()]
         kwargs: dict = {
             "prompt": prompts,
-            "height": first.height,
-            "width": first.width,
             "num_inference_steps": first.num_inference_steps,
             "generator": generators,
             "output_type": "np",
         }
+        if "height" in parameters:  # img2img pipelines take the size from the image
+            kwargs.update(height=first.height, width=first.width)
         if first.guidance_scale is not None:
             kwargs["guidance_scale"] = first.guidance_scale
-        if first.negative_prompt is not None and "negative_prompt" in self._call_parameters:
+        if first.negative_prompt is not None and "negative_prompt" in parameters:
             kwargs["negative_prompt"] = [r.negative_prompt for r in group for _ in range(r.num_images)]
-        # 2. Denoise and decode.
-        images = self.pipeline(**kwargs).images
-        # 3. float [0, 1] -> uint8, split back per request.
-        pixels = (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
+        # 2. The images to start from, and (inpainting) where to repaint.
+        if first.image is not None:
+            kwargs["image"] = [Image.fromarray(r.image) for r in group for _ in range(r.num_images)]
+            kwargs["strength"] = first.strength
+        if first.mask is not None:
+            kwargs["mask_image"] = [Image.fromarray(r.mask) for r in group for _ in range(r.num_images)]
+        partials: list[np.ndarray] = []
+        if first.partial_images:
+            kwargs["callback_on_step_end"] = self._partial_image_callback(first, partials)
+        # 3. Denoise and decode.
+        images = pipeline(**kwargs).images
+        # 4. float [0, 1] -> uint8, split back per request and image.
+        pixels = _to_uint8(images)
+        partial_pixels = [_to_uint8(p) for p in partials]
         outputs, start = {}, 0
         for r in group:
-            outputs[r.request_id] = RequestOutput(r.request_id, list(pixels[start : start + r.num_images]), r.seed, self.rank)
-            start += r.num_images
+            end = start + r.num_images
+            outputs[r.request_id] = RequestOutput(
+                r.request_id,
+                list(pixels[start:end]),
+                r.seed,
+                self.rank,
+                partial_images=[[p[index] for p in partial_pixels] for index in range(start, end)],
+                usage=self._usage(pipeline, r),
+            )
+            start = end
         return outputs
+
+    def _partial_image_callback(self, request: OmniDiffusionRequest, partials: list[np.ndarray]):
+        """A callback_on_step_end that decodes the latents at ``partial_images`` evenly spaced steps."""
+
+        def on_step_end(pipeline, index: int, timestep, tensors: dict) -> dict:
+            # num_timesteps is the steps this call really runs (fewer than asked for img2img).
+            total = pipeline.num_timesteps
+            # Steps after which partial j of k is taken; the last step is the final image itself.
+            wanted = {(j + 1) * total // (request.partial_images + 1) for j in range(request.partial_images)}
+            if index + 1 in wanted and index + 1 < total:
+                partials.append(_decode_latents(pipeline, tensors["latents"], request.height, request.width))
+            return {}
+
+        return on_step_end
+
+    def _usage(self, pipeline, request: OmniDiffusionRequest) -> Usage:
+        """Prompt tokens by the pipeline's (first) tokenizer; an image counts its latent positions."""
+        tokenizer = getattr(pipeline, "tokenizer", None) or getattr(pipeline, "tokenizer_2", None)
+        text_tokens = len(tokenizer(request.prompt).input_ids) if tokenizer is not None else 0
+        scale = getattr(pipeline, "vae_scale_factor", 8)
+        per_image = (request.height // scale) * (request.width // scale)
+        return Usage(
+            text_tokens=text_tokens,
+            input_image_tokens=per_image if request.image is not None else 0,
+            output_image_tokens=per_image * request.num_images,
+        )
+
+
+def _decode_latents(pipeline, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """The images that ``latents`` would decode to now (float HxWx3 in [0, 1], one per batch entry)."""
+    vae = pipeline.vae
+    if latents.ndim == 3:  # Flux-style pipelines pack 2x2 latent patches into a sequence
+        latents = pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
+    latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0)
+    decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return pipeline.image_processor.postprocess(decoded, output_type="np")
+
+
+def _to_uint8(images) -> np.ndarray:
+    return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def _describe(error: BaseException) -> str:
