@@ -46,10 +46,27 @@ def _tiny_clip_text_encoder(vocab_size: int, with_projection: bool = False):
     return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
 
+def _tiny_vae(channels: int, **options):
+    """A two-level VAE (2x downscale, 4 latent channels) that says it works at 64x64."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(channels, 2 * channels),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=channels,
+        sample_size=64,
+        **options,
+    )
+
+
 def build_tiny_sd():
     """A Stable Diffusion pipeline small enough to build and run in well under a second."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(0)
     tokenizer = _tiny_tokenizer()
@@ -64,16 +81,7 @@ def build_tiny_sd():
         cross_attention_dim=32,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
-    )
+    vae = _tiny_vae(32)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         timestep_spacing="trailing",
@@ -94,7 +102,7 @@ def build_tiny_sd():
 def build_tiny_flux():
     """A Flux (DiT, flow matching) pipeline of the same tiny size."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
@@ -110,19 +118,8 @@ def build_tiny_flux():
         pooled_projection_dim=32,
         axes_dims_rope=(4, 4, 8),
     )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=16,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-        sample_size=64,
+    vae = _tiny_vae(
+        16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035
     )
     text_encoder_2 = T5EncoderModel(
         T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
