@@ -50,3 +50,22 @@ def test_tiny_flux_on_cuda():
     with DiffusionEngine(OmniDiffusionConfig(model="tiny-flux", device="cuda")) as engine:
         (output,) = engine.step(requests_for([1]))
     assert output.error is None and output.images[0].size == (64, 64)
+
+
+def test_edits_inpainting_and_partial_images_on_cuda():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:, 32:] = 255
+    common = {"num_inference_steps": 4, "seed": 3}
+    with DiffusionEngine(OmniDiffusionConfig(model="tiny", device="cuda", dtype="bfloat16")) as engine:
+        img2img, inpaint, streamed = engine.step([
+            OmniDiffusionRequest("a fox", image=image, **common),
+            OmniDiffusionRequest("a fox", image=image, mask=mask, **common),
+            OmniDiffusionRequest("a fox", width=64, height=64, partial_images=2, **common),
+        ])
+    for output in (img2img, inpaint, streamed):
+        assert output.error is None, output.error
+        assert output.images[0].size == (64, 64)
+        assert np.asarray(output.images[0]).std() > 1
+    assert len(streamed.partial_images[0]) == 2
