@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from helpers import ServerProcess, pid_alive, poll, run_cli
+from helpers import ROOT, ServerProcess, pid_alive, poll, run_cli, worker_pids_of
 
 pytestmark = pytest.mark.slow
 
@@ -124,3 +126,22 @@ def test_broken_model_folder_fails_startup_with_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("imagegen:")]
     assert len(lines) == 1 and "failed to start" in lines[0]
+
+
+def test_worker_killed_while_loading_fails_startup_with_one_line(tmp_path):
+    # A private model cache: the worker has to build the model, which keeps it loading for longer.
+    command = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--model-cache-dir", str(tmp_path)]
+    server = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        poll(lambda: worker_pids_of(server.pid), 30, "the worker process to start")
+        (worker,) = worker_pids_of(server.pid)
+        os.kill(worker, signal.SIGKILL)
+        _, stderr = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.returncode == 1
+    lines = [line for line in stderr.splitlines() if line.startswith("imagegen:")]
+    assert len(lines) == 1 and "exited while starting (killed by SIGKILL)" in lines[0], stderr[-2000:]
+    assert "Traceback" not in stderr
