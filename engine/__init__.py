@@ -13,6 +13,7 @@ from engine.errors import (
 )
 from workers.config import OmniDiffusionConfig, parse_size
 from workers.data import OmniDiffusionRequest, Usage
+from workers.logs import configure_logging
 
 __all__ = [
     "AsyncDiffusionEngine",
@@ -28,6 +29,7 @@ __all__ = [
     "OmniDiffusionRequest",
     "RequestTimeoutError",
     "Usage",
+    "configure_logging",
     "parse_size",
     "steps_for_quality",
 ]

@@ -216,6 +216,8 @@ class AsyncDiffusionEngine:
         else:
             elapsed = time.monotonic() - started
             for queued, output in zip(batch, outputs, strict=True):
+                output.queue_time_s = started - queued.enqueued_at
+                output.inference_time_s = elapsed
                 metrics.INFERENCE_TIME.labels(self._model_name).observe(elapsed)
                 metrics.IMAGES_GENERATED.labels(self._model_name).inc(len(output.images))
                 if not queued.future.done():

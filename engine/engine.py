@@ -68,6 +68,9 @@ class DiffusionOutput:
     seeds: list[int] = field(default_factory=list)
     partial_images: list[list[Image.Image]] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
+    # Filled in by AsyncDiffusionEngine: seconds queued, and seconds of the step that served it.
+    queue_time_s: float | None = None
+    inference_time_s: float | None = None
 
 
 class DiffusionEngine:

@@ -34,7 +34,7 @@ from engine import (
 )
 from engine.images import decode_upload, encode_image, mask_pixels, rgb_pixels
 from server.errors import engine_error_response, install_error_handlers
-from server.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, RequestMetricsMiddleware
+from server.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, RequestLogMiddleware
 from server.protocol import (
     CompletedEvent,
     ErrorResponse,
@@ -101,7 +101,7 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_body_bytes)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_keys=config.api_key, protect_metrics=config.metrics_require_api_key)
-    app.add_middleware(RequestMetricsMiddleware, model_name=model_name)
+    app.add_middleware(RequestLogMiddleware, model_name=model_name)
 
     # -- the shared path of every image route ----------------------------------------------------
     def check_options(body: ImageOptions, route: str) -> None:
@@ -145,6 +145,11 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
         # Prepared here, in a thread: resizing an uploaded image must not block the event loop.
         prepared = await asyncio.to_thread(engine.prepare, request)
         output: DiffusionOutput = await _cancel_on_disconnect(http_request, app.state.engine.generate(prepared))
+        http_request.state.generation = {
+            "images": len(output.images),
+            "queue_time_s": round(output.queue_time_s, 4),
+            "inference_time_s": round(output.inference_time_s, 4),
+        }
         if output.error is not None:
             raise GenerationFailedError(output.error)
         size = f"{prepared.width}x{prepared.height}"

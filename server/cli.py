@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 import typing
 from typing import Any
 
 from pydantic import ValidationError
 
-from engine import DiffusionEngine, OmniDiffusionConfig
+from engine import DiffusionEngine, OmniDiffusionConfig, configure_logging
 
 
 def _flag_type(annotation: Any) -> tuple[Any, list | None]:
@@ -53,13 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     flags = {name: value for name, value in vars(args).items() if name != "command"}
     try:
         config = OmniDiffusionConfig(**flags)
     except ValidationError as error:
         print(f"imagegen: invalid configuration: {error}", file=sys.stderr)
         return 2
+    configure_logging(config.log_format, "server")
     return serve(config)
 
 
@@ -105,6 +104,9 @@ def serve(config: OmniDiffusionConfig) -> int:
             host=config.host,
             port=config.port,
             log_level="info",
+            # Our logging set-up (text or JSON) for uvicorn's lines too; the request log replaces its access log.
+            log_config=None,
+            access_log=False,
             timeout_graceful_shutdown=config.shutdown_timeout_s,
         )
     )

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import re
 import time
+import uuid
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import metrics
 
+request_logger = logging.getLogger("imagegen.requests")
+# A client's X-Request-ID is kept when it is a plain token; anything else gets a fresh id.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
-class RequestMetricsMiddleware:
-    """Counts every answered request by route and status; times the image routes end to end."""
+
+class RequestLogMiddleware:
+    """Gives each request an id (the client's X-Request-ID, or a new one, echoed in the response),
+    counts it by route and status, times the image routes, and logs one line for it."""
 
     def __init__(self, app: ASGIApp, model_name: str):
         self.app = app
@@ -24,21 +32,44 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.monotonic()
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
         status = {"code": 500}
 
         async def send_and_record(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_record)
         finally:
+            elapsed = time.monotonic() - started
             route = scope.get("route")
             endpoint = route.path if route is not None else "unmatched"
             metrics.REQUESTS.labels(self.model_name, endpoint, str(status["code"])).inc()
             if endpoint.startswith("/v1/images"):
-                metrics.E2E_LATENCY.labels(self.model_name).observe(time.monotonic() - started)
+                metrics.E2E_LATENCY.labels(self.model_name).observe(elapsed)
+            # The image routes add what the generation took (images, queue and inference time).
+            fields = {
+                "request_id": request_id,
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status["code"],
+                "duration_s": round(elapsed, 4),
+                **scope["state"].get("generation", {}),
+            }
+            request_logger.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if _REQUEST_ID.fullmatch(text):
+                return text
+    return uuid.uuid4().hex
 
 
 class BodySizeLimitMiddleware:

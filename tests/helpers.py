@@ -184,10 +184,10 @@ class ServerProcess:
     def worker_pids(self) -> list[int]:
         return worker_pids_of(self.process.pid)
 
-    def post(self, timeout: float = 120, **body) -> httpx.Response:
+    def post(self, timeout: float = 120, headers: dict | None = None, **body) -> httpx.Response:
         body.setdefault("prompt", "a red fox")
         body.setdefault("size", "64x64")
-        return httpx.post(f"{self.base_url}/v1/images/generations", json=body, timeout=timeout)
+        return httpx.post(f"{self.base_url}/v1/images/generations", json=body, timeout=timeout, headers=headers)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -72,6 +72,7 @@ class OmniDiffusionConfig(BaseSettings):
     allowed_sizes: Annotated[list[str], NoDecode] = Field(list(DEFAULT_ALLOWED_SIZES), description="sizes a request may ask for (WxH, multiples of 8)")
     host: str = Field("127.0.0.1", description="address the HTTP server binds")
     port: int = Field(8000, ge=0, le=65535, description="port the HTTP server binds")
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text, or one JSON object each")
     # -- faults and overload; see docs/reliability.md ------------------------------------------
     on_worker_death: Literal["restart", "exit"] = Field(
         "restart", description="restart a dead or hung worker, or exit non-zero so an orchestrator restarts us"

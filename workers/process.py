@@ -7,7 +7,6 @@ then one ``RpcReply`` per call, in any order the parent matches by ``call_id``.
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import os
 import signal
@@ -17,6 +16,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from workers.config import OmniDiffusionConfig
+from workers.logs import configure_logging
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def run_worker_process(rank: int, od_config: OmniDiffusionConfig, conn: Connecti
     # Ctrl+C reaches the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_when_parent_dies, name="parent-watchdog", daemon=True).start()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker{rank} %(levelname)s %(message)s")
+    configure_logging(od_config.log_format, f"worker{rank}")
 
     import torch
 

@@ -18,6 +18,7 @@ except ImportError as error:  # Ray is an optional extra
     raise ImportError("the Ray backends need Ray: pip install 'imagegen[ray]'") from error
 
 from workers.config import OmniDiffusionConfig
+from workers.logs import configure_logging
 from workers.data import OmniDiffusionRequest, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class RayDiffusionWorkerActor:
     """
 
     def __init__(self, rank: int, od_config: OmniDiffusionConfig):
-        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker{rank} %(levelname)s %(message)s")
+        configure_logging(od_config.log_format, f"worker{rank}")
         from workers.worker import WorkerWrapperBase  # loads torch: only inside the actor process
 
         self.rank = rank
