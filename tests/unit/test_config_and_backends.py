@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -70,3 +72,9 @@ def test_parse_size():
     for bad in ("512", "x", "axb", "-1x5"):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+def test_readme_documents_every_setting():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name in OmniDiffusionConfig.model_fields:
+        assert f"| `--{name.replace('_', '-')}`" in readme and f"`IMAGEGEN_{name.upper()}`" in readme, name
