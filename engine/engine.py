@@ -234,6 +234,8 @@ class DiffusionEngine:
                 outputs[request.request_id] = DiffusionOutput(request.request_id, [], request.seed, str(error))
         if runnable:
             for reply in self._generate(list(runnable.values())):
+                for stage, seconds in reply.stage_seconds.items():
+                    metrics.STAGE_TIME.labels(self.od_config.model_name, stage).observe(seconds)
                 outputs[reply.request_id] = DiffusionOutput(
                     reply.request_id,
                     [to_pil(pixels) for pixels in reply.images],

@@ -28,3 +28,10 @@ WORKER_RESTARTS = Counter("imagegen_worker_restarts", "Workers replaced after dy
 REQUESTS_REJECTED = Counter("imagegen_requests_rejected", "Requests refused because the queue was full", ["model_name"])
 REQUESTS_TIMED_OUT = Counter("imagegen_requests_timed_out", "Requests that ran past their deadline", ["model_name"])
 REQUESTS_CANCELLED = Counter("imagegen_requests_cancelled", "Requests whose client went away first", ["model_name"])
+STAGE_TIME = Histogram(
+    "imagegen_request_stage_time_seconds",
+    "Time of one stage of serving a request: text_encode, denoise, vae_decode (in the worker's pipeline "
+    "call) and image_encode (PNG/JPEG/WebP in the server)",
+    ["model_name", "stage"],
+    buckets=_LATENCY_BUCKETS,
+)

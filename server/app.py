@@ -32,6 +32,7 @@ from engine import (
     parse_size,
     steps_for_quality,
 )
+from engine import metrics
 from engine.images import decode_upload, encode_image, mask_pixels, rgb_pixels
 from server.errors import engine_error_response, install_error_handlers
 from server.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, RequestLogMiddleware
@@ -157,7 +158,10 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
         quality = _EFFECTIVE_QUALITY.get(quality, quality)
 
         def encode(image) -> bytes:
-            return encode_image(image, body.output_format, body.output_compression)
+            started = time.perf_counter()
+            data = encode_image(image, body.output_format, body.output_compression)
+            metrics.STAGE_TIME.labels(model_name, "image_encode").observe(time.perf_counter() - started)
+            return data
 
         if events is not None and getattr(body, "stream", False):
             stream = await asyncio.to_thread(

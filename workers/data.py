@@ -84,3 +84,5 @@ class RequestOutput:
     error: str | None = None
     partial_images: list[list[np.ndarray]] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
+    # Seconds of the pipeline call that served it, by stage: text_encode, denoise, vae_decode.
+    stage_seconds: dict[str, float] = field(default_factory=dict)

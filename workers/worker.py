@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -186,7 +187,8 @@ class WorkerWrapperBase:
         if first.partial_images:
             kwargs["callback_on_step_end"] = self._partial_image_callback(first, partials)
         # 3. Denoise and decode.
-        images = pipeline(**kwargs).images
+        with StageTimer(pipeline, self.device) as timer:
+            images = pipeline(**kwargs).images
         # 4. float [0, 1] -> uint8, split back per request and image.
         pixels = _to_uint8(images)
         partial_pixels = [_to_uint8(p) for p in partials]
@@ -200,6 +202,7 @@ class WorkerWrapperBase:
                 self.rank,
                 partial_images=[[p[index] for p in partial_pixels] for index in range(start, end)],
                 usage=self._usage(pipeline, r),
+                stage_seconds=timer.seconds,
             )
             start = end
         return outputs
@@ -243,6 +246,54 @@ def _decode_latents(pipeline, latents: torch.Tensor, height: int, width: int) ->
 
 def _to_uint8(images) -> np.ndarray:
     return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+class StageTimer:
+    """Times one pipeline call by stage, with forward hooks on its modules: the text encoders
+    (text_encode), the UNet or transformer (denoise), and the rest of the call (vae_decode: the
+    VAE decode and post-processing). On CUDA each hook synchronizes, so GPU time is counted."""
+
+    _STAGES = {
+        "text_encode": ("text_encoder", "text_encoder_2", "text_encoder_3"),
+        "denoise": ("unet", "transformer"),
+    }
+
+    def __init__(self, pipeline, device: torch.device | None):
+        self._pipeline = pipeline
+        self._cuda = device is not None and device.type == "cuda"
+        self.seconds = {"text_encode": 0.0, "denoise": 0.0, "vae_decode": 0.0}
+        self._hooks: list = []
+
+    def _now(self) -> float:
+        if self._cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _watch(self, module: torch.nn.Module, stage: str) -> None:
+        started: list[float] = []
+
+        def before(*_) -> None:
+            started.append(self._now())
+
+        def after(*_) -> None:
+            self.seconds[stage] += self._now() - started.pop()
+
+        self._hooks += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+
+    def __enter__(self) -> StageTimer:
+        for stage, names in self._STAGES.items():
+            for name in names:
+                module = getattr(self._pipeline, name, None)
+                if isinstance(module, torch.nn.Module):
+                    self._watch(module, stage)
+        self._started = self._now()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        total = self._now() - self._started
+        for hook in self._hooks:
+            hook.remove()
+        self.seconds["vae_decode"] = max(0.0, total - self.seconds["text_encode"] - self.seconds["denoise"])
 
 
 def _describe(error: BaseException) -> str:

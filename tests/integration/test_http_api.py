@@ -160,3 +160,15 @@ def test_unknown_route_is_openai_404(tiny_server):
     response = httpx.get(f"{tiny_server.base_url}/v1/nothing")
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_stage_times_are_measured_for_every_stage(tiny_server, client):
+    def stage(name: str, suffix: str) -> float:
+        return tiny_server.metric(f"imagegen_request_stage_time_seconds_{suffix}", stage=name)
+
+    stages = ("text_encode", "denoise", "vae_decode", "image_encode")
+    before = {name: stage(name, "count") for name in stages}
+    generate(client, seed=5)
+    for name in stages:
+        assert stage(name, "count") == before[name] + 1, name
+        assert stage(name, "sum") > 0, name
