@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import struct
-import zlib
 
 import httpx
 import numpy as np
 import openai
 import pytest
-from helpers import decode
+from helpers import decode, png_claiming
 from PIL import Image
 
 from engine import OmniDiffusionConfig, OmniDiffusionRequest
@@ -189,18 +187,6 @@ def test_variations_with_sync_and_async_clients(tiny_server, client):
 # -- bad uploads -----------------------------------------------------------------------------------
 
 
-def bomb_png(width: int, height: int) -> bytes:
-    """A few hundred bytes that claim width x height pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
-
-
 def big_grey_png() -> bytes:
     """A real 5000x5000 image (25 Mpixels, over the 16.7 M default limit) that compresses to a few KB."""
     buffer = io.BytesIO()
@@ -211,7 +197,7 @@ def big_grey_png() -> bytes:
 BAD_UPLOADS = [
     ("edits", {"image": ("a.txt", b"hello", "text/plain")}, {"prompt": "x"}, "image"),
     ("edits", {"image": ("a.gif", b"GIF89a" + b"\0" * 64, "image/gif")}, {"prompt": "x"}, "image"),
-    ("edits", {"image": ("bomb.png", bomb_png(100_000, 100_000), "image/png")}, {"prompt": "x"}, "image"),
+    ("edits", {"image": ("bomb.png", png_claiming(100_000, 100_000), "image/png")}, {"prompt": "x"}, "image"),
     ("edits", {"image": ("big.png", big_grey_png(), "image/png")}, {"prompt": "x"}, "image"),
     (
         "edits",

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import struct
 import time
-import zlib
 
 import httpx2
 import numpy as np
@@ -15,6 +13,8 @@ import openai
 import pytest
 from fastapi import FastAPI
 from PIL import Image
+
+from helpers import png_claiming
 
 from engine import GenerationFailedError, InvalidRequestError, NotFoundError, OmniDiffusionConfig, steps_for_quality
 from engine.images import decode_upload, mask_pixels, resize_pixels
@@ -27,18 +27,6 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that claims width x height pixels but holds almost no data: a decompression bomb's header."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
 
 
 # -- the image store ---------------------------------------------------------------------------
@@ -107,8 +95,8 @@ def test_decode_upload_accepts_png_jpeg_webp():
         (b"not an image at all", "could not be read"),
         (png_bytes(Image.effect_noise((64, 64), 50))[:2000], "truncated or corrupt"),
         (b"GIF89a" + b"\0" * 100, "could not be read"),
-        (png_header_only(5000, 5000), "pixels; the limit is"),
-        (png_header_only(100_000, 100_000), "too many pixels"),
+        (png_claiming(5000, 5000), "pixels; the limit is"),
+        (png_claiming(100_000, 100_000), "too many pixels"),
     ],
     ids=["text", "truncated", "gif", "over-limit", "bomb"],
 )
