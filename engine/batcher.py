@@ -114,6 +114,8 @@ class AsyncDiffusionEngine:
             return await queued.future
         except asyncio.CancelledError:
             metrics.REQUESTS_CANCELLED.labels(self._model_name).inc()
+            if queued not in self._queue:  # already in a step: the workers can stop early
+                self.engine.cancel([queued.request.request_id])
             raise
         finally:
             if queued in self._queue:  # cancelled while still queued: it must not run

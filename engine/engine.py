@@ -274,6 +274,10 @@ class DiffusionEngine:
         """Call ``method`` on every rank's worker; see DiffusionExecutor.collective_rpc."""
         return self.executor.collective_rpc(method, timeout, args, kwargs, unique_reply_rank)
 
+    def cancel(self, request_ids: list[str]) -> None:
+        """The clients of these running requests went away: let the workers stop early."""
+        self.executor.cancel_requests(request_ids)
+
     def check_health(self) -> None:
         """Liveness: raise EngineDeadError unless every worker is alive or being restarted."""
         self._raise_if_dead()

@@ -74,6 +74,11 @@ class DiffusionExecutor(ABC):
     def _shutdown_workers(self) -> None:
         """Release the workers (stop them if this executor owns them)."""
 
+    def cancel_requests(self, request_ids: list[str]) -> None:
+        """Ask the workers to drop these requests (their clients went away); a pipeline call whose
+        requests are all dropped stops at its next denoising step. Best effort; by default nothing
+        is sent and the images are dropped when the step ends."""
+
     def is_ready(self) -> bool:
         """True when every worker can take calls now (none is starting or restarting)."""
         return not self.is_closed

@@ -41,6 +41,7 @@ class _WorkerProcess:
     rank: int
     process: BaseProcess
     conn: Connection
+    cancellations: Connection  # one way, to the worker's cancellation thread
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     # Two threads reaping one process race in waitpid, and the loser never learns the exit code.
     reap_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -65,6 +66,7 @@ class _WorkerProcess:
                 self.process.kill()  # SIGKILL also ends a stopped or hung process
                 self.process.join()
         self.conn.close()
+        self.cancellations.close()
 
 
 class MultiProcDiffusionExecutor(DiffusionExecutor):
@@ -96,16 +98,18 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
 
     def _spawn(self, rank: int) -> _WorkerProcess:
         parent_conn, child_conn = self._context.Pipe()
+        cancellations_reader, cancellations = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=run_worker_process,
-            args=(rank, self.od_config, child_conn, self._num_threads),
+            args=(rank, self.od_config, child_conn, cancellations_reader, self._num_threads),
             name=f"imagegen-worker-{rank}",
             daemon=True,
         )
         process.start()
-        # Drop our copy of the child's end, so that EOF on ours means the worker is gone.
+        # Drop our copies of the child's ends, so that EOF on ours means the worker is gone.
         child_conn.close()
-        return _WorkerProcess(rank, process, parent_conn)
+        cancellations_reader.close()
+        return _WorkerProcess(rank, process, parent_conn, cancellations)
 
     def _wait_ready(self, worker: _WorkerProcess, deadline: float) -> None:
         ready = wait_ready([worker.conn, worker.process.sentinel], timeout=max(0.0, deadline - time.monotonic()))
@@ -193,6 +197,17 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
             )
         replies = [future.result() for future in futures]
         return replies if unique_reply_rank is None else replies[unique_reply_rank]
+
+    def cancel_requests(self, request_ids: list[str]) -> None:
+        with self._lock:
+            workers = [worker for worker in self._workers if worker.death is None]
+        for worker in workers:
+            try:
+                # No lock: a short list of ids goes out in one atomic write, and the main pipe's
+                # lock may be held for a long send of a step's requests.
+                worker.cancellations.send(list(request_ids))
+            except OSError:
+                pass  # gone: nothing left to cancel there
 
     def check_health(self) -> None:
         # Liveness only: an RPC would queue behind a long generation on the single-threaded worker.

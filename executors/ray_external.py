@@ -198,6 +198,10 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
             if rank != position:
                 raise WorkerDiedError(f"{self.actor_labels[position]} answers as rank {rank}, expected {position}")
 
+    def cancel_requests(self, request_ids: list[str]) -> None:
+        for handle in self.worker_handles:
+            handle.cancel.remote(list(request_ids))  # fire and forget: a dead actor has nothing to cancel
+
     def _disconnect_from_workers(self) -> None:
         # The actors are not ours: drop the handles, never kill.
         self.worker_handles = []

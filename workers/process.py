@@ -3,6 +3,8 @@
 Messages on the pipe, parent -> worker: ``RpcCall`` or ``None`` (shut down).
 Worker -> parent: first the handshake ``{"status": "ready", ...}`` or ``{"status": "error", "error": ...}``,
 then one ``RpcReply`` per call, in any order the parent matches by ``call_id``.
+A second, one-way pipe carries lists of request ids to cancel; a thread of the worker reads it,
+because the main thread is busy in the pipeline exactly when a cancel matters.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ def _exit_when_parent_dies() -> None:
         os._exit(1)
 
 
-def run_worker_process(rank: int, od_config: OmniDiffusionConfig, conn: Connection, num_threads: int) -> None:
+def run_worker_process(
+    rank: int, od_config: OmniDiffusionConfig, conn: Connection, cancellations: Connection, num_threads: int
+) -> None:
     """Entry point of one worker process: load the model, answer the handshake, serve RPCs."""
     # Ctrl+C reaches the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -63,10 +67,19 @@ def run_worker_process(rank: int, od_config: OmniDiffusionConfig, conn: Connecti
         conn.close()
         return
     conn.send({"status": "ready", **description})
+    threading.Thread(target=_read_cancellations, args=(worker, cancellations), name="cancellations", daemon=True).start()
     try:
         _serve(worker, conn)
     finally:
         worker.shutdown()
+
+
+def _read_cancellations(worker: Any, cancellations: Connection) -> None:
+    while True:
+        try:
+            worker.cancel(cancellations.recv())
+        except (EOFError, OSError):
+            return
 
 
 def _serve(worker: Any, conn: Connection) -> None:

@@ -23,7 +23,7 @@ from workers.data import OmniDiffusionRequest, RequestOutput
 
 logger = logging.getLogger(__name__)
 
-# get_rank() answers from its own thread, so a health check never queues behind a generation.
+# get_rank() and cancel() run in their own thread, so they never queue behind a generation.
 HEALTH_CONCURRENCY_GROUP = "health"
 
 
@@ -94,6 +94,11 @@ class RayDiffusionWorkerActor:
     @ray.method(concurrency_group=HEALTH_CONCURRENCY_GROUP)
     def get_rank(self) -> int:
         return self.rank
+
+    @ray.method(concurrency_group=HEALTH_CONCURRENCY_GROUP)
+    def cancel(self, request_ids: list[str]) -> None:
+        """Drop requests whose clients went away; runs beside a generation, like get_rank."""
+        self._worker.cancel(request_ids)
 
     def shutdown(self) -> None:
         """Release the pipeline (and GPU memory). The actor process stays until its owner kills it."""

@@ -18,6 +18,8 @@ from workers.models import resolve_model_path
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# cancel() forgets old ids past this many: they belong to requests that finished before their cancel came.
+_MAX_REMEMBERED_CANCELLATIONS = 4096
 # Used when a pipeline's VAE does not say which size it was trained at.
 _FALLBACK_NATIVE_SIZE = 512
 
@@ -66,6 +68,8 @@ class WorkerWrapperBase:
     def __init__(self, rank: int, od_config: OmniDiffusionConfig):
         self.rank = rank
         self.od_config = od_config
+        # Requests whose clients went away; cancel() adds to it from another thread while generate() runs.
+        self._cancelled: set[str] = set()
         self.pipeline = None
         # Task -> pipeline; img2img and inpaint share the text-to-image pipeline's modules.
         self.pipelines: dict = {}
@@ -131,6 +135,13 @@ class WorkerWrapperBase:
             torch.cuda.empty_cache()
 
     # -- generation ------------------------------------------------------------------------
+    def cancel(self, request_ids: list[str]) -> None:
+        """Drop these requests: a pipeline call whose requests are all dropped stops denoising at
+        the next step. Safe to call from another thread while generate() runs."""
+        if len(self._cancelled) > _MAX_REMEMBERED_CANCELLATIONS:
+            self._cancelled.clear()  # ids of requests that had already finished when cancelled
+        self._cancelled.update(request_ids)
+
     def generate_shard(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
         """Generate this rank's share of a step (see shard_requests)."""
         return self.generate(shard_requests(requests, self.od_config.num_gpus)[self.rank])
@@ -184,17 +195,24 @@ class WorkerWrapperBase:
         if first.mask is not None:
             kwargs["mask_image"] = [Image.fromarray(r.mask) for r in group for _ in range(r.num_images)]
         partials: list[np.ndarray] = []
-        if first.partial_images:
-            kwargs["callback_on_step_end"] = self._partial_image_callback(first, partials)
+        request_ids = {r.request_id for r in group}
+        if "callback_on_step_end" in parameters:
+            kwargs["callback_on_step_end"] = self._step_callback(first, request_ids, partials)
         # 3. Denoise and decode.
         with StageTimer(pipeline, self.device) as timer:
             images = pipeline(**kwargs).images
+        cancelled = self._cancelled & request_ids
+        self._cancelled -= request_ids  # in place: cancel() may be adding to this very set
         # 4. float [0, 1] -> uint8, split back per request and image.
         pixels = _to_uint8(images)
         partial_pixels = [_to_uint8(p) for p in partials]
         outputs, start = {}, 0
         for r in group:
             end = start + r.num_images
+            if r.request_id in cancelled:
+                outputs[r.request_id] = RequestOutput(r.request_id, [], r.seed, self.rank, "cancelled: the client went away")
+                start = end
+                continue
             outputs[r.request_id] = RequestOutput(
                 r.request_id,
                 list(pixels[start:end]),
@@ -207,16 +225,21 @@ class WorkerWrapperBase:
             start = end
         return outputs
 
-    def _partial_image_callback(self, request: OmniDiffusionRequest, partials: list[np.ndarray]):
-        """A callback_on_step_end that decodes the latents at ``partial_images`` evenly spaced steps."""
+    def _step_callback(self, request: OmniDiffusionRequest, request_ids: set[str], partials: list[np.ndarray]):
+        """A callback_on_step_end that stops the call once every request in it is cancelled, and
+        decodes the latents at the ``partial_images`` evenly spaced steps that ``request`` asked for."""
 
         def on_step_end(pipeline, index: int, timestep, tensors: dict) -> dict:
-            # num_timesteps is the steps this call really runs (fewer than asked for img2img).
-            total = pipeline.num_timesteps
-            # Steps after which partial j of k is taken; the last step is the final image itself.
-            wanted = {(j + 1) * total // (request.partial_images + 1) for j in range(request.partial_images)}
-            if index + 1 in wanted and index + 1 < total:
-                partials.append(_decode_latents(pipeline, tensors["latents"], request.height, request.width))
+            if request_ids <= self._cancelled:
+                pipeline._interrupt = True  # diffusers skips the remaining denoising steps
+                return {}
+            if request.partial_images:
+                # num_timesteps is the steps this call really runs (fewer than asked for img2img).
+                total = pipeline.num_timesteps
+                # Steps after which partial j of k is taken; the last step is the final image itself.
+                wanted = {(j + 1) * total // (request.partial_images + 1) for j in range(request.partial_images)}
+                if index + 1 in wanted and index + 1 < total:
+                    partials.append(_decode_latents(pipeline, tensors["latents"], request.height, request.width))
             return {}
 
         return on_step_end

@@ -120,3 +120,20 @@ def test_clients_that_time_out_leave_the_queue_and_the_server_stays_responsive()
         assert server.post(num_inference_steps=2, timeout=60).status_code == 200
     finally:
         server.stop()
+
+
+def test_a_running_request_whose_client_leaves_stops_at_the_next_denoising_step():
+    server = ServerProcess()
+    try:
+        images_before = server.metric("imagegen_images_generated_total")
+        with ThreadPoolExecutor(1) as pool:
+            # Well over a minute of denoising on this machine if it ran to the end.
+            abandoned = pool.submit(server.post, size="128x128", num_inference_steps=150, timeout=3)
+            poll(lambda: server.metric("imagegen_num_requests_running") == 1, 30, "the request to start running")
+            with pytest.raises(httpx.TimeoutException):
+                abandoned.result(timeout=60)
+        poll(lambda: server.metric("imagegen_num_requests_running") == 0, 20, "the step to stop early")
+        assert server.metric("imagegen_images_generated_total") == images_before  # its images were dropped
+        assert server.post(num_inference_steps=2, timeout=60).status_code == 200
+    finally:
+        server.stop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import httpx
 import numpy as np
 import openai
@@ -164,6 +166,17 @@ def test_health_check_answers_while_a_rank_is_busy(actors):
         finished, _ = ray.wait(busy, num_returns=len(busy), timeout=0)
         assert finished == []
         ray.get(busy)
+
+
+def test_cancel_stops_a_running_generation_at_the_next_step(actors):
+    with engine_on(NAMES) as engine:
+        # Minutes of denoising on this machine if it ran to the end.
+        (long,) = requests_for([1], num_inference_steps=150, width=128, height=128)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            step = pool.submit(engine.step, [long])
+            engine.cancel([long.request_id])
+            (output,) = step.result(timeout=60)
+        assert output.images == [] and "cancelled" in output.error
 
 
 def test_missing_actor_error_names_it_the_namespace_and_the_actors_that_exist(actors):
