@@ -126,13 +126,15 @@ class DiffusionEngine:
             )
         # 2. Size: asked for, else the input image's (when allowed), else the model's native size.
         default_width, default_height = parse_size(self.native_size)
-        if request.image is not None and f"{request.image.shape[1]}x{request.image.shape[0]}" in config.allowed_sizes:
+        if request.image is not None and self.size_allowed(request.image.shape[1], request.image.shape[0]):
             default_height, default_width = request.image.shape[:2]
         width = request.width or default_width
         height = request.height or default_height
-        if f"{width}x{height}" not in config.allowed_sizes:
+        if not self.size_allowed(width, height):
             raise InvalidRequestError(
-                f"size {width}x{height} is not supported; choose one of {', '.join(config.allowed_sizes)}",
+                f"size {width}x{height} is not supported; choose one of {', '.join(config.allowed_sizes)}, or a "
+                f"size whose sides are multiples of {self.model_info['size_multiple']} with at most "
+                f"{config.max_output_pixels} pixels",
                 param="size",
             )
         # 3. Denoising.
@@ -218,6 +220,16 @@ class DiffusionEngine:
         if mask is not None:
             mask = resize_pixels(mask, width, height)
         return image, mask, strength
+
+    def size_allowed(self, width: int, height: int) -> bool:
+        """A listed size, or any whose sides are multiples of the model's size multiple within max_output_pixels."""
+        if f"{width}x{height}" in self.od_config.allowed_sizes:
+            return True
+        multiple = self.model_info["size_multiple"]
+        return (
+            width > 0 and height > 0 and width % multiple == 0 and height % multiple == 0
+            and width * height <= self.od_config.max_output_pixels
+        )
 
     def step(self, requests: list[OmniDiffusionRequest]) -> list[DiffusionOutput]:
         """Generate ``requests`` (spread over all ranks); one output per request, in order.

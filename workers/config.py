@@ -70,6 +70,11 @@ class OmniDiffusionConfig(BaseSettings):
     max_num_inference_steps: int = Field(150, ge=1, description="largest num_inference_steps a request may ask for")
     # NoDecode: the environment gives "64x64,128x128", split below, not JSON.
     allowed_sizes: Annotated[list[str], NoDecode] = Field(list(DEFAULT_ALLOWED_SIZES), description="sizes a request may ask for (WxH, multiples of 8)")
+    max_output_pixels: int = Field(
+        1792 * 1024,
+        ge=64 * 64,
+        description="sizes outside allowed_sizes are accepted up to this many pixels, as multiples of the model's size multiple",
+    )
     host: str = Field("127.0.0.1", description="address the HTTP server binds")
     port: int = Field(8000, ge=0, le=65535, description="port the HTTP server binds")
     log_format: Literal["text", "json"] = Field("text", description="log lines as text, or one JSON object each")

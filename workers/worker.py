@@ -117,6 +117,7 @@ class WorkerWrapperBase:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "native_size": f"{native}x{native}",
+            "size_multiple": self._size_multiple(),
             "tasks": sorted(self.pipelines),
             # What the engine fills in when an edit names no strength: each pipeline's own default.
             "default_strength": {
@@ -125,6 +126,14 @@ class WorkerWrapperBase:
                 if "strength" in parameters
             },
         }
+
+    def _size_multiple(self) -> int:
+        """What an image's sides must be multiples of: the VAE's downscale, twice that for DiT
+        pipelines (they pack 2x2 latent patches into one token), and never less than 8."""
+        multiple = int(getattr(self.pipeline, "vae_scale_factor", 8))
+        if getattr(self.pipeline, "transformer", None) is not None:
+            multiple *= 2
+        return max(8, multiple)
 
     def get_rank(self) -> int:
         return self.rank

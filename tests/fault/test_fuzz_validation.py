@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 pytestmark = pytest.mark.slow
 
 json_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=20)
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20)
 )
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=5)
 
@@ -33,7 +33,8 @@ bodies = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Derandomized: CI runs the same 60 bodies every time; JSON has no NaN or infinity.
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.one_of(bodies, json_values))
 def test_any_json_body_gets_200_or_an_openai_4xx(tiny_server, body):
     if isinstance(body, dict) and body.get("num_inference_steps") is None:

@@ -172,3 +172,14 @@ def test_stage_times_are_measured_for_every_stage(tiny_server, client):
     for name in stages:
         assert stage(name, "count") == before[name] + 1, name
         assert stage(name, "sum") > 0, name
+
+
+def test_sizes_outside_the_list_follow_the_models_rule(tiny_server):
+    response = tiny_server.post(size="72x96", num_inference_steps=2, timeout=60)
+    assert response.status_code == 200, response.text
+    assert decode(response.json()["data"][0]["b64_json"]).shape == (96, 72, 3)
+    for size in ("100x100", "2048x2048"):
+        refused = tiny_server.post(size=size, num_inference_steps=2, timeout=60)
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert error["param"] == "size" and "multiples of 8" in error["message"] and "64x64" in error["message"]

@@ -112,7 +112,7 @@ def test_size_auto_is_the_models_native_size(client):
 
 
 def test_unsupported_size_is_400_naming_the_allowed_ones(tiny_server):
-    error = post(tiny_server, size="96x96").json()["error"]
+    error = post(tiny_server, size="100x96").json()["error"]
     assert error["param"] == "size"
     assert "64x64" in error["message"] and "1024x1024" in error["message"]
 
