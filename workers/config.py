@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from workers.models import default_cache_dir
@@ -138,24 +138,15 @@ class OmniDiffusionConfig(BaseSettings):
         4096 * 4096, ge=1, description="most pixels an uploaded image may decode to (larger ones get 400)"
     )
 
-    @field_validator("allowed_sizes", mode="before")
+    @field_validator("allowed_sizes", "worker_actor_names", "api_key", mode="before")
     @classmethod
-    def _split_sizes(cls, value: Any) -> Any:
-        return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
-
-    @field_validator("worker_actor_names", mode="before")
-    @classmethod
-    def _split_actor_names(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [name.strip() for name in value.split(",") if name.strip()] or None
-        return value
-
-    @field_validator("api_key", mode="before")
-    @classmethod
-    def _split_api_keys(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()] or None
-        return value
+    def _split_comma_lists(cls, value: Any, info: ValidationInfo) -> Any:
+        """The environment and the flags give these lists as "a,b,c"."""
+        if not isinstance(value, str):
+            return value
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        # No actor names or no keys means the setting is unset; an empty size list stays a list.
+        return items if items or info.field_name == "allowed_sizes" else None
 
     @field_validator("ray_rank_resources", mode="before")
     @classmethod
