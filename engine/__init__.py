@@ -1,7 +1,7 @@
 """The engine owns requests, batching and pre/post-processing. No HTTP here."""
 
 from engine.batcher import AsyncDiffusionEngine
-from engine.engine import DiffusionEngine, DiffusionOutput, steps_for_quality
+from engine.engine import DiffusionEngine, DiffusionOutput, PartialImages, steps_for_quality
 from engine.errors import (
     EngineDeadError,
     EngineError,
@@ -27,6 +27,7 @@ __all__ = [
     "NotFoundError",
     "OmniDiffusionConfig",
     "OmniDiffusionRequest",
+    "PartialImages",
     "RequestTimeoutError",
     "Usage",
     "configure_logging",

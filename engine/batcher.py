@@ -6,11 +6,12 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from engine import metrics
-from engine.engine import DiffusionEngine, DiffusionOutput
+from engine.engine import DiffusionEngine, DiffusionOutput, PartialImages
 from engine.errors import EngineDeadError, EngineOverloadedError, RequestTimeoutError
 from workers.data import OmniDiffusionRequest
 
@@ -42,6 +43,8 @@ class AsyncDiffusionEngine:
     Admission: more than ``max_queue_size`` queued images is EngineOverloadedError (429); a
     request still queued after ``request_timeout_s`` is RequestTimeoutError (504) and never runs;
     while a worker restarts, requests wait in the queue.
+
+    ``stream()`` is ``generate()`` that also yields the request's partial images as they come.
     """
 
     def __init__(self, engine: DiffusionEngine):
@@ -59,16 +62,22 @@ class AsyncDiffusionEngine:
         self._threads = ThreadPoolExecutor(PIPELINE_DEPTH, thread_name_prefix="imagegen-step")
         self._steps: set[asyncio.Task] = set()
         self._scheduler: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # request_id -> the queue of stream() waiting for that request's partial images.
+        self._partial_images: dict[str, asyncio.Queue[PartialImages | None]] = {}
         self._waiting = metrics.REQUESTS_WAITING.labels(self._model_name)
         self._running = metrics.REQUESTS_RUNNING.labels(self._model_name)
 
     def start(self) -> None:
-        self._scheduler = asyncio.get_running_loop().create_task(self._schedule(), name="imagegen-scheduler")
+        self._loop = asyncio.get_running_loop()
+        self._scheduler = self._loop.create_task(self._schedule(), name="imagegen-scheduler")
+        self.engine.partial_image_listeners.append(self._on_partial_images)
 
     async def close(self) -> None:
         """Stop scheduling, let running steps finish, fail what is still queued."""
         if self._scheduler is not None:
             self._scheduler.cancel()
+            self.engine.partial_image_listeners.remove(self._on_partial_images)
         if self._steps:
             await asyncio.wait(self._steps)
         self._fail_queued(EngineDeadError("the server is shutting down"))
@@ -121,6 +130,32 @@ class AsyncDiffusionEngine:
             if queued in self._queue:  # cancelled while still queued: it must not run
                 self._queue.remove(queued)
                 self._waiting.dec()
+
+    async def stream(self, request: OmniDiffusionRequest) -> AsyncIterator[PartialImages | DiffusionOutput]:
+        """generate(), yielding each of the request's PartialImages as soon as a worker has decoded
+        it, and the DiffusionOutput last. Closing the iterator early cancels the request."""
+        partials: asyncio.Queue[PartialImages | None] = asyncio.Queue()
+        self._partial_images[request.request_id] = partials
+        generation = asyncio.ensure_future(self.generate(request))
+        # Runs after every partial image of the request is queued: the workers send them before
+        # their reply, and the threads that report them hand them to the loop before the step ends.
+        generation.add_done_callback(lambda _: partials.put_nowait(None))
+        try:
+            while (partial := await partials.get()) is not None:
+                yield partial
+            yield generation.result()
+        finally:
+            generation.cancel()
+            del self._partial_images[request.request_id]
+
+    def _on_partial_images(self, partial: PartialImages) -> None:
+        # Called from an executor's or a step's thread.
+        self._loop.call_soon_threadsafe(self._queue_partial_images, partial)
+
+    def _queue_partial_images(self, partial: PartialImages) -> None:
+        partials = self._partial_images.get(partial.request_id)
+        if partials is not None:  # else nobody streams it (any more)
+            partials.put_nowait(partial)
 
     def _fail_queued(self, error: Exception) -> None:
         if self._queue:

@@ -24,7 +24,7 @@ from executors import (
     get_executor_class,
 )
 from workers.config import OmniDiffusionConfig, parse_size
-from workers.data import OmniDiffusionRequest, RequestOutput, Usage
+from workers.data import OmniDiffusionRequest, PartialImageOutput, RequestOutput, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class DiffusionOutput:
     """The result of one request: ``num_images`` PIL images, the request's seed, or an error.
 
     ``rank`` is the worker that served it (None when the engine rejected the request);
-    ``seeds`` holds each image's seed, ``partial_images[i]`` image i's intermediate decodes.
+    ``seeds`` holds each image's seed. Partial images go to ``partial_image_listeners`` instead.
     """
 
     request_id: str
@@ -66,18 +66,28 @@ class DiffusionOutput:
     error: str | None = None
     rank: int | None = None
     seeds: list[int] = field(default_factory=list)
-    partial_images: list[list[Image.Image]] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
     # Filled in by AsyncDiffusionEngine: seconds queued, and seconds of the step that served it.
     queue_time_s: float | None = None
     inference_time_s: float | None = None
 
 
+@dataclass(frozen=True)
+class PartialImages:
+    """Partial image ``index`` of each of a request's images, decoded while it is denoised."""
+
+    request_id: str
+    index: int
+    images: list[Image.Image]
+
+
 class DiffusionEngine:
     """Owns the executor and turns requests into images, one ``step()`` at a time.
 
     ``step()`` is thread-safe: several steps may be in flight (the async front keeps the
-    workers busy while the previous step's images are post-processed).
+    workers busy while the previous step's images are post-processed). Partial images go to
+    ``partial_image_listeners`` from another thread, while their step runs (backends mp and ray)
+    or just before it returns (backends that send them with the reply), never twice.
     """
 
     def __init__(self, od_config: OmniDiffusionConfig):
@@ -87,11 +97,14 @@ class DiffusionEngine:
         self.fatal_error: str | None = None
         # Called with the reason once the engine turns fatal; the server exits on it.
         self.fatal_listeners: list[Callable[[str], None]] = []
+        # Called with each PartialImages of a running request (see the class docstring).
+        self.partial_image_listeners: list[Callable[[PartialImages], None]] = []
         self._restarting_ranks: set[int] = set()
         self._lock = threading.Lock()
         executor_class = get_executor_class(od_config.distributed_executor_backend)
         self.executor = executor_class(od_config)
         self.executor.death_listeners.append(self._on_worker_death)
+        self.executor.partial_image_listeners.append(self._on_partial_image)
         try:
             self.model_info: dict[str, Any] = self.collective_rpc("describe", unique_reply_rank=0)
         except BaseException:
@@ -248,6 +261,8 @@ class DiffusionEngine:
             for reply in self._generate(list(runnable.values())):
                 for stage, seconds in reply.stage_seconds.items():
                     metrics.STAGE_TIME.labels(self.od_config.model_name, stage).observe(seconds)
+                for partial in reply.partial_images:  # from a backend that could not send them earlier
+                    self._on_partial_image(partial)
                 outputs[reply.request_id] = DiffusionOutput(
                     reply.request_id,
                     [to_pil(pixels) for pixels in reply.images],
@@ -255,10 +270,14 @@ class DiffusionEngine:
                     reply.error,
                     reply.rank,
                     seeds=runnable[reply.request_id].image_seeds(),
-                    partial_images=[[to_pil(p) for p in partials] for partials in reply.partial_images],
                     usage=reply.usage,
                 )
         return [outputs[request.request_id] for request in requests]
+
+    def _on_partial_image(self, partial: PartialImageOutput) -> None:
+        images = PartialImages(partial.request_id, partial.index, [to_pil(pixels) for pixels in partial.images])
+        for listener in self.partial_image_listeners:
+            listener(images)
 
     def _generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
         self._raise_if_dead()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
 from workers.config import OmniDiffusionConfig
+from workers.data import PartialImageOutput
+
+logger = logging.getLogger(__name__)
 
 
 class ExecutorError(RuntimeError):
@@ -37,7 +41,9 @@ class DiffusionExecutor(ABC):
     """Starts or connects to workers and forwards calls to them.
 
     ``collective_rpc`` is the single transport: every other operation is built on it or on
-    the backend's liveness check. Backends implement the abstract methods.
+    the backend's liveness check. Backends implement the abstract methods. A backend that can
+    deliver the partial images a call decodes while it still runs hands each to
+    ``_report_partial_image``; the others leave them in the call's RequestOutputs.
     """
 
     def __init__(self, od_config: OmniDiffusionConfig):
@@ -45,6 +51,8 @@ class DiffusionExecutor(ABC):
         self.is_closed = False
         # Called as listener(rank, reason) when a worker dies while the executor is open.
         self.death_listeners: list[Callable[[int, str], None]] = []
+        # Called as listener(partial) with each partial image a worker sends while its call runs.
+        self.partial_image_listeners: list[Callable[[PartialImageOutput], None]] = []
         self._init_executor()
 
     @abstractmethod
@@ -90,6 +98,13 @@ class DiffusionExecutor(ABC):
     def _report_worker_death(self, rank: int, reason: str) -> None:
         for listener in self.death_listeners:
             listener(rank, reason)
+
+    def _report_partial_image(self, partial: PartialImageOutput) -> None:
+        for listener in self.partial_image_listeners:
+            try:
+                listener(partial)
+            except Exception:  # noqa: BLE001 - a listener must not take the transport down with it
+                logger.exception("a partial image listener failed")
 
     def shutdown(self) -> None:
         """Idempotent."""

@@ -16,7 +16,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from executors.base import DiffusionExecutor, RpcTimeoutError, WorkerDiedError, WorkerRpcError, WorkerStartupError
-from workers.process import RpcCall, RpcReply, run_worker_process
+from workers.process import RpcCall, RpcProgress, RpcReply, run_worker_process
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +73,9 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
     """Spawns ``num_gpus`` worker processes (rank r uses ``cuda:r``, or its share of the CPU cores).
 
     Several threads may call ``collective_rpc`` at once: each reply carries its call id and a
-    reader thread per worker hands it to the matching caller. A worker that dies fails the calls
-    it held at once and is reported to ``death_listeners``; ``restart_worker`` replaces it.
+    reader thread per worker hands it to the matching caller, after reporting the partial images
+    the call sent before it. A worker that dies fails the calls it held at once and is reported to
+    ``death_listeners``; ``restart_worker`` replaces it.
     """
 
     def _init_executor(self) -> None:
@@ -137,9 +138,15 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
     def _read_replies(self, worker: _WorkerProcess) -> None:
         while True:
             try:
-                reply: RpcReply = worker.conn.recv()
+                reply: RpcReply | RpcProgress = worker.conn.recv()
             except (EOFError, OSError):
                 break
+            if isinstance(reply, RpcProgress):
+                with self._lock:
+                    awaited = reply.call_id in worker.pending
+                if awaited:  # else its caller gave up waiting
+                    self._report_partial_image(reply.partial)
+                continue
             with self._lock:
                 future = worker.pending.pop(reply.call_id, None)
             if future is None:

@@ -25,6 +25,7 @@ except ImportError as error:  # Ray is an optional extra
 from executors.base import ExecutorError, RpcTimeoutError, WorkerDiedError, WorkerRpcError, WorkerStartupError
 from executors.external import HEALTH_CHECK_TIMEOUT_S, ExternalDiffusionExecutor
 from workers.config import OmniDiffusionConfig
+from workers.data import PartialImageOutput
 from workers.ray_actor import RayDiffusionWorkerActor
 
 __all__ = ["ACTOR_NAMES_ENV", "RayDiffusionWorkerActor", "RayExternalDiffusionExecutor"]
@@ -177,9 +178,10 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
     ) -> Any:
         self._reconnect_replaced_actors()
         # Every rank runs the call (a step is one broadcast); only the reply choice differs.
+        # Streamed, so the partial images a step decodes arrive while it runs.
         replies = self._call_ranks(
             dict(enumerate(self.worker_handles)),
-            lambda handle: handle.execute_rpc.remote(method, args, kwargs),
+            lambda handle: handle.execute_rpc_streaming.remote(method, args, kwargs),
             method,
             timeout,
         )
@@ -232,7 +234,7 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
     def _call_ranks(
         self,
         handles: dict[int, ray.actor.ActorHandle],
-        submit: Callable[[ray.actor.ActorHandle], ray.ObjectRef],
+        submit: Callable[[ray.actor.ActorHandle], ray.ObjectRef | ray.ObjectRefGenerator],
         method: str,
         timeout: float,
         error_replies_raise: bool = True,
@@ -241,7 +243,8 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
 
         Raises at the first failure rather than waiting for every rank; an actor's error dict
         becomes WorkerRpcError unless ``error_replies_raise`` is False. Large replies travel
-        through Ray's object store (Ray stores any return value over ~100 KiB there).
+        through Ray's object store (Ray stores any return value over ~100 KiB there). A streamed
+        call's partial images are reported as they come; its last item is the reply.
         """
         deadline = time.monotonic() + timeout
         pending = {submit(handle): (rank, handle) for rank, handle in handles.items()}
@@ -254,9 +257,15 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
                 raise RpcTimeoutError(
                     f"RPC '{method}' timed out after {timeout:g}s waiting for rank {', '.join(map(str, ranks))}", ranks
                 )
-            for ref in ready:
-                rank, handle = pending.pop(ref)
-                replies[rank] = self._reply(ref, method, rank, handle, error_replies_raise)
+            for call in ready:
+                rank, handle = pending[call]
+                ref = next(call) if isinstance(call, ray.ObjectRefGenerator) else call
+                value = self._reply(ref, method, rank, handle, error_replies_raise)
+                if isinstance(value, PartialImageOutput):
+                    self._report_partial_image(value)
+                    continue
+                del pending[call]
+                replies[rank] = value
         return replies
 
     def _reply(

@@ -7,8 +7,9 @@ import base64
 import binascii
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import FastAPI, Request
@@ -28,13 +29,14 @@ from engine import (
     InvalidRequestError,
     NotFoundError,
     OmniDiffusionRequest,
+    PartialImages,
     Usage,
     parse_size,
     steps_for_quality,
 )
 from engine import metrics
 from engine.images import decode_upload, encode_image, mask_pixels, rgb_pixels
-from server.errors import engine_error_response, install_error_handlers
+from server.errors import engine_error_event, engine_error_response, install_error_handlers
 from server.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, RequestLogMiddleware
 from server.protocol import (
     CompletedEvent,
@@ -145,14 +147,6 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
         the event prefix) a server-sent event stream."""
         # Prepared here, in a thread: resizing an uploaded image must not block the event loop.
         prepared = await asyncio.to_thread(engine.prepare, request)
-        output: DiffusionOutput = await _cancel_on_disconnect(http_request, app.state.engine.generate(prepared))
-        http_request.state.generation = {
-            "images": len(output.images),
-            "queue_time_s": round(output.queue_time_s, 4),
-            "inference_time_s": round(output.inference_time_s, 4),
-        }
-        if output.error is not None:
-            raise GenerationFailedError(output.error)
         size = f"{prepared.width}x{prepared.height}"
         quality = getattr(body, "quality", None)
         quality = _EFFECTIVE_QUALITY.get(quality, quality)
@@ -164,10 +158,18 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
             return data
 
         if events is not None and getattr(body, "stream", False):
-            stream = await asyncio.to_thread(
-                _stream_events, output, events, encode, size, body.output_format, quality or "medium"
-            )
+            event_fields = {"output_format": body.output_format, "quality": quality or "medium", "size": size}
+            items = app.state.engine.stream(prepared)
+            # Nothing is sent before the first item, so a request that fails at once (queue full, timed
+            # out, pipeline error) gets its status code, as without stream.
+            first = await _cancel_on_disconnect(http_request, anext(items))
+            if isinstance(first, DiffusionOutput):
+                await items.aclose()  # the output is its last item
+                finished(http_request, first)
+            stream = server_sent_events(http_request, first, items, partial(_events, events, encode, event_fields))
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        output = await _cancel_on_disconnect(http_request, app.state.engine.generate(prepared))
+        finished(http_request, output)
         encoded = await asyncio.to_thread(lambda: [encode(image) for image in output.images])
         if (body.response_format or config.default_response_format) == "url":
             base_url = (config.public_base_url or str(http_request.base_url)).rstrip("/")
@@ -190,6 +192,36 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
             background="opaque",
             usage=_usage(output.usage, len(output.images), output.usage.output_image_tokens),
         )
+
+    def finished(http_request: Request, output: DiffusionOutput) -> None:
+        """Note what the generation took (for the request's log line); raise its error."""
+        http_request.state.generation = {
+            "images": len(output.images),
+            "queue_time_s": round(output.queue_time_s, 4),
+            "inference_time_s": round(output.inference_time_s, 4),
+        }
+        if output.error is not None:
+            raise GenerationFailedError(output.error)
+
+    async def server_sent_events(
+        http_request: Request,
+        item: PartialImages | DiffusionOutput,
+        items: AsyncIterator[PartialImages | DiffusionOutput],
+        events: Callable[[PartialImages | DiffusionOutput], list[str]],
+    ) -> AsyncIterator[str]:
+        """The events of each partial image as soon as it comes, then the completed events; an error
+        after the first event can only be told in an error event."""
+        try:
+            while isinstance(item, PartialImages):
+                yield "".join(await asyncio.to_thread(events, item))
+                item = await anext(items)
+                if isinstance(item, DiffusionOutput):
+                    finished(http_request, item)
+            yield "".join(await asyncio.to_thread(events, item))
+        except EngineError as error:
+            yield _server_sent_event(engine_error_event(error))
+        finally:
+            await items.aclose()  # when the client left: cancels the request
 
     async def read_pixels(sources: list[bytes], param: str, to_pixels: Callable[..., np.ndarray]) -> np.ndarray:
         """Exactly one uploaded image, decoded and turned into pixels off the event loop."""
@@ -341,33 +373,39 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
     return app
 
 
-def _stream_events(
-    output: DiffusionOutput, prefix: str, encode, size: str, output_format: str, quality: str
+def _events(
+    prefix: str, encode: Callable[..., bytes], fields: dict, item: PartialImages | DiffusionOutput
 ) -> list[str]:
-    """The server-sent events of a finished request: each image's partial images, then its completed event."""
-    now = int(time.time())
-    per_image_tokens = output.usage.output_image_tokens // max(1, len(output.images))
-    events: list[BaseModel] = []
-    common = {"created_at": now, "output_format": output_format, "quality": quality, "size": size}
-    for index, image in enumerate(output.images):
-        partials = output.partial_images[index] if index < len(output.partial_images) else []
-        for partial_index, partial in enumerate(partials):
-            b64 = base64.b64encode(encode(partial)).decode()
-            events.append(
-                PartialImageEvent(
-                    type=f"{prefix}.partial_image", b64_json=b64, partial_image_index=partial_index, **common
-                )
+    """The server-sent events of one item of a stream: a partial_image event per image of a
+    PartialImages, or a completed event per image of the DiffusionOutput."""
+    fields = {**fields, "created_at": int(time.time())}
+    if isinstance(item, PartialImages):
+        events: list[BaseModel] = [
+            PartialImageEvent(
+                type=f"{prefix}.partial_image",
+                b64_json=base64.b64encode(encode(image)).decode(),
+                partial_image_index=item.index,
+                **fields,
             )
-        events.append(
+            for image in item.images
+        ]
+    else:
+        per_image_tokens = item.usage.output_image_tokens // max(1, len(item.images))
+        events = [
             CompletedEvent(
                 type=f"{prefix}.completed",
                 b64_json=base64.b64encode(encode(image)).decode(),
-                usage=_usage(output.usage, 1, per_image_tokens),
-                seed=output.seeds[index],
-                **common,
+                usage=_usage(item.usage, 1, per_image_tokens),
+                seed=seed,
+                **fields,
             )
-        )
-    return [f"event: {event.type}\ndata: {event.model_dump_json()}\n\n" for event in events]
+            for image, seed in zip(item.images, item.seeds)
+        ]
+    return [_server_sent_event(event) for event in events]
+
+
+def _server_sent_event(event: BaseModel) -> str:
+    return f"event: {event.type}\ndata: {event.model_dump_json()}\n\n"
 
 
 def _usage(usage: Usage, images: int, output_image_tokens: int) -> ImageUsage:

@@ -18,7 +18,7 @@ from engine.errors import (
     NotFoundError,
     RequestTimeoutError,
 )
-from server.protocol import ErrorDetail, ErrorResponse
+from server.protocol import ErrorDetail, ErrorEvent, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +52,24 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
     return response
 
 
-def engine_error_response(error: EngineError) -> JSONResponse:
+def _engine_error_detail(error: EngineError) -> tuple[int, ErrorDetail]:
     status, type_ = next((v for cls, v in ERROR_TABLE.items() if isinstance(error, cls)), (500, "server_error"))
     param = getattr(error, "param", None)
-    response = error_response(status, str(error), type_, _PARAM_NAMES.get(param, param), getattr(error, "code", None))
+    code = getattr(error, "code", None)
+    return status, ErrorDetail(message=str(error), type=type_, param=_PARAM_NAMES.get(param, param), code=code)
+
+
+def engine_error_response(error: EngineError) -> JSONResponse:
+    status, detail = _engine_error_detail(error)
+    response = error_response(status, detail.message, detail.type, detail.param, detail.code)
     if isinstance(error, EngineOverloadedError):
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
     return response
+
+
+def engine_error_event(error: EngineError) -> ErrorEvent:
+    """The event that tells a stream's client of ``error`` once the 200 has been sent."""
+    return ErrorEvent(error=_engine_error_detail(error)[1])
 
 
 def _validation_response(error: RequestValidationError) -> JSONResponse:

@@ -202,3 +202,10 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class ErrorEvent(BaseModel):
+    """``error``: the generation failed after the stream had begun (the official clients raise APIError)."""
+
+    type: Literal["error"] = "error"
+    error: ErrorDetail

@@ -71,10 +71,20 @@ class Usage:
 
 
 @dataclass
+class PartialImageOutput:
+    """Partial image ``index`` of each of a request's images (uint8 HxWx3), decoded mid-denoising."""
+
+    request_id: str
+    index: int
+    images: list[np.ndarray]
+
+
+@dataclass
 class RequestOutput:
     """A worker's answer for one request: uint8 HxWx3 arrays (not PIL objects, which pickle badly).
 
-    ``partial_images[i]`` holds image ``i``'s intermediate decodes, in denoising order.
+    ``partial_images`` holds the request's partial images, in denoising order, only when the
+    worker's host could not send them on while the request ran (see WorkerWrapperBase.progress_sink).
     """
 
     request_id: str
@@ -82,7 +92,7 @@ class RequestOutput:
     seed: int | tuple[int, ...] | None
     rank: int
     error: str | None = None
-    partial_images: list[list[np.ndarray]] = field(default_factory=list)
+    partial_images: list[PartialImageOutput] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
     # Seconds of the pipeline call that served it, by stage: text_encode, denoise, vae_decode.
     stage_seconds: dict[str, float] = field(default_factory=dict)

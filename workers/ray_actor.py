@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 try:
@@ -19,7 +22,7 @@ except ImportError as error:  # Ray is an optional extra
 
 from workers.config import OmniDiffusionConfig
 from workers.logs import configure_logging
-from workers.data import OmniDiffusionRequest, RequestOutput
+from workers.data import OmniDiffusionRequest, PartialImageOutput, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ class RayDiffusionWorkerActor:
         self.od_config = od_config
         self._worker = WorkerWrapperBase(rank, od_config)
         self._description: dict | None = None
+        # execute_rpc_streaming's calls run here, one at a time, while the method yields their progress.
+        self._streamed_calls = ThreadPoolExecutor(1, thread_name_prefix="imagegen-rpc")
 
     def initialize(self) -> dict:
         """Load the model. Idempotent: a second call reports the first one's result.
@@ -84,6 +89,27 @@ class RayDiffusionWorkerActor:
             return getattr(self._worker, method)(*args, **(kwargs or {}))
         except Exception as error:  # noqa: BLE001 - reported to the caller, never kills the actor
             return {"status": "error", "error": _describe(error), "rank": self.rank}
+
+    @ray.method(num_returns="streaming")
+    def execute_rpc_streaming(self, method: str, args: tuple = (), kwargs: dict | None = None) -> Iterator[Any]:
+        """execute_rpc as a Ray streaming generator: yields each PartialImageOutput the call decodes,
+        as soon as it is decoded, and the call's reply last."""
+        partials: queue.SimpleQueue[PartialImageOutput | None] = queue.SimpleQueue()
+        # The call runs in a thread of its own, because this one must be free to yield meanwhile.
+        reply = self._streamed_calls.submit(self._execute_rpc_into, partials.put, method, args, kwargs)
+        reply.add_done_callback(lambda _: partials.put(None))
+        while (partial := partials.get()) is not None:
+            yield partial
+        yield reply.result()
+
+    def _execute_rpc_into(
+        self, sink: Callable[[PartialImageOutput], None], method: str, args: tuple, kwargs: dict | None
+    ) -> Any:
+        self._worker.progress_sink = sink
+        try:
+            return self.execute_rpc(method, args, kwargs)
+        finally:
+            self._worker.progress_sink = None
 
     def generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
         """Generate every request on this rank (pipeline failures are reported per request)."""

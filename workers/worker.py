@@ -6,13 +6,14 @@ import inspect
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
 from workers.config import OmniDiffusionConfig
-from workers.data import OmniDiffusionRequest, RequestOutput, Usage
+from workers.data import OmniDiffusionRequest, PartialImageOutput, RequestOutput, Usage
 from workers.models import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class WorkerWrapperBase:
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
         self._call_parameters: dict[str, dict[str, inspect.Parameter]] = {}
+        # Where each partial image goes as soon as it is decoded; the host sets it for each call it
+        # can stream (the mp process loop, the Ray actor). None returns them in the RequestOutput.
+        self.progress_sink: Callable[[PartialImageOutput], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def initialize(self) -> dict:
@@ -203,52 +207,56 @@ class WorkerWrapperBase:
             kwargs["strength"] = first.strength
         if first.mask is not None:
             kwargs["mask_image"] = [Image.fromarray(r.mask) for r in group for _ in range(r.num_images)]
-        partials: list[np.ndarray] = []
-        request_ids = {r.request_id for r in group}
+        # Partial images go to the host's sink at once; without one they wait for the reply.
+        partials: list[PartialImageOutput] = []
         if "callback_on_step_end" in parameters:
-            kwargs["callback_on_step_end"] = self._step_callback(first, request_ids, partials)
+            kwargs["callback_on_step_end"] = self._step_callback(group, self.progress_sink or partials.append)
         # 3. Denoise and decode.
         with StageTimer(pipeline, self.device) as timer:
             images = pipeline(**kwargs).images
+        request_ids = {r.request_id for r in group}
         cancelled = self._cancelled & request_ids
         self._cancelled -= request_ids  # in place: cancel() may be adding to this very set
         # 4. float [0, 1] -> uint8, split back per request and image.
         pixels = _to_uint8(images)
-        partial_pixels = [_to_uint8(p) for p in partials]
-        outputs, start = {}, 0
-        for r in group:
-            end = start + r.num_images
+        outputs = {}
+        for r, own in _image_slices(group):
             if r.request_id in cancelled:
                 outputs[r.request_id] = RequestOutput(r.request_id, [], r.seed, self.rank, "cancelled: the client went away")
-                start = end
                 continue
             outputs[r.request_id] = RequestOutput(
                 r.request_id,
-                list(pixels[start:end]),
+                list(pixels[own]),
                 r.seed,
                 self.rank,
-                partial_images=[[p[index] for p in partial_pixels] for index in range(start, end)],
+                partial_images=[p for p in partials if p.request_id == r.request_id],
                 usage=self._usage(pipeline, r),
                 stage_seconds=timer.seconds,
             )
-            start = end
         return outputs
 
-    def _step_callback(self, request: OmniDiffusionRequest, request_ids: set[str], partials: list[np.ndarray]):
+    def _step_callback(self, group: list[OmniDiffusionRequest], sink: Callable[[PartialImageOutput], None]):
         """A callback_on_step_end that stops the call once every request in it is cancelled, and
-        decodes the latents at the ``partial_images`` evenly spaced steps that ``request`` asked for."""
+        decodes the latents at the ``partial_images`` evenly spaced steps the group asked for,
+        handing each request its share to ``sink`` at once."""
+        first = group[0]
+        request_ids = {r.request_id for r in group}
 
         def on_step_end(pipeline, index: int, timestep, tensors: dict) -> dict:
             if request_ids <= self._cancelled:
                 pipeline._interrupt = True  # diffusers skips the remaining denoising steps
                 return {}
-            if request.partial_images:
+            if first.partial_images:
                 # num_timesteps is the steps this call really runs (fewer than asked for img2img).
                 total = pipeline.num_timesteps
+                wanted = first.partial_images
                 # Steps after which partial j of k is taken; the last step is the final image itself.
-                wanted = {(j + 1) * total // (request.partial_images + 1) for j in range(request.partial_images)}
-                if index + 1 in wanted and index + 1 < total:
-                    partials.append(_decode_latents(pipeline, tensors["latents"], request.height, request.width))
+                steps = sorted({(j + 1) * total // (wanted + 1) for j in range(wanted)} - {0})
+                if index + 1 in steps:
+                    pixels = _to_uint8(_decode_latents(pipeline, tensors["latents"], first.height, first.width))
+                    for r, own in _image_slices(group):
+                        if r.request_id not in self._cancelled:
+                            sink(PartialImageOutput(r.request_id, steps.index(index + 1), list(pixels[own])))
             return {}
 
         return on_step_end
@@ -274,6 +282,14 @@ def _decode_latents(pipeline, latents: torch.Tensor, height: int, width: int) ->
     latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0)
     decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     return pipeline.image_processor.postprocess(decoded, output_type="np")
+
+
+def _image_slices(group: list[OmniDiffusionRequest]) -> Iterator[tuple[OmniDiffusionRequest, slice]]:
+    """Each request of a pipeline call, with the slice of the call's images that are its own."""
+    start = 0
+    for request in group:
+        yield request, slice(start, start + request.num_images)
+        start += request.num_images
 
 
 def _to_uint8(images) -> np.ndarray:

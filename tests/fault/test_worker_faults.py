@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -46,6 +47,26 @@ def test_killed_worker_fails_inflight_with_503_then_restarts():
         assert server.metric("imagegen_worker_restarts_total") == 1
         assert server.metric("imagegen_worker_up", rank="0") == 1
         assert server.post(num_inference_steps=2).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_worker_killed_after_the_first_partial_image_ends_the_stream_with_an_error_event():
+    server = ServerProcess("--on-worker-death", "restart")
+    try:
+        (worker,) = server.worker_pids()
+        body = {"prompt": "a red fox", **SLOW, "num_inference_steps": 150, "partial_images": 3, "stream": True}
+        url = f"{server.base_url}/v1/images/generations"
+        with httpx.stream("POST", url, json=body, timeout=120) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("event: ")) == "event: image_generation.partial_image"
+            # The 200 is sent: the failure can only be told in the stream, as OpenAI's error event.
+            os.kill(worker, signal.SIGKILL)
+            rest = [line for line in lines if line]
+        assert [line for line in rest if line.startswith("event: ")] == ["event: error"]
+        error = json.loads(rest[-1].removeprefix("data: "))["error"]
+        assert error["type"] == "server_error"
+        assert "rank 0" in error["message"] and "SIGKILL" in error["message"]
     finally:
         server.stop()
 

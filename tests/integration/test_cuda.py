@@ -59,6 +59,8 @@ def test_edits_inpainting_and_partial_images_on_cuda():
     mask[:, 32:] = 255
     common = {"num_inference_steps": 4, "seed": 3}
     with DiffusionEngine(OmniDiffusionConfig(model="tiny", device="cuda", dtype="bfloat16")) as engine:
+        partials = []
+        engine.partial_image_listeners.append(partials.append)
         img2img, inpaint, streamed = engine.step([
             OmniDiffusionRequest("a fox", image=image, **common),
             OmniDiffusionRequest("a fox", image=image, mask=mask, **common),
@@ -68,4 +70,4 @@ def test_edits_inpainting_and_partial_images_on_cuda():
         assert output.error is None, output.error
         assert output.images[0].size == (64, 64)
         assert np.asarray(output.images[0]).std() > 1
-    assert len(streamed.partial_images[0]) == 2
+    assert [(p.request_id, p.index) for p in partials] == [(streamed.request_id, 0), (streamed.request_id, 1)]

@@ -188,6 +188,19 @@ def test_custom_executor_generates_through_its_own_workers(registry_env):
 
 
 @pytest.mark.slow
+def test_partial_images_of_workers_that_cannot_stream_come_with_their_reply(registry_env):
+    requests = [OmniDiffusionRequest("a red fox", num_inference_steps=8, seed=seed, partial_images=2) for seed in (1, 2)]
+    with custom_engine() as engine:
+        partials = []
+        engine.partial_image_listeners.append(partials.append)
+        outputs = engine.step(requests)
+    assert [o.error for o in outputs] == [None, None]
+    # Each once, in order, before the step returned.
+    assert [(p.request_id, p.index) for p in partials] == [(r.request_id, i) for r in requests for i in (0, 1)]
+    assert all([image.size for image in p.images] == [(64, 64)] for p in partials)
+
+
+@pytest.mark.slow
 def test_closing_the_engine_disconnects_and_leaves_the_workers_running(registry_env):
     engine = custom_engine()
     engine.close()
