@@ -1,6 +1,7 @@
 #!/bin/sh
 # Final layer of both Docker targets: install our packages (dependencies are the layer below),
-# add the unprivileged user, and build the built-in tiny models into the image.
+# add the unprivileged user, and build the built-in tiny models into the image (the demo model
+# ships inside the workers package).
 set -eu
 pip install --no-deps .
 useradd --system --uid 10001 --home-dir /home/imagegen --create-home imagegen

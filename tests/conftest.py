@@ -11,9 +11,11 @@ from helpers import ServerProcess  # noqa: E402
 
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Built-in models are built once per test session, into a private folder."""
+    """Built-in models are built once per test session, into a private folder. Tests that name
+    no model get the fast random-weight ``tiny`` model rather than the default ``demo``."""
     cache = tmp_path_factory.mktemp("models")
     os.environ["IMAGEGEN_MODEL_CACHE_DIR"] = str(cache)
+    os.environ.setdefault("IMAGEGEN_MODEL", "tiny")
     return cache
 
 

@@ -47,7 +47,9 @@ class OmniDiffusionConfig(BaseSettings):
         arbitrary_types_allowed=True,
     )
 
-    model: str = Field("tiny", description="built-in model (tiny, tiny-flux), a diffusers folder, or a cached hub id")
+    model: str = Field(
+        "demo", description="built-in model (demo, tiny, tiny-flux), a diffusers folder, or a cached hub id"
+    )
     served_model_name: str | None = Field(None, description="model id clients send and /v1/models lists (default: --model)")
     model_cache_dir: Path = Field(default_factory=default_cache_dir, description="where built-in models are written")
     num_gpus: int = Field(1, ge=1, description="number of workers (ranks); each owns one device")

@@ -1,8 +1,10 @@
-"""Model resolution: built-in tiny pipelines, local diffusers folders and cached hub ids.
+"""Model resolution: the shipped demo model, built-in tiny pipelines, local diffusers folders
+and cached hub ids.
 
-The built-in models are built from configs with a fixed seed and written with
-``save_pretrained`` once, so that every model, built-in or not, is loaded through
-the same ``DiffusionPipeline.from_pretrained`` path.
+The tiny models are built from configs with a fixed seed and written with
+``save_pretrained`` once; the demo model is a trained diffusers folder that ships with
+the code. Every model, built-in or not, is loaded through the same
+``DiffusionPipeline.from_pretrained`` path.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from pathlib import Path
 
 class ModelNotFoundError(RuntimeError):
     """The model is neither built in, a local diffusers folder, nor in the local hub cache."""
+
+
+# Trained by scripts/train_demo_model.py; its README.md is the model card.
+DEMO_MODEL_PATH = Path(__file__).parent / "demo_model"
 
 
 def _tiny_tokenizer():
@@ -147,6 +153,8 @@ def default_cache_dir() -> Path:
 
 def resolve_model_path(model: str, cache_dir: Path) -> Path:
     """Return a local diffusers folder for ``model``, building a built-in model on first use."""
+    if model == "demo":
+        return DEMO_MODEL_PATH
     if model in BUILTIN_MODELS:
         return _ensure_builtin(model, Path(cache_dir))
     path = Path(model).expanduser()
@@ -156,7 +164,7 @@ def resolve_model_path(model: str, cache_dir: Path) -> Path:
         return path
     if path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
         raise ModelNotFoundError(
-            f"model '{model}' is not a built-in model ({', '.join(BUILTIN_MODELS)}) and no such folder exists"
+            f"model '{model}' is not a built-in model (demo, {', '.join(BUILTIN_MODELS)}) and no such folder exists"
         )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError

@@ -23,11 +23,12 @@ def test_env_prefix_and_keyword_precedence(monkeypatch):
     assert OmniDiffusionConfig(max_batch_size=5).max_batch_size == 5
 
 
-def test_defaults_match_the_brief():
+def test_defaults_match_the_brief(monkeypatch):
+    monkeypatch.delenv("IMAGEGEN_MODEL", raising=False)  # conftest points the other tests at tiny
     config = OmniDiffusionConfig()
-    assert (config.model, config.num_gpus, config.distributed_executor_backend) == ("tiny", 1, "mp")
+    assert (config.model, config.num_gpus, config.distributed_executor_backend) == ("demo", 1, "mp")
     assert (config.host, config.port) == ("127.0.0.1", 8000)
-    assert config.model_name == "tiny"
+    assert config.model_name == "demo"
     assert OmniDiffusionConfig(served_model_name="fox").model_name == "fox"
 
 
