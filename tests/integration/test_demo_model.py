@@ -7,9 +7,9 @@ import io
 
 import openai
 import pytest
+from helpers import ServerProcess
 from PIL import Image
 
-from helpers import ServerProcess
 from workers.demo_scenes import accuracy, held_out_scenes
 
 # Prompts the model never saw in training (see workers/demo_scenes.is_held_out).
