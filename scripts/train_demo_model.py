@@ -11,7 +11,6 @@ deterministic for a seed and a resumed run continues exactly where it stopped.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import sys
@@ -36,49 +35,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workers.demo_scenes import VOCABULARY, Scene, accuracy, held_out_scenes, render, training_scene
-from workers.models import DEMO_MODEL_PATH
+from workers.models import DEMO_MODEL_PATH, clip_tokenizer
 
 MAX_TOKENS = 32
 # The noise schedule reaches (almost) pure noise at its last step, so that flat backgrounds
 # of any brightness can be drawn; v-prediction stays well-posed there.
 NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}
-
-
-def word_tokenizer() -> CLIPTokenizer:
-    """A CLIP tokenizer whose merges spell each vocabulary word as one token; any other text
-    falls back to single characters, so every prompt still tokenizes."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    symbols = sorted(ByteLevel.alphabet())
-    tokens = symbols + [s + "</w>" for s in symbols]
-    ranks: dict[tuple[str, str], int] = {}
-    for word in VOCABULARY:
-        # Merges are appended at the lowest priority, so a word already spelled as one token
-        # keeps its spelling; keep merging this word's first two pieces until it is one token.
-        while len(pieces := _byte_pair_encode(list(word[:-1]) + [word[-1] + "</w>"], ranks)) > 1:
-            ranks[(pieces[0], pieces[1])] = len(ranks)
-            tokens.append(pieces[0] + pieces[1])
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=MAX_TOKENS)
-
-
-def _byte_pair_encode(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Apply ``ranks``' merges to ``pieces`` the way BPE does: the best-ranked pair first."""
-    while len(pieces) > 1:
-        pair = min(itertools.pairwise(pieces), key=lambda p: ranks.get(p, math.inf))
-        if pair not in ranks:
-            break
-        merged, index = [], 0
-        while index < len(pieces):
-            if tuple(pieces[index:index + 2]) == pair:
-                merged.append(pair[0] + pair[1])
-                index += 2
-            else:
-                merged.append(pieces[index])
-                index += 1
-        pieces = merged
-    return pieces
 
 
 def build_models(tokenizer: CLIPTokenizer) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
@@ -137,7 +99,7 @@ class Checkpoint:
 def train(args: argparse.Namespace) -> Path | None:
     """Train (or resume) and save the pipeline; None when ``--stop-after-steps`` ended the run early."""
     torch.manual_seed(args.seed)
-    tokenizer = word_tokenizer()
+    tokenizer = clip_tokenizer(VOCABULARY, MAX_TOKENS)
     vae, text_encoder, unet = build_models(tokenizer)
     checkpoint = Checkpoint(args.work_dir / "checkpoint.pt")
     args.work_dir.mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,12 @@ the code. Every model, built-in or not, is loaded through the same
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -24,14 +26,42 @@ class ModelNotFoundError(RuntimeError):
 DEMO_MODEL_PATH = Path(__file__).parent / "demo_model"
 
 
-def _tiny_tokenizer():
-    """A CLIP BPE tokenizer of single bytes and no merges: any text tokenizes, offline."""
+def clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77):
+    """A CLIP BPE tokenizer over single bytes, so that any text tokenizes, offline; its merges
+    spell each of ``words`` as one token (other words fall back to single characters)."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
 
     symbols = sorted(ByteLevel.alphabet())
-    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
+    tokens = symbols + [s + "</w>" for s in symbols]
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        # Merges are appended at the lowest priority, so a word already spelled as one token
+        # keeps its spelling; keep merging this word's first two pieces until it is one token.
+        while len(pieces := _byte_pair_encode(list(word[:-1]) + [word[-1] + "</w>"], ranks)) > 1:
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            tokens.append(pieces[0] + pieces[1])
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=model_max_length)
+
+
+def _byte_pair_encode(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Apply ``ranks``' merges to ``pieces`` the way BPE does: the best-ranked pair first."""
+    while len(pieces) > 1:
+        pair = min(itertools.pairwise(pieces), key=lambda p: ranks.get(p, math.inf))
+        if pair not in ranks:
+            break
+        merged, index = [], 0
+        while index < len(pieces):
+            if tuple(pieces[index:index + 2]) == pair:
+                merged.append(pair[0] + pair[1])
+                index += 2
+            else:
+                merged.append(pieces[index])
+                index += 1
+        pieces = merged
+    return pieces
 
 
 def _tiny_clip_text_encoder(vocab_size: int, with_projection: bool = False):
@@ -75,7 +105,7 @@ def build_tiny_sd():
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(0)
-    tokenizer = _tiny_tokenizer()
+    tokenizer = clip_tokenizer()
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -112,7 +142,7 @@ def build_tiny_flux():
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    tokenizer = _tiny_tokenizer()
+    tokenizer = clip_tokenizer()
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,
