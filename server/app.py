@@ -132,6 +132,8 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
         quality = getattr(body, "quality", None)
         if steps is None and quality is not None:
             steps = steps_for_quality(quality, config)
+        # Partial images only mean something in a stream; variations have neither.
+        streamed_partials = (getattr(body, "partial_images", None) or 0) if getattr(body, "stream", False) else 0
         return {
             "width": width,
             "height": height,
@@ -140,6 +142,7 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
             "guidance_scale": body.guidance_scale,
             "seed": tuple(body.seed) if isinstance(body.seed, list) else body.seed,
             "num_images": body.n,
+            "partial_images": streamed_partials,
         }
 
     async def answer(http_request: Request, body: ImageOptions, request: OmniDiffusionRequest, events: str | None):
@@ -284,9 +287,7 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
     )
     async def create_image(body: ImageGenerationRequest, http_request: Request):
         check_options(body, "/v1/images/generations")
-        request = OmniDiffusionRequest(
-            prompt=body.prompt, partial_images=(body.partial_images or 0) if body.stream else 0, **request_fields(body)
-        )
+        request = OmniDiffusionRequest(prompt=body.prompt, **request_fields(body))
         return await answer(http_request, body, request, "image_generation")
 
     @app.post(
@@ -310,7 +311,6 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
             image=image,
             mask=mask,
             strength=body.strength,
-            partial_images=(body.partial_images or 0) if body.stream else 0,
             **request_fields(body),
         )
         return await answer(http_request, body, request, "image_edit")
