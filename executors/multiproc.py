@@ -1,76 +1,89 @@
-"""MultiProcDiffusionExecutor ("mp"): one spawned worker process per rank, talking over a pipe."""
+"""MultiProcDiffusionExecutor ("mp"): one worker program per rank on this machine, talking over a pipe.
+
+Each worker is ``python -m workers.process`` (see that module for the protocol), started with
+subprocess rather than multiprocessing: it never re-imports the caller's main module, so engines
+start from plain scripts, notebooks and ``python -c`` alike.
+"""
 
 from __future__ import annotations
 
 import itertools
 import logging
-import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import Future, wait as wait_futures
 from dataclasses import dataclass, field
+from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait as wait_ready
-from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
+import workers
 from executors.base import DiffusionExecutor, RpcTimeoutError, WorkerDiedError, WorkerRpcError, WorkerStartupError
-from workers.process import RpcCall, RpcProgress, RpcReply, run_worker_process
+from workers.process import RpcCall, RpcProgress, RpcReply, worker_settings
 
 logger = logging.getLogger(__name__)
 
 # How long a worker gets to leave by itself before it is terminated, then killed.
 _GRACEFUL_EXIT_S = 5.0
+# The folder that holds the workers package: the worker programs import the very code the engine runs.
+_CODE_ROOT = str(Path(workers.__file__).resolve().parent.parent)
 
 
-def describe_exit(exitcode: int | None) -> str:
-    """multiprocessing's exitcode in words: 'exit code 1', 'killed by SIGKILL'."""
-    if exitcode is None:
+def describe_exit(returncode: int | None) -> str:
+    """A process's return code in words: 'exit code 1', 'killed by SIGKILL'."""
+    if returncode is None:
         return "still running"
-    if exitcode < 0:
+    if returncode < 0:
         try:
-            return f"killed by {signal.Signals(-exitcode).name}"
+            return f"killed by {signal.Signals(-returncode).name}"
         except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exit code {exitcode}"
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
 
 
 @dataclass(eq=False)
 class _WorkerProcess:
     rank: int
-    process: BaseProcess
+    process: subprocess.Popen
     conn: Connection
-    cancellations: Connection  # one way, to the worker's cancellation thread
+    cancellations: Connection  # one way, to the worker's cancellation thread; closing it ends the worker
     send_lock: threading.Lock = field(default_factory=threading.Lock)
-    # Two threads reaping one process race in waitpid, and the loser never learns the exit code.
-    reap_lock: threading.Lock = field(default_factory=threading.Lock)
     pending: dict[int, Future] = field(default_factory=dict)
     death: str | None = None  # set once the worker is gone, with the reason
     retired: bool = False  # stopped on purpose (shutdown or replacement): its death is no news
 
     def wait_exit(self) -> str:
-        with self.reap_lock:
-            self.process.join(_GRACEFUL_EXIT_S)
-            return describe_exit(self.process.exitcode)
+        try:
+            self.process.wait(_GRACEFUL_EXIT_S)
+        except subprocess.TimeoutExpired:
+            pass
+        return describe_exit(self.process.returncode)
 
     def stop(self, graceful: bool = True) -> None:
         """Give it time to leave (it was asked to), terminate, then kill; or kill at once."""
-        with self.reap_lock:
-            if graceful:
-                self.process.join(_GRACEFUL_EXIT_S)
-                if self.process.is_alive():
-                    self.process.terminate()
-                    self.process.join(_GRACEFUL_EXIT_S)
-            if self.process.is_alive():
-                self.process.kill()  # SIGKILL also ends a stopped or hung process
-                self.process.join()
+        if graceful:
+            try:
+                self.process.wait(_GRACEFUL_EXIT_S)
+            except subprocess.TimeoutExpired:
+                self.process.terminate()
+                try:
+                    self.process.wait(_GRACEFUL_EXIT_S)
+                except subprocess.TimeoutExpired:
+                    pass
+        if self.process.poll() is None:
+            self.process.kill()  # SIGKILL also ends a stopped or hung process
+            self.process.wait()
         self.conn.close()
         self.cancellations.close()
 
 
 class MultiProcDiffusionExecutor(DiffusionExecutor):
-    """Spawns ``num_gpus`` worker processes (rank r uses ``cuda:r``, or its share of the CPU cores).
+    """Starts ``num_gpus`` worker programs (rank r uses ``cuda:r``, or its share of the CPU cores).
 
     Several threads may call ``collective_rpc`` at once: each reply carries its call id and a
     reader thread per worker hands it to the matching caller, after reporting the partial images
@@ -79,8 +92,8 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
     """
 
     def _init_executor(self) -> None:
-        self._context = multiprocessing.get_context("spawn")
         self._num_threads = max(1, (os.cpu_count() or 1) // self.od_config.num_gpus)
+        self._settings = worker_settings(self.od_config)
         self._call_ids = itertools.count()
         self._lock = threading.Lock()  # guards every worker's pending map, death, and the list itself
         self._restarting: set[int] = set()
@@ -98,32 +111,44 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
             self._start_reader(worker)
 
     def _spawn(self, rank: int) -> _WorkerProcess:
-        parent_conn, child_conn = self._context.Pipe()
-        cancellations_reader, cancellations = self._context.Pipe(duplex=False)
-        process = self._context.Process(
-            target=run_worker_process,
-            args=(rank, self.od_config, child_conn, cancellations_reader, self._num_threads),
-            name=f"imagegen-worker-{rank}",
-            daemon=True,
-        )
-        process.start()
-        # Drop our copies of the child's ends, so that EOF on ours means the worker is gone.
-        child_conn.close()
-        cancellations_reader.close()
-        return _WorkerProcess(rank, process, parent_conn, cancellations)
+        if not sys.executable:
+            raise WorkerStartupError(
+                "the mp backend starts workers with this Python interpreter, but sys.executable is empty "
+                "(an embedded interpreter?): use --backend ray, or run the engine from a normal python"
+            )
+        parent_conn, child_conn = Pipe()
+        cancellations_reader, cancellations = Pipe(duplex=False)
+        environment = dict(os.environ)
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [_CODE_ROOT, environment.get("PYTHONPATH")]))
+        command = [
+            sys.executable, "-m", "workers.process", "--rank", str(rank), "--num-threads", str(self._num_threads),
+            "--call-fd", str(child_conn.fileno()), "--cancel-fd", str(cancellations_reader.fileno()),
+        ]
+        try:
+            process = subprocess.Popen(
+                command, pass_fds=(child_conn.fileno(), cancellations_reader.fileno()), env=environment
+            )
+        finally:
+            # Drop our copies of the child's ends, so that EOF on ours means the worker is gone.
+            child_conn.close()
+            cancellations_reader.close()
+        worker = _WorkerProcess(rank, process, parent_conn, cancellations)
+        try:
+            parent_conn.send(self._settings)
+        except OSError:
+            pass  # it died at once; _wait_ready says how
+        return worker
 
     def _wait_ready(self, worker: _WorkerProcess, deadline: float) -> None:
-        ready = wait_ready([worker.conn, worker.process.sentinel], timeout=max(0.0, deadline - time.monotonic()))
-        if not ready:
+        # A worker that exits closes its end of the pipe, which wakes this wait too.
+        if not wait_ready([worker.conn], timeout=max(0.0, deadline - time.monotonic())):
             raise WorkerStartupError(
                 f"worker rank {worker.rank} did not load its model within {self.od_config.worker_start_timeout_s:g}s"
             )
-        status = None
-        if worker.conn in ready:
-            try:
-                status = worker.conn.recv()
-            except (EOFError, OSError):
-                pass
+        try:
+            status = worker.conn.recv()
+        except (EOFError, OSError):
+            status = None
         if status is not None and status["status"] == "ready":
             return
         if status is not None:
@@ -223,8 +248,8 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
         for worker in workers:
             if worker.death is not None:
                 raise WorkerDiedError(worker.death)
-            if not worker.process.is_alive():
-                raise WorkerDiedError(f"worker rank {worker.rank} is not running ({describe_exit(worker.process.exitcode)})")
+            if worker.process.poll() is not None:
+                raise WorkerDiedError(f"worker rank {worker.rank} is not running ({describe_exit(worker.process.returncode)})")
 
     def is_ready(self) -> bool:
         with self._lock:

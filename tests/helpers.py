@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
+RAY_CLI = str(Path(sys.executable).with_name("ray"))
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -103,6 +105,23 @@ def decode(b64_or_bytes: str | bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
 
+# What docs/architecture.md promises for one seed across different batch compositions: a different
+# batch size may round a value the other way (GEMM and convolution blockings differ by CPU), so
+# each value stays within 1/255 and on average far closer. Replaying the same batch is bit for bit.
+MAX_PIXEL_DIFF_ACROSS_BATCHES = 1
+MAX_MEAN_PIXEL_DIFF_ACROSS_BATCHES = 0.02
+
+
+def assert_pixels_close(a, b) -> None:
+    """Pixels of one seed made in different batch compositions (or on different backends): each
+    uint8 value within MAX_PIXEL_DIFF_ACROSS_BATCHES, their mean difference within MAX_MEAN_..."""
+    a, b = np.asarray(a, dtype=np.int16), np.asarray(b, dtype=np.int16)
+    assert a.shape == b.shape, f"shapes differ: {a.shape} vs {b.shape}"
+    difference = np.abs(a - b)
+    assert difference.max() <= MAX_PIXEL_DIFF_ACROSS_BATCHES, f"max |diff| {difference.max()} over 1/255"
+    assert difference.mean() <= MAX_MEAN_PIXEL_DIFF_ACROSS_BATCHES, f"mean |diff| {difference.mean():.4f} too large"
+
+
 def png_claiming(width: int, height: int) -> bytes:
     """A valid PNG of a few hundred bytes whose header claims width x height pixels: a decompression bomb."""
 
@@ -131,14 +150,14 @@ def child_pids(pid: int) -> list[int]:
 
 
 def worker_pids_of(pid: int) -> list[int]:
-    """The spawned worker processes among ``pid``'s children (not multiprocessing's resource tracker)."""
+    """The mp worker programs (``python -m workers.process``) among ``pid``'s children."""
     workers = []
     for child in child_pids(pid):
         try:
             command = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"spawn_main" in command:
+        if b"workers.process" in command.split(b"\0"):
             workers.append(child)
     return workers
 
@@ -153,6 +172,97 @@ def pid_alive(pid: int) -> bool:
 
 def metric_samples(text: str, name: str) -> list:
     return [s for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
+
+
+class RayNode:
+    """One `ray start --block` process; its Ray processes share its new session and go with it."""
+
+    def __init__(self, ip: str, resources: dict[str, float], head_address: str | None = None, num_cpus: int = 1):
+        self.ip = ip
+        self.temp_dir = tempfile.mkdtemp(prefix="imagegen-ray-node-")
+        self.log_path = Path(self.temp_dir, "ray-start.log")
+        flags = [
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            f"--node-ip-address={ip}",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            f"--resources={json.dumps(resources)}",
+            f"--temp-dir={self.temp_dir}",
+            # Free ports for everything with a fixed default, so that nodes (and other Rays) never collide.
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+        ]
+        if head_address is None:
+            self.port = free_port()
+            self.address = f"{ip}:{self.port}"
+            flags += [
+                "--head",
+                f"--port={self.port}",
+                "--include-dashboard=false",
+                f"--ray-client-server-port={free_port()}",
+            ]
+        else:
+            self.address = head_address
+            flags += [f"--address={head_address}"]
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(
+                [RAY_CLI, *flags],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **RAY_ENV},
+                start_new_session=True,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_started(self, timeout_s: float = 90) -> None:
+        def started() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"ray start exited with {self.process.returncode}:\n{self.log()}")
+            return "Ray runtime started" in self.log()
+
+        poll(started, timeout_s, f"the Ray node on {self.ip}", interval_s=0.2)
+
+    def stop(self) -> None:
+        # SIGTERM lets `ray start --block` drain the node and end its Ray processes; the kill of
+        # its own session is only for a node that does not go.
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def two_ray_nodes(head_resources: dict[str, float], worker_resources: dict[str, float], num_cpus: int = 1):
+    """A head node on 127.0.0.2 and a worker node on 127.0.0.3 (this machine, loopback only), each
+    offering its custom resources; yields the head's address. The driver, if any, is shut down first."""
+    import ray
+
+    with ray_test_environment():
+        head = RayNode("127.0.0.2", head_resources, num_cpus=num_cpus)
+        nodes = [head]
+        try:
+            head.wait_started()
+            worker = RayNode("127.0.0.3", worker_resources, head_address=head.address, num_cpus=num_cpus)
+            nodes.append(worker)
+            worker.wait_started()
+            yield head.address
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            for node in reversed(nodes):
+                node.stop()
 
 
 class ServerProcess:

@@ -1,21 +1,29 @@
-"""The worker process loop that MultiProcDiffusionExecutor spawns, and its wire protocol.
+"""The mp worker program (``python -m workers.process``) that MultiProcDiffusionExecutor starts, and its wire protocol.
 
-Messages on the pipe, parent -> worker: ``RpcCall`` or ``None`` (shut down).
-Worker -> parent: first the handshake ``{"status": "ready", ...}`` or ``{"status": "error", "error": ...}``,
-then one ``RpcReply`` per call, in any order the parent matches by ``call_id``, each after the
-``RpcProgress`` messages (partial images) that its call sent while it ran.
-A second, one-way pipe carries lists of request ids to cancel; a thread of the worker reads it,
-because the main thread is busy in the pipeline exactly when a cancel matters.
+Each worker is a program of its own, not a multiprocessing child: it never imports the module
+that started the engine, so a plain script without an ``if __name__ == "__main__":`` guard can
+start workers. The executor hands it two inherited file descriptors:
+
+- the call pipe (duplex). Parent -> worker: first the worker's settings (a JSON-able dict), then
+  ``RpcCall`` or ``None`` (shut down). Worker -> parent: the handshake ``{"status": "ready", ...}``
+  or ``{"status": "error", "error": ...}``, then one ``RpcReply`` per call, in any order the parent
+  matches by ``call_id``, each after the ``RpcProgress`` messages (partial images) its call sent.
+- the cancellation pipe (one way): lists of request ids to cancel. A thread reads it, because the
+  main thread is busy in the pipeline exactly when a cancel matters. Its end of file means the
+  engine is gone (however it ended), and the worker leaves at once.
+
+Both pipes stay on this machine, between a parent and the child it started.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import argparse
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
 from workers.config import OmniDiffusionConfig
@@ -46,21 +54,20 @@ class RpcProgress:
     partial: PartialImageOutput
 
 
-def _exit_when_parent_dies() -> None:
-    parent = multiprocessing.parent_process()
-    if parent is not None:
-        wait([parent.sentinel])
-        # The parent is gone (even by SIGKILL): nobody will read our results, so leave at once.
-        os._exit(1)
+def worker_settings(od_config: OmniDiffusionConfig) -> dict:
+    """The settings a worker program is started with, as plain data.
+
+    The executor backend stays behind: it may be a class defined in the caller's own script,
+    which the worker program does not import (and does not need).
+    """
+    return od_config.model_dump(mode="json", exclude={"distributed_executor_backend"})
 
 
-def run_worker_process(
-    rank: int, od_config: OmniDiffusionConfig, conn: Connection, cancellations: Connection, num_threads: int
-) -> None:
-    """Entry point of one worker process: load the model, answer the handshake, serve RPCs."""
-    # Ctrl+C reaches the whole process group; the parent decides when workers stop.
+def run_worker(rank: int, conn: Connection, cancellations: Connection, num_threads: int) -> None:
+    """Load the model, answer the handshake, serve RPCs until told to stop or the engine is gone."""
+    # Ctrl+C reaches the whole process group; the engine decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_when_parent_dies, name="parent-watchdog", daemon=True).start()
+    od_config = OmniDiffusionConfig(**conn.recv())
     configure_logging(od_config.log_format, f"worker{rank}")
 
     import torch
@@ -70,14 +77,15 @@ def run_worker_process(
     # One pipeline, one thread pool: CPU ranks split the cores instead of fighting over them.
     torch.set_num_threads(num_threads)
     worker = WorkerWrapperBase(rank, od_config)
+    reader = threading.Thread(target=_read_cancellations, args=(worker, cancellations), name="cancellations", daemon=True)
+    reader.start()
     try:
         description = worker.initialize()
-    except Exception as error:  # noqa: BLE001 - sent to the parent as one clear line
+    except Exception as error:  # noqa: BLE001 - sent to the engine as one clear line
         conn.send({"status": "error", "error": f"{type(error).__name__}: {error}", "rank": rank})
         conn.close()
         return
     conn.send({"status": "ready", **description})
-    threading.Thread(target=_read_cancellations, args=(worker, cancellations), name="cancellations", daemon=True).start()
     try:
         _serve(worker, conn)
     finally:
@@ -87,9 +95,11 @@ def run_worker_process(
 def _read_cancellations(worker: Any, cancellations: Connection) -> None:
     while True:
         try:
-            worker.cancel(cancellations.recv())
+            request_ids = cancellations.recv()
         except (EOFError, OSError):
-            return
+            # The engine closed its end, or died (even by SIGKILL): nobody will read our results.
+            os._exit(1)
+        worker.cancel(request_ids)
 
 
 def _serve(worker: Any, conn: Connection) -> None:
@@ -97,7 +107,7 @@ def _serve(worker: Any, conn: Connection) -> None:
         try:
             call = conn.recv()
         except (EOFError, OSError):
-            return  # the parent closed its end
+            return  # the engine closed its end
         if call is None:
             return
         # The call's partial images go out at once, tagged with it; only this thread sends on conn.
@@ -109,3 +119,22 @@ def _serve(worker: Any, conn: Connection) -> None:
         except Exception as error:  # noqa: BLE001 - the caller gets the message, the worker lives on
             reply = RpcReply(call.call_id, False, f"{type(error).__name__}: {error}")
         conn.send(reply)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m workers.process", description="one mp worker, started by the engine")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--call-fd", type=int, required=True, help="inherited descriptor of the call pipe")
+    parser.add_argument("--cancel-fd", type=int, required=True, help="inherited descriptor of the cancellation pipe")
+    parser.add_argument("--num-threads", type=int, required=True)
+    args = parser.parse_args(argv)
+    run_worker(args.rank, Connection(args.call_fd), Connection(args.cancel_fd, writable=False), args.num_threads)
+
+
+if __name__ == "__main__":
+    # Run as a program, this file is __main__; the message classes must be workers.process's own,
+    # the names the engine unpickles them by.
+    from workers.process import main as program_main
+
+    program_main()
+    sys.exit(0)
