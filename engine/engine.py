@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from executors import (
     get_executor_class,
 )
 from workers.config import OmniDiffusionConfig, parse_size
-from workers.data import OmniDiffusionRequest, PartialImageOutput, RequestOutput, Usage
+from workers.data import OmniDiffusionRequest, PartialImageOutput, RequestOutput, Usage, with_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +105,9 @@ class DiffusionEngine:
         self.executor.death_listeners.append(self._on_worker_death)
         self.executor.partial_image_listeners.append(self._on_partial_image)
         try:
-            self.model_info: dict[str, Any] = self.collective_rpc("describe", unique_reply_rank=0)
+            # Every rank's reply, then rank 0's: a custom executor that takes unique_reply_rank=0 for
+            # "no rank" (the guide's `if unique_reply_rank` idiom) still gives the engine a good answer.
+            self.model_info: dict[str, Any] = self.collective_rpc("describe")[0]
         except BaseException:
             self.executor.shutdown()
             raise
@@ -117,13 +118,13 @@ class DiffusionEngine:
 
     # -- requests ------------------------------------------------------------------------------
     def prepare(self, request: OmniDiffusionRequest) -> OmniDiffusionRequest:
-        """Validate ``request`` and fill every default (size, steps, guidance, seed, strength).
+        """Validate ``request`` and fill every default (workers.data.with_defaults decides them).
 
         An input image is resized to the request's size here (and the size defaults to the
         image's own when that is allowed). Preparing a prepared request returns it unchanged.
         """
         config = self.od_config
-        # 1. Text.
+        # 1. What the client sent: text, image count, seed list, input image and mask.
         if not isinstance(request.prompt, str) or (request.image is None and not request.prompt.strip()):
             raise InvalidRequestError("prompt must be a non-empty string", param="prompt")
         for name in ("prompt", "negative_prompt"):
@@ -137,27 +138,34 @@ class DiffusionEngine:
                 f"num_images must be between 1 and {MAX_IMAGES_PER_REQUEST}, got {request.num_images}",
                 param="num_images",
             )
-        # 2. Size: asked for, else the input image's (when allowed), else the model's native size.
-        default_width, default_height = parse_size(self.native_size)
-        if request.image is not None and self.size_allowed(request.image.shape[1], request.image.shape[0]):
-            default_height, default_width = request.image.shape[:2]
-        width = request.width or default_width
-        height = request.height or default_height
-        if not self.size_allowed(width, height):
+        if isinstance(request.seed, list):
+            request = dataclasses.replace(request, seed=tuple(request.seed))
+        if isinstance(request.seed, tuple) and len(request.seed) != request.num_images:
             raise InvalidRequestError(
-                f"size {width}x{height} is not supported; choose one of {', '.join(config.allowed_sizes)}, or a "
-                f"size whose sides are multiples of {self.model_info['size_multiple']} with at most "
-                f"{config.max_output_pixels} pixels",
+                f"seed lists one seed per image: expected {request.num_images} seeds, got {len(request.seed)}",
+                param="seed",
+            )
+        self._check_image(request)
+        if request.image is not None and not self.size_allowed(request.image.shape[1], request.image.shape[0]):
+            # An input image's own size is the default only where it is a size we serve.
+            width, height = parse_size(self.native_size)
+            request = dataclasses.replace(request, width=request.width or width, height=request.height or height)
+        # 2. Defaults, then the ranges of what the request will run with.
+        request = with_defaults(request, config, self.model_info)
+        if not self.size_allowed(request.width, request.height):
+            raise InvalidRequestError(
+                f"size {request.width}x{request.height} is not supported; choose one of "
+                f"{', '.join(config.allowed_sizes)}, or a size whose sides are multiples of "
+                f"{self.model_info['size_multiple']} with at most {config.max_output_pixels} pixels",
                 param="size",
             )
-        # 3. Denoising.
-        steps = request.num_inference_steps or config.default_num_inference_steps
+        steps = request.num_inference_steps
         if not 1 <= steps <= config.max_num_inference_steps:
             raise InvalidRequestError(
                 f"num_inference_steps must be between 1 and {config.max_num_inference_steps}, got {steps}",
                 param="num_inference_steps",
             )
-        guidance = request.guidance_scale if request.guidance_scale is not None else config.default_guidance_scale
+        guidance = request.guidance_scale
         if guidance is not None and not 0 <= guidance <= MAX_GUIDANCE_SCALE:
             raise InvalidRequestError(
                 f"guidance_scale must be between 0 and {MAX_GUIDANCE_SCALE:g}, got {guidance}", param="guidance_scale"
@@ -167,44 +175,32 @@ class DiffusionEngine:
                 f"partial_images must be between 0 and {MAX_PARTIAL_IMAGES}, got {request.partial_images}",
                 param="partial_images",
             )
-        seed = self._prepare_seed(request)
-        # 4. Image-to-image and inpainting.
-        image, mask, strength = self._prepare_image(request, width, height, steps)
-        return dataclasses.replace(
-            request,
-            width=width,
-            height=height,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            seed=seed,
-            image=image,
-            mask=mask,
-            strength=strength,
-        )
-
-    def _prepare_seed(self, request: OmniDiffusionRequest) -> int | tuple[int, ...]:
-        if isinstance(request.seed, (tuple, list)):
-            seeds = tuple(request.seed)
-            if len(seeds) != request.num_images:
-                raise InvalidRequestError(
-                    f"seed lists one seed per image: expected {request.num_images} seeds, got {len(seeds)}",
-                    param="seed",
-                )
-        else:
-            seeds = (request.seed if request.seed is not None else random.randint(0, 2**31 - 1),)
-        for seed in seeds:
+        for seed in request.image_seeds():
             if not 0 <= seed <= MAX_SEED:
                 raise InvalidRequestError(f"seed must be between 0 and {MAX_SEED}, got {seed}", param="seed")
-        return seeds if isinstance(request.seed, (tuple, list)) else seeds[0]
+        if request.image is None:
+            return request
+        strength = request.strength
+        if not 0 < strength <= 1:
+            raise InvalidRequestError(f"strength must be in (0, 1], got {strength}", param="strength")
+        # img2img runs only the last steps * strength steps; diffusers refuses to run none.
+        if int(steps * strength) < 1:
+            raise InvalidRequestError(
+                f"num_inference_steps ({steps}) x strength ({strength:g}) must be at least 1", param="strength"
+            )
+        # 3. The input image (and mask) at the output size.
+        return dataclasses.replace(
+            request,
+            image=resize_pixels(request.image, request.width, request.height),
+            mask=None if request.mask is None else resize_pixels(request.mask, request.width, request.height),
+        )
 
-    def _prepare_image(
-        self, request: OmniDiffusionRequest, width: int, height: int, steps: int
-    ) -> tuple[np.ndarray | None, np.ndarray | None, float | None]:
-        """The input image and mask at the output size, and the strength to use (all None for text2img)."""
+    def _check_image(self, request: OmniDiffusionRequest) -> None:
+        """An input image and mask the model can take (text-to-image requests have neither)."""
         if request.image is None:
             if request.mask is not None:
                 raise InvalidRequestError("a mask needs an image to apply to", param="mask")
-            return None, None, None
+            return
         task = request.task
         if task not in self.model_info["tasks"]:
             raise InvalidRequestError(
@@ -221,18 +217,6 @@ class DiffusionEngine:
                 "they must be the same size",
                 param="mask",
             )
-        strength = request.strength if request.strength is not None else self.model_info["default_strength"][task]
-        if not 0 < strength <= 1:
-            raise InvalidRequestError(f"strength must be in (0, 1], got {strength}", param="strength")
-        # img2img runs only the last steps * strength steps; diffusers refuses to run none.
-        if int(steps * strength) < 1:
-            raise InvalidRequestError(
-                f"num_inference_steps ({steps}) x strength ({strength:g}) must be at least 1", param="strength"
-            )
-        image = resize_pixels(image, width, height)
-        if mask is not None:
-            mask = resize_pixels(mask, width, height)
-        return image, mask, strength
 
     def size_allowed(self, width: int, height: int) -> bool:
         """A listed size, or any whose sides are multiples of the model's size multiple within max_output_pixels."""
@@ -282,7 +266,8 @@ class DiffusionEngine:
     def _generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
         self._raise_if_dead()
         try:
-            shards: list[list[RequestOutput]] = self.collective_rpc("generate_shard", args=(requests,))
+            # Straight to the executor: step() prepared these requests already.
+            shards: list[list[RequestOutput]] = self.executor.collective_rpc("generate_shard", args=(requests,))
         except RpcTimeoutError as error:
             for rank in error.ranks:  # a hung worker is treated like a dead one
                 self._on_worker_death(rank, f"worker rank {rank} hung: {error}")
@@ -302,8 +287,22 @@ class DiffusionEngine:
         kwargs: dict | None = None,
         unique_reply_rank: int | None = None,
     ) -> Any:
-        """Call ``method`` on every rank's worker; see DiffusionExecutor.collective_rpc."""
+        """Call ``method`` on every rank's worker; see DiffusionExecutor.collective_rpc.
+
+        Requests among the arguments (alone or in lists) are prepared first, once, so every rank
+        sees the same defaults and seeds: ``collective_rpc("generate", args=(requests,))`` has every
+        rank run every request, the same way.
+        """
+        args = tuple(self._prepare_argument(arg) for arg in args)
+        kwargs = {name: self._prepare_argument(value) for name, value in (kwargs or {}).items()}
         return self.executor.collective_rpc(method, timeout, args, kwargs, unique_reply_rank)
+
+    def _prepare_argument(self, value: Any) -> Any:
+        if isinstance(value, OmniDiffusionRequest):
+            return self.prepare(value)
+        if isinstance(value, (list, tuple)) and any(isinstance(item, OmniDiffusionRequest) for item in value):
+            return type(value)(self._prepare_argument(item) for item in value)
+        return value
 
     def cancel(self, request_ids: list[str]) -> None:
         """The clients of these running requests went away: let the workers stop early."""

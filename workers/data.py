@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from workers.config import OmniDiffusionConfig, parse_size
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,39 @@ class OmniDiffusionRequest:
             self.strength,
             self.partial_images,
         )
+
+
+def with_defaults(
+    request: OmniDiffusionRequest, od_config: OmniDiffusionConfig, model_info: dict
+) -> OmniDiffusionRequest:
+    """``request`` with every field it leaves unset filled in; the one place that decides defaults.
+
+    The engine calls it once per request before a step goes out, so every rank sees the same
+    values (the same seed above all); a worker called directly fills whatever is still unset by
+    the same rules. ``model_info`` is a worker's ``describe()``.
+
+    - size: an input image's own size, else ``default_size``, else the model's native size;
+    - steps: ``default_num_inference_steps``; guidance: ``default_guidance_scale`` (None leaves
+      the pipeline's own);
+    - seed: a random one; strength (edits): the pipeline's own default for the task.
+    """
+    if request.image is not None:
+        default_height, default_width = request.image.shape[:2]
+    else:
+        default_width, default_height = parse_size(od_config.default_size or model_info["native_size"])
+    strength = request.strength
+    if strength is None and request.image is not None:
+        strength = model_info["default_strength"].get(request.task)
+    guidance = request.guidance_scale
+    return dataclasses.replace(
+        request,
+        width=request.width or default_width,
+        height=request.height or default_height,
+        num_inference_steps=request.num_inference_steps or od_config.default_num_inference_steps,
+        guidance_scale=guidance if guidance is not None else od_config.default_guidance_scale,
+        seed=request.seed if request.seed is not None else random.randint(0, 2**31 - 1),
+        strength=strength,
+    )
 
 
 @dataclass

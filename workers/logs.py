@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import deque
 from datetime import datetime, timezone
 
 # Attributes every LogRecord has; anything else was passed with extra= and goes into the JSON line
@@ -28,6 +29,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+# How many of a process's latest log lines get_logs() can return.
+RECENT_LOG_LINES = 1000
+
+
+class RecentLogBuffer(logging.Handler):
+    """Keeps the process's last RECENT_LOG_LINES log lines, formatted, for WorkerWrapperBase.get_logs().
+
+    A worker's owner (a Ray actor's, a pod's) can read them over RPC without access to its stderr.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: deque[str] = deque(maxlen=RECENT_LOG_LINES)
+        self.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception:  # noqa: BLE001 - logging must never raise into the code that logs
+            self.handleError(record)
+
+
+def recent_log_buffer() -> RecentLogBuffer:
+    """This process's RecentLogBuffer, attached to the root logger on first use."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, RecentLogBuffer):
+            return handler
+    buffer = RecentLogBuffer()
+    root.addHandler(buffer)
+    return buffer
+
+
 def configure_logging(log_format: str, process: str) -> None:
     """Root logging for this process; ``process`` names it in text lines (server, worker0, ...)."""
     # transformers prints through a handler of its own, in its own format, as soon as it is imported.
@@ -38,3 +72,4 @@ def configure_logging(log_format: str, process: str) -> None:
     else:
         handler.setFormatter(logging.Formatter(f"%(asctime)s {process} %(name)s %(levelname)s %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    recent_log_buffer()

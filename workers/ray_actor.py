@@ -84,7 +84,8 @@ class RayDiffusionWorkerActor:
         try:
             if method.startswith("_"):
                 raise AttributeError(f"'{method}' is not a public worker method")
-            if self._description is None and method not in ("get_rank", "initialize"):
+            # get_logs too: the logs are how an owner finds out why initialize() failed.
+            if self._description is None and method not in ("get_rank", "get_logs", "initialize"):
                 raise RuntimeError(f"rank {self.rank} is not initialized: call initialize() first")
             return getattr(self._worker, method)(*args, **(kwargs or {}))
         except Exception as error:  # noqa: BLE001 - reported to the caller, never kills the actor

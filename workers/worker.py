@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from workers.config import OmniDiffusionConfig
-from workers.data import OmniDiffusionRequest, PartialImageOutput, RequestOutput, Usage
+from workers.data import OmniDiffusionRequest, PartialImageOutput, RequestOutput, Usage, with_defaults
+from workers.logs import recent_log_buffer
 from workers.models import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class WorkerWrapperBase:
         # Where each partial image goes as soon as it is decoded; the host sets it for each call it
         # can stream (the mp process loop, the Ray actor). None returns them in the RequestOutput.
         self.progress_sink: Callable[[PartialImageOutput], None] | None = None
+        self._description: dict | None = None
+        self._logs = recent_log_buffer()
 
     # -- lifecycle -------------------------------------------------------------------------
     def initialize(self) -> dict:
@@ -110,9 +113,21 @@ class WorkerWrapperBase:
             task: dict(inspect.signature(p.__call__).parameters) for task, p in self.pipelines.items()
         }
         logger.info("rank %d loaded %s from %s on %s (%s)", self.rank, type(pipeline).__name__, path, self.device, self.dtype)
+        self._description = self._describe_model()
         return self.describe()
 
     def describe(self) -> dict:
+        """What the engine needs to know of the loaded model: pipeline, native size, size multiple, tasks,
+        defaults. Like generate(), it loads the model first if initialize() was never called."""
+        return dict(self._loaded_description())
+
+    def _loaded_description(self) -> dict:
+        # Hosts call initialize() first; a wrapper like the guide's MyWorkerWrapper only calls generate().
+        if self._description is None:
+            self.initialize()
+        return self._description
+
+    def _describe_model(self) -> dict:
         vae_config = getattr(getattr(self.pipeline, "vae", None), "config", None)
         native = int(getattr(vae_config, "sample_size", None) or _FALLBACK_NATIVE_SIZE)
         return {
@@ -142,7 +157,13 @@ class WorkerWrapperBase:
     def get_rank(self) -> int:
         return self.rank
 
+    def get_logs(self, max_lines: int | None = None) -> list[str]:
+        """This worker process's latest log lines (at most ``max_lines``, oldest first)."""
+        lines = list(self._logs.lines)
+        return lines[-max_lines:] if max_lines else lines
+
     def shutdown(self) -> None:
+        self._description = None
         self.pipeline = None
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -160,7 +181,13 @@ class WorkerWrapperBase:
         return self.generate(shard_requests(requests, self.od_config.num_gpus)[self.rank])
 
     def generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
-        """Generate every request, one batched pipeline call per group of compatible requests."""
+        """Generate every request, one batched pipeline call per group of compatible requests.
+
+        Fields a request leaves unset are filled as the engine would (workers.data.with_defaults);
+        requests from the engine come filled in already.
+        """
+        description = self._loaded_description()
+        requests = [with_defaults(request, self.od_config, description) for request in requests]
         groups: dict[tuple, list[OmniDiffusionRequest]] = defaultdict(list)
         for request in requests:
             groups[request.batch_key()].append(request)
