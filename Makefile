@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml
 serve: install
 	$(VENV)/bin/imagegen serve
 
+# In random order (pytest-randomly): the header prints the seed; --randomly-seed=N replays an order.
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest
 
 bench: install
 	$(PYTHON) bench/bench_serving.py

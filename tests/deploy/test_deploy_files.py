@@ -79,6 +79,8 @@ def test_a_real_prometheus_scrapes_the_server_with_the_repo_config(metrics_serve
     job["static_configs"][0]["targets"] = [f"127.0.0.1:{metrics_server.port}"]
     config["scrape_configs"] = [job]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    # The series this test queries exist before the first scrape, whatever ran before it.
+    assert metrics_server.post(num_inference_steps=2, model="scraped").status_code == 200
     port = free_port()
     prometheus = subprocess.Popen(
         [tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
@@ -86,14 +88,25 @@ def test_a_real_prometheus_scrapes_the_server_with_the_repo_config(metrics_serve
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        def query(expr: str) -> float | None:
+        def answers(path: str, **params: str) -> httpx.Response | None:
             try:
-                result = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": expr}, timeout=5).json()
+                return httpx.get(f"http://127.0.0.1:{port}{path}", params=params, timeout=5)
             except httpx.HTTPError:
                 return None
-            values = result.get("data", {}).get("result", [])
+
+        def ready() -> bool:
+            if prometheus.poll() is not None:
+                raise AssertionError(f"prometheus exited with {prometheus.returncode}")
+            response = answers("/-/ready")
+            return response is not None and response.status_code == 200
+
+        def query(expr: str) -> float | None:
+            response = answers("/api/v1/query", query=expr)
+            assert response is not None and response.status_code == 200, response and response.text
+            values = response.json()["data"]["result"]
             return float(values[0]["value"][1]) if values else None
 
+        poll(ready, 60, "prometheus to be ready")
         poll(lambda: query('imagegen_images_generated_total{model_name="scraped"}') is not None, 60, "a first scrape")
         before = query('imagegen_images_generated_total{model_name="scraped"}')
         assert metrics_server.post(num_inference_steps=2, n=3, model="scraped").status_code == 200

@@ -9,13 +9,13 @@ import numpy as np
 import openai
 import pytest
 import ray
-from helpers import ServerProcess, decode, local_ray, poll
+from helpers import ServerProcess, assert_pixels_close, decode, local_ray, poll
 from ray.exceptions import RayActorError
 
 from engine import DiffusionEngine, EngineDeadError, OmniDiffusionConfig, OmniDiffusionRequest
 from executors import RpcTimeoutError, WorkerRpcError, WorkerStartupError
 from executors.ray import RayDiffusionExecutor
-from executors.ray_external import RayDiffusionWorkerActor, RayExternalDiffusionExecutor
+from executors.ray_external import RayDiffusionWorkerActor
 
 pytestmark = pytest.mark.slow
 
@@ -71,50 +71,6 @@ def requests_for(seeds, **fields) -> list[OmniDiffusionRequest]:
 
 def pixels(outputs) -> list[np.ndarray]:
     return [np.asarray(image, dtype=np.int16) for output in outputs for image in output.images]
-
-
-def test_guide_basic_usage_runs_as_written(ray_cluster, monkeypatch):
-    # 1. Ray is up (the module's fixture stands in for the guide's ray.init).
-    # 2. Create configuration
-    config = OmniDiffusionConfig(model="tiny", num_gpus=2)
-
-    # 3. Create Ray worker actors (no GPU here: num_gpus=0 and one CPU each)
-    worker_actors = []
-    for rank in range(2):
-        actor = RayDiffusionWorkerActor.options(
-            num_gpus=0,
-            num_cpus=1,
-            name=f"diffusion_worker_{rank}",
-        ).remote(rank=rank, od_config=config)
-        worker_actors.append(actor)
-    try:
-        # Initialize actors
-        ready = ray.get([actor.initialize.remote() for actor in worker_actors])
-        assert [r["status"] for r in ready] == ["ready", "ready"]
-
-        # 4. Configure executor to find actors
-        monkeypatch.setenv("DIFFUSION_WORKER_ACTOR_NAMES", "diffusion_worker_0,diffusion_worker_1")
-
-        # 5. Create engine with Ray executor
-        config.distributed_executor_backend = RayExternalDiffusionExecutor
-        engine = DiffusionEngine(config)
-
-        # 6. Use engine
-        requests = [
-            OmniDiffusionRequest(prompt="a landscape", height=64, width=64, num_inference_steps=4, seed=seed)
-            for seed in (1, 2)
-        ]
-        output = engine.step(requests)
-        assert [o.error for o in output] == [None, None]
-        assert [o.images[0].size for o in output] == [(64, 64), (64, 64)]
-        assert {o.rank for o in output} == {0, 1}
-
-        # 7. Cleanup
-        engine.close()  # Disconnects from workers
-        assert ray.get([actor.get_rank.remote() for actor in worker_actors], timeout=30) == [0, 1]
-        ray.get([actor.shutdown.remote() for actor in worker_actors])
-    finally:
-        kill(worker_actors)
 
 
 def test_close_leaves_actors_alive_for_a_new_engine(actors):
@@ -236,7 +192,9 @@ def test_same_seed_same_pixels_on_mp_ray_and_ray_external(actors):
         on_ray_external = engine.step(requests)
     for outputs in (on_ray, on_ray_external):
         assert [o.rank for o in outputs] == [o.rank for o in on_mp]
-        assert all(np.array_equal(a, b) for a, b in zip(pixels(on_mp), pixels(outputs), strict=True))
+        # The same batches, but a worker's torch thread count differs by backend (and by machine).
+        for a, b in zip(pixels(on_mp), pixels(outputs), strict=True):
+            assert_pixels_close(a, b)
 
 
 def test_ray_backend_reserves_a_bundle_per_rank_and_kills_its_actors_on_close(ray_cluster):
