@@ -31,11 +31,11 @@ from diffusers import (
 from diffusers.training_utils import EMAModel
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from workers.demo_scenes import VOCABULARY, Scene, accuracy, held_out_scenes, render, training_scene
-from workers.models import DEMO_MODEL_PATH, clip_tokenizer
+from workers.demo_scenes import SYNONYMS, VOCABULARY, Scene, accuracy, held_out_scenes, render, training_scene
+from workers.models import DEMO_MODEL_PATH, MODEL_DEFAULTS_FILE, clip_tokenizer
 
 MAX_TOKENS = 32
 # The noise schedule reaches (almost) pure noise at its last step, so that flat backgrounds
@@ -43,7 +43,7 @@ MAX_TOKENS = 32
 NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}
 
 
-def build_models(tokenizer: CLIPTokenizer) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
+def build_models(tokenizer: PreTrainedTokenizerFast) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
         block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=16,
@@ -99,7 +99,7 @@ class Checkpoint:
 def train(args: argparse.Namespace) -> Path | None:
     """Train (or resume) and save the pipeline; None when ``--stop-after-steps`` ended the run early."""
     torch.manual_seed(args.seed)
-    tokenizer = clip_tokenizer(VOCABULARY, MAX_TOKENS)
+    tokenizer = clip_tokenizer(VOCABULARY, MAX_TOKENS, SYNONYMS)
     vae, text_encoder, unet = build_models(tokenizer)
     checkpoint = Checkpoint(args.work_dir / "checkpoint.pt")
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -228,26 +228,48 @@ def save_pipeline(vae, text_encoder, unet, tokenizer, output: Path, seconds: flo
     )
     # Half precision halves the files; the server loads them in whatever dtype it runs.
     pipeline.to(torch.float16).save_pretrained(output, safe_serialization=True)
+    name_tokenizer_class(output)
+    (output / MODEL_DEFAULTS_FILE).write_text(json.dumps(MODEL_DEFAULTS) + "\n")
     (output / "training.json").write_text(json.dumps({"training_seconds": round(seconds)}) + "\n")
     return output
 
 
-def generate(pipeline, scenes: list[Scene], guidance_scale: float, size: int, steps: int) -> list[Image.Image]:
-    """One image per scene from its canonical caption, with seed i for scene i."""
+# The model's defaults for imagegen (its imagegen.json): the evaluation below finds shapes drawn
+# more reliably at 30 steps than at 20, and guidance 7.5 buys shape.
+MODEL_DEFAULTS = {"default_num_inference_steps": 30, "default_guidance_scale": 7.5}
+
+
+def name_tokenizer_class(output: Path) -> None:
+    """Name the tokenizer PreTrainedTokenizerFast, the class transformers 4 and 5 both know (5 saves
+    its TokenizersBackend alias): it loads tokenizer.json as saved, normalizer included."""
+    update_json(output / "tokenizer" / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")
+    update_json(output / "model_index.json", tokenizer=["transformers", "PreTrainedTokenizerFast"])
+
+
+def update_json(path: Path, **fields) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}, indent=2, sort_keys=True) + "\n")
+
+
+def generate(pipeline, prompts: list[str], guidance_scale: float, size: int, steps: int) -> list[Image.Image]:
+    """One image per prompt, with seed i for prompt i."""
     images = []
-    for start in range(0, len(scenes), 25):
-        chunk = scenes[start:start + 25]
+    for start in range(0, len(prompts), 25):
+        chunk = prompts[start:start + 25]
         images += pipeline(
-            prompt=[scene.caption() for scene in chunk], height=size, width=size, num_inference_steps=steps,
+            prompt=chunk, height=size, width=size, num_inference_steps=steps,
             guidance_scale=guidance_scale,
             generator=[torch.Generator().manual_seed(start + index) for index in range(len(chunk))],
         ).images
     return images
 
 
-# (guidance, size, steps): the server's defaults first (the sample grid shows them), then
-# without guidance, with more and with fewer steps, and at a size never seen in training.
-EVALUATIONS = ((7.5, 64, 20), (1.0, 64, 20), (7.5, 64, 30), (1.0, 64, 30), (7.5, 64, 10), (7.5, 128, 20))
+# (prompts, guidance, size, steps): the model's defaults (imagegen.json) first, with the canonical
+# captions (the sample grid shows them) and with everyday ones; then fewer steps, without
+# guidance, with fewer steps still, and at a size never seen in training.
+EVALUATIONS = (
+    ("canonical", 7.5, 64, 30), ("everyday", 7.5, 64, 30), ("canonical", 7.5, 64, 20),
+    ("canonical", 1.0, 64, 30), ("canonical", 7.5, 64, 10), ("canonical", 7.5, 128, 30),
+)
 
 
 def evaluate(model: Path, number: int) -> None:
@@ -255,15 +277,20 @@ def evaluate(model: Path, number: int) -> None:
     pipeline = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
     scenes = held_out_scenes(number)
+    everyday = np.random.default_rng(0)
+    prompts = {
+        "canonical": [scene.caption() for scene in scenes],
+        "everyday": [scene.everyday_caption(everyday) for scene in scenes],
+    }
     rows = []
-    for guidance, size, steps in EVALUATIONS:
-        images = generate(pipeline, scenes, guidance, size, steps)
+    for kind, guidance, size, steps in EVALUATIONS:
+        images = generate(pipeline, prompts[kind], guidance, size, steps)
         scores = accuracy(images, scenes)
-        rows.append((guidance, size, steps, scores))
-        print(f"guidance {guidance:g}, {size}x{size}, {steps} steps: " + ", ".join(f"{k} {v:.0%}" for k, v in scores.items()))
-        if (guidance, size, steps) == EVALUATIONS[0]:
+        rows.append((kind, guidance, size, steps, scores))
+        print(f"{kind}, guidance {guidance:g}, {size}x{size}, {steps} steps: " + ", ".join(f"{k} {v:.0%}" for k, v in scores.items()))
+        if (kind, guidance, size, steps) == EVALUATIONS[0]:
             sample_grid(images[:24], scenes[:24]).save(model / "samples.png")
-    write_model_card(model, number, rows)
+    write_model_card(model, number, rows, prompts["everyday"][:3])
 
 
 def sample_grid(images: list[Image.Image], scenes: list[Scene], columns: int = 6) -> Image.Image:
@@ -286,18 +313,20 @@ def parameters(folder: Path, component: str) -> str:
     return f"{count / 1e6:.2f}M"
 
 
-def write_model_card(model: Path, number: int, rows: list) -> None:
+def write_model_card(model: Path, number: int, rows: list, everyday_examples: list[str]) -> None:
     seconds = json.loads((model / "training.json").read_text())["training_seconds"]
     megabytes = sum(f.stat().st_size for f in model.rglob("*.safetensors")) / 1e6
     table = "\n".join(
-        f"| {guidance:g} | {size}x{size} | {steps} | {s['colour']:.0%} | {s['shape']:.0%} | {s['background']:.0%} "
-        f"| {s['count']:.0%} |"
-        for guidance, size, steps, s in rows
+        f"| {kind} | {guidance:g} | {size}x{size} | {steps} | {s['colour']:.0%} | {s['shape']:.0%} "
+        f"| {s['background']:.0%} | {s['count']:.0%} |"
+        for kind, guidance, size, steps, s in rows
     )
+    synonyms = textwrap.fill(", ".join(f"{synonym} → {word}" for synonym, word in SYNONYMS.items()), 96)
     (model / "README.md").write_text(MODEL_CARD.format(
-        vocabulary=", ".join(VOCABULARY), vae=parameters(model, "vae"), unet=parameters(model, "unet"),
+        vocabulary=", ".join(VOCABULARY), synonyms=synonyms, vae=parameters(model, "vae"), unet=parameters(model, "unet"),
         text_encoder=parameters(model, "text_encoder"), minutes=seconds / 60, megabytes=megabytes,
-        number=number, table=table,
+        number=number, table=table, defaults=(model / MODEL_DEFAULTS_FILE).read_text().strip(),
+        everyday="\n".join(f"- `{example}`" for example in everyday_examples),
     ))
 
 
@@ -315,7 +344,18 @@ cores; it is not a general model.
 ## Prompts it knows
 `[a|one|two|three] [small|large] <colour> <shape>[s] [at the top left|... |in the center|on the left|...] [on a <white|black|gray> background]`,
 for example `a small yellow triangle at the top left on a black background`. Its words:
-{vocabulary}. Other words are spelled letter by letter and mean nothing to it.
+{vocabulary}.
+
+Its tokenizer knows nothing else, and says so in its own files: the normalizer in
+`tokenizer/tokenizer.json` (the folder names the tokenizer `PreTrainedTokenizerFast`, which
+keeps that normalizer as saved) lower-cases the prompt, rewrites these synonyms, drops
+punctuation and drops every other word before the text encoder sees anything, so a word the model
+never learned cannot disturb the ones it did. `A huge shiny red ball in the middle, please!` is
+`a large red circle in the center`; a prompt made only of unknown words is the empty prompt
+(guidance's unconditional input), and draws some shapes on some background. Any diffusers client
+of this folder gets the same behaviour. The synonyms:
+
+{synonyms}
 
 ## Data
 Pictures are drawn with Pillow at 64x64 by `workers/demo_scenes.py` on the fly and never
@@ -328,7 +368,10 @@ A standard `StableDiffusionPipeline`, loaded with `from_pretrained` like any mod
 - text encoder: CLIP, 2 layers, width 64 ({text_encoder} parameters), trained with the denoiser;
 - VAE: AutoencoderKL, 4x downscale to 4 latent channels ({vae} parameters);
 - UNet: 3 levels (32/64/112 channels), cross-attention at 8x8 and 4x4 ({unet} parameters);
-- noise: cosine schedule, v-prediction; sampling with DPM-Solver++ (20 steps by default, clean from about 10).
+- noise: cosine schedule, v-prediction; sampling with DPM-Solver++ (clean from about 10 steps).
+
+`imagegen.json` beside `model_index.json` gives imagegen this model's defaults (a flag or
+`IMAGEGEN_` variable that is set still wins): `{defaults}`.
 
 Weights are float16 safetensors, {megabytes:.1f} MB in all.
 
@@ -346,19 +389,24 @@ The run is deterministic for a `--seed` and resumes from `--work-dir` after an i
 {minutes:.0f} minutes of wall time, partly sharing the cores with other work.
 
 ## Evaluation
-{number} held-out prompts, seed i for prompt i, scored from pixels by
+{number} held-out scenes, seed i for scene i, scored from pixels by
 `workers.demo_scenes.score` (background: median of the border; colour: nearest named colour
 to the median of the other pixels; shape: how much of its bounding box the largest blob fills;
-count: blobs). `--evaluate` reproduces the table.
+count: blobs). Canonical prompts are the scenes' captions in the model's own words; everyday
+prompts say the same as a newcomer might (`Scene.everyday_caption`: synonyms, words the model
+does not know, capitals and punctuation), for example:
 
-| guidance | size | steps | colour | shape | background | count |
-|---|---|---|---|---|---|---|
+{everyday}
+
+`--evaluate` reproduces the table.
+
+| prompts | guidance | size | steps | colour | shape | background | count |
+|---|---|---|---|---|---|---|---|
 {table}
 
-Guidance 1.0 turns classifier-free guidance off; the gap to 7.5 (the pipeline's default,
-which imagegen uses) is what guidance buys. imagegen's default is 20 steps; 30 draw shapes
-more reliably (pass `num_inference_steps`). At 128x128 the model draws at a size it never
-saw in training.
+Guidance 1.0 turns classifier-free guidance off; the gap to 7.5 is what guidance buys. The
+model's default is 30 steps (its `imagegen.json`), which draw shapes more reliably than 20. At
+128x128 the model draws at a size it never saw in training.
 """
 
 

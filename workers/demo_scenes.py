@@ -47,6 +47,28 @@ VOCABULARY = sorted(
 )
 
 
+# Words people use for what the demo draws, and the word of VOCABULARY each one means. The demo's
+# tokenizer rewrites them (and drops any other word) before its text encoder sees the prompt.
+SYNONYMS = {
+    "big": "large", "huge": "large", "giant": "large", "enormous": "large",
+    "little": "small", "tiny": "small", "mini": "small",
+    "centre": "center", "middle": "center", "central": "center", "centered": "center", "centred": "center",
+    "upper": "top", "lower": "bottom",
+    "grey": "gray", "violet": "purple", "golden": "yellow", "gold": "yellow", "crimson": "red", "scarlet": "red",
+    "navy": "blue",
+    "dot": "circle", "dots": "circles", "disc": "circle", "discs": "circles", "disk": "circle", "disks": "circles",
+    "ball": "circle", "balls": "circles", "box": "square", "boxes": "squares",
+    "backdrop": "background", "an": "a", "single": "one", "1": "one", "2": "two", "3": "three",
+}
+
+
+# Words that say nothing about a picture the demo draws; people type them anyway.
+FILLER_WORDS = (
+    "picture", "of", "shiny", "bright", "simple", "cute", "nice", "please", "flat", "drawing", "image",
+    "very", "with", "solid", "plain", "lovely", "pretty", "showing",
+)
+
+
 @dataclass(frozen=True)
 class Scene:
     """What one picture shows: ``count`` shapes of one kind, colour and size on a plain background."""
@@ -69,6 +91,18 @@ class Scene:
         if not (self.background == "white" and shorten and short_forms.random() < 0.3):
             words.append(f"on a {self.background} background")
         return " ".join(word for word in words if word)
+
+    def everyday_caption(self, rng: np.random.Generator) -> str:
+        """The scene as a newcomer might type it: the canonical caption with, half the time, a
+        synonym (SYNONYMS) for each word that has one, one to three FILLER_WORDS at random places,
+        a capital and punctuation."""
+        words = []
+        for word in self.caption().split():
+            synonyms = [synonym for synonym, meaning in SYNONYMS.items() if meaning == word]
+            words.append(str(rng.choice(synonyms)) if synonyms and rng.random() < 0.5 else word)
+        for filler in rng.choice(FILLER_WORDS, size=int(rng.integers(1, 4)), replace=False):
+            words.insert(int(rng.integers(0, len(words) + 1)), str(filler))
+        return " ".join(words).capitalize() + str(rng.choice(["", ".", "!", ", please"]))
 
     def is_held_out(self) -> bool:
         """One attribute combination in ten is kept out of training, for evaluation only."""

@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 
 class ModelNotFoundError(RuntimeError):
     """The model is neither built in, a local diffusers folder, nor in the local hub cache."""
@@ -24,14 +26,50 @@ class ModelNotFoundError(RuntimeError):
 
 # Trained by scripts/train_demo_model.py; its README.md is the model card.
 DEMO_MODEL_PATH = Path(__file__).parent / "demo_model"
+# Beside model_index.json, a model folder may say which defaults suit it (docs/models.md).
+MODEL_DEFAULTS_FILE = "imagegen.json"
 
 
-def clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77):
+class ModelDefaults(BaseModel):
+    """A model folder's imagegen.json: the defaults that suit this model. A setting that was set (a
+    flag or an IMAGEGEN_ variable) wins over them, and they win over imagegen's built-in defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_num_inference_steps: int | None = Field(None, ge=1)
+    default_guidance_scale: float | None = Field(None, ge=0)
+    native_size: str | None = Field(None, pattern=r"^[1-9][0-9]*x[1-9][0-9]*$")
+
+
+def read_model_defaults(folder: Path) -> ModelDefaults:
+    """The folder's imagegen.json (nothing set when it has none); ValueError naming the file when malformed."""
+    path = Path(folder) / MODEL_DEFAULTS_FILE
+    if not path.is_file():
+        return ModelDefaults()
+    try:
+        return ModelDefaults.model_validate_json(path.read_bytes())
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in error.errors())
+        raise ValueError(f"{path} is not a valid {MODEL_DEFAULTS_FILE}: {problems}") from None
+
+
+def clip_tokenizer(
+    words: Iterable[str] = (), model_max_length: int = 77, synonyms: dict[str, str] | None = None
+):
     """A CLIP BPE tokenizer over single bytes, so that any text tokenizes, offline; its merges
-    spell each of ``words`` as one token (other words fall back to single characters)."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
+    spell each of ``words`` as one token (other words fall back to single characters).
 
+    With ``synonyms`` (word -> one of ``words``) the tokenizer knows nothing but ``words``: its
+    normalizer, saved in tokenizer.json, rewrites each synonym, drops punctuation and drops every
+    other word, so a word the model never learned cannot reach its text encoder. The class is
+    PreTrainedTokenizerFast, which keeps tokenizer.json's normalizer as saved (CLIPTokenizer
+    rebuilds its own in code).
+    """
+    from tokenizers import Regex, normalizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer, PreTrainedTokenizerFast
+
+    words = list(words)
     symbols = sorted(ByteLevel.alphabet())
     tokens = symbols + [s + "</w>" for s in symbols]
     ranks: dict[tuple[str, str], int] = {}
@@ -43,7 +81,27 @@ def clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77):
             tokens.append(pieces[0] + pieces[1])
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=model_max_length)
+    backend = CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=model_max_length).backend_tokenizer
+    if synonyms is not None:
+        known = "|".join(sorted(words, key=len, reverse=True))
+        backend.normalizer = normalizers.Sequence(
+            [backend.normalizer]  # CLIP's own: NFC, whitespace, lower case
+            + [normalizers.Replace(Regex(rf"\b{synonym}\b"), word) for synonym, word in synonyms.items()]
+            + [
+                normalizers.Replace(Regex(r"[^\p{L}\s]+"), " "),
+                normalizers.Replace(Regex(rf"\b(?!(?:{known})\b)\p{{L}}+"), ""),
+                normalizers.Replace(Regex(r"\s+"), " "),
+                normalizers.Strip(),
+            ]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=model_max_length,
+    )
 
 
 def _byte_pair_encode(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:

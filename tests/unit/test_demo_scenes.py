@@ -2,9 +2,19 @@
 
 import numpy as np
 import pytest
-from transformers import CLIPTokenizer
+from diffusers import DiffusionPipeline
+from transformers import AutoTokenizer
 
-from workers.demo_scenes import VOCABULARY, accuracy, held_out_scenes, random_scene, render, training_scene
+from workers.demo_scenes import (
+    FILLER_WORDS,
+    SYNONYMS,
+    VOCABULARY,
+    accuracy,
+    held_out_scenes,
+    random_scene,
+    render,
+    training_scene,
+)
 from workers.models import DEMO_MODEL_PATH, resolve_model_path
 
 
@@ -48,7 +58,32 @@ def test_the_shipped_demo_model_is_complete_and_small():
 
 
 def test_the_demo_tokenizer_spells_each_word_as_one_token():
-    tokenizer = CLIPTokenizer.from_pretrained(DEMO_MODEL_PATH / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_PATH / "tokenizer")
     for word in VOCABULARY:
         assert len(tokenizer(word).input_ids) == 3, word  # start, the word, end
-    assert len(tokenizer("an unknown zebra!").input_ids) > 3  # other text still tokenizes
+
+
+def test_the_demo_tokenizer_maps_synonyms_and_drops_words_it_does_not_know():
+    # As any diffusers client loads the folder: the rules live in tokenizer.json.
+    tokenizer = DiffusionPipeline.from_pretrained(DEMO_MODEL_PATH).tokenizer
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text).input_ids
+
+    assert ids("A big, shiny RED ball in the middle of a grey backdrop, please!") == ids(
+        "a large red circle in the center a gray background"
+    )
+    assert ids("little violet squares at the upper left") == ids("small purple squares at the top left")
+    assert ids("zebra, xylophone & quantum!") == ids("")  # nothing left: the unconditional prompt
+    # Every synonym means a word of the vocabulary, and no filler word means anything.
+    assert set(SYNONYMS.values()) <= set(VOCABULARY)
+    assert all(ids(word) == ids("") for word in FILLER_WORDS)
+
+
+def test_everyday_captions_normalize_to_the_canonical_caption():
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_PATH / "tokenizer")
+    rng = np.random.default_rng(5)
+    for scene in held_out_scenes(50):
+        everyday = scene.everyday_caption(rng)
+        assert everyday != scene.caption()
+        assert tokenizer(everyday).input_ids == tokenizer(scene.caption()).input_ids, everyday
