@@ -23,7 +23,14 @@ from executors import (
     get_executor_class,
 )
 from workers.config import OmniDiffusionConfig, parse_size
-from workers.data import OmniDiffusionRequest, PartialImageOutput, RequestOutput, Usage, with_defaults
+from workers.data import (
+    OmniDiffusionRequest,
+    PartialImageOutput,
+    RequestOutput,
+    Usage,
+    defaults_in_force,
+    with_defaults,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +51,11 @@ QUALITY_STEP_FACTORS = {
 }
 
 
-def steps_for_quality(quality: str, config: OmniDiffusionConfig) -> int:
-    """Denoising steps for an OpenAI ``quality``: default_num_inference_steps x QUALITY_STEP_FACTORS[quality],
-    within 1..max_num_inference_steps."""
-    steps = round(config.default_num_inference_steps * QUALITY_STEP_FACTORS[quality])
-    return max(1, min(steps, config.max_num_inference_steps))
+def steps_for_quality(quality: str, default_steps: int, max_steps: int) -> int:
+    """Denoising steps for an OpenAI ``quality``: the default step count in force x
+    QUALITY_STEP_FACTORS[quality], within 1..max_steps."""
+    steps = round(default_steps * QUALITY_STEP_FACTORS[quality])
+    return max(1, min(steps, max_steps))
 
 
 @dataclass
@@ -111,10 +118,15 @@ class DiffusionEngine:
         except BaseException:
             self.executor.shutdown()
             raise
-        self.native_size: str = od_config.default_size or self.model_info["native_size"]
+        # What a request that names nothing runs with (a setting, the model's imagegen.json, built-in).
+        self.defaults = defaults_in_force(od_config, self.model_info)
         for rank in range(od_config.num_gpus):
             metrics.WORKER_UP.labels(od_config.model_name, str(rank)).set(1)
         logger.info("engine ready: %s", self.model_info)
+        logger.info(
+            "defaults in force: %s",
+            ", ".join(f"{name}={default.value} ({default.source})" for name, default in self.defaults.items()),
+        )
 
     # -- requests ------------------------------------------------------------------------------
     def prepare(self, request: OmniDiffusionRequest) -> OmniDiffusionRequest:
@@ -148,7 +160,7 @@ class DiffusionEngine:
         self._check_image(request)
         if request.image is not None and not self.size_allowed(request.image.shape[1], request.image.shape[0]):
             # An input image's own size is the default only where it is a size we serve.
-            width, height = parse_size(self.native_size)
+            width, height = parse_size(self.defaults["size"].value)
             request = dataclasses.replace(request, width=request.width or width, height=request.height or height)
         # 2. Defaults, then the ranges of what the request will run with.
         request = with_defaults(request, config, self.model_info)

@@ -131,7 +131,7 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
         steps = body.num_inference_steps
         quality = getattr(body, "quality", None)
         if steps is None and quality is not None:
-            steps = steps_for_quality(quality, config)
+            steps = steps_for_quality(quality, engine.defaults["num_inference_steps"].value, config.max_num_inference_steps)
         # Partial images only mean something in a stream; variations have neither.
         streamed_partials = (getattr(body, "partial_images", None) or 0) if getattr(body, "stream", False) else 0
         return {
@@ -336,16 +336,20 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
         content, media_type = await asyncio.to_thread(store.read, file_id)
         return Response(content, media_type=media_type)
 
+    model_card = ModelCard(
+        id=model_name, created=created, defaults={name: default.value for name, default in engine.defaults.items()}
+    )
+
     @app.get("/v1/models", response_model=ModelList, responses=_ERROR_RESPONSES)
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, created=created)])
+        return ModelList(data=[model_card])
 
     # :path, because hub ids such as "org/model" hold a slash.
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERROR_RESPONSES)
     async def retrieve_model(model_id: str) -> ModelCard:
         if model_id != model_name:
             raise NotFoundError(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
-        return ModelCard(id=model_name, created=created)
+        return model_card
 
     @app.get("/health")
     async def health() -> JSONResponse:

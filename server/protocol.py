@@ -6,7 +6,7 @@ docs/openai-compatibility.md for what each field does here.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -186,6 +186,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "imagegen"
+    # Extension: what a request that names them runs with (num_inference_steps, guidance_scale with
+    # null for the pipeline's own, size), from the settings, the model's imagegen.json or built in.
+    defaults: dict[str, Any] | None = None
 
 
 class ModelList(BaseModel):

@@ -66,9 +66,15 @@ class OmniDiffusionConfig(BaseSettings):
     batch_timeout_ms: float = Field(5.0, ge=0, description="how long a step waits to fill its batch")
     rpc_timeout_s: float = Field(300.0, gt=0, description="longest a worker may take for one call")
     worker_start_timeout_s: float = Field(600.0, gt=0, description="longest a worker may take to load its model")
-    default_size: str | None = Field(None, description="size when a request names none (default: the model's native size)")
-    default_num_inference_steps: int = Field(20, ge=1, description="denoising steps when a request names none")
-    default_guidance_scale: float | None = Field(None, description="guidance when a request names none (default: the pipeline's)")
+    default_size: str | None = Field(
+        None, description="size when a request names none (default: the model's native size, which imagegen.json may set)"
+    )
+    default_num_inference_steps: int | None = Field(
+        None, ge=1, description="denoising steps when a request names none (default: the model folder's imagegen.json, else 20)"
+    )
+    default_guidance_scale: float | None = Field(
+        None, description="guidance when a request names none (default: the model folder's imagegen.json, else the pipeline's)"
+    )
     max_num_inference_steps: int = Field(150, ge=1, description="largest num_inference_steps a request may ask for")
     # NoDecode: the environment gives "64x64,128x128", split below, not JSON.
     allowed_sizes: Annotated[list[str], NoDecode] = Field(list(DEFAULT_ALLOWED_SIZES), description="sizes a request may ask for (WxH, multiples of 8)")

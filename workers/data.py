@@ -6,10 +6,12 @@ import dataclasses
 import random
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from workers.config import OmniDiffusionConfig, parse_size
+from workers.models import MODEL_DEFAULTS_FILE
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,44 @@ class OmniDiffusionRequest:
         )
 
 
+# Denoising steps when neither a setting nor the model folder's imagegen.json names any.
+BUILT_IN_NUM_INFERENCE_STEPS = 20
+
+
+@dataclass(frozen=True)
+class Default:
+    """A default in force: its value, and where it comes from (a setting, the model folder's
+    imagegen.json, the model itself, or imagegen's built-in default)."""
+
+    value: Any
+    source: str
+
+
+def defaults_in_force(od_config: OmniDiffusionConfig, model_info: dict) -> dict[str, Default]:
+    """What a request that names nothing runs with: a setting that was set (flag or IMAGEGEN_
+    variable) first, then the model folder's imagegen.json (reported in ``model_info``, a
+    worker's ``describe()``), then imagegen's built-in default. Guidance None leaves the
+    pipeline's own."""
+    from_file = model_info["model_defaults"]
+
+    def first(setting: str, in_file: str, otherwise: Default) -> Default:
+        if getattr(od_config, setting) is not None:
+            return Default(getattr(od_config, setting), "setting")
+        if from_file.get(in_file) is not None:
+            return Default(from_file[in_file], MODEL_DEFAULTS_FILE)
+        return otherwise
+
+    return {
+        "num_inference_steps": first(
+            "default_num_inference_steps", "default_num_inference_steps",
+            Default(BUILT_IN_NUM_INFERENCE_STEPS, "built-in"),
+        ),
+        "guidance_scale": first("default_guidance_scale", "default_guidance_scale", Default(None, "the pipeline's")),
+        # The model's own: its VAE's sample size.
+        "size": first("default_size", "native_size", Default(model_info["native_size"], "model")),
+    }
+
+
 def with_defaults(
     request: OmniDiffusionRequest, od_config: OmniDiffusionConfig, model_info: dict
 ) -> OmniDiffusionRequest:
@@ -74,15 +114,15 @@ def with_defaults(
     values (the same seed above all); a worker called directly fills whatever is still unset by
     the same rules. ``model_info`` is a worker's ``describe()``.
 
-    - size: an input image's own size, else ``default_size``, else the model's native size;
-    - steps: ``default_num_inference_steps``; guidance: ``default_guidance_scale`` (None leaves
-      the pipeline's own);
+    - size: an input image's own size, else the default size in force (defaults_in_force);
+    - steps and guidance: the defaults in force (guidance None leaves the pipeline's own);
     - seed: a random one; strength (edits): the pipeline's own default for the task.
     """
+    defaults = defaults_in_force(od_config, model_info)
     if request.image is not None:
         default_height, default_width = request.image.shape[:2]
     else:
-        default_width, default_height = parse_size(od_config.default_size or model_info["native_size"])
+        default_width, default_height = parse_size(defaults["size"].value)
     strength = request.strength
     if strength is None and request.image is not None:
         strength = model_info["default_strength"].get(request.task)
@@ -91,8 +131,8 @@ def with_defaults(
         request,
         width=request.width or default_width,
         height=request.height or default_height,
-        num_inference_steps=request.num_inference_steps or od_config.default_num_inference_steps,
-        guidance_scale=guidance if guidance is not None else od_config.default_guidance_scale,
+        num_inference_steps=request.num_inference_steps or defaults["num_inference_steps"].value,
+        guidance_scale=guidance if guidance is not None else defaults["guidance_scale"].value,
         seed=request.seed if request.seed is not None else random.randint(0, 2**31 - 1),
         strength=strength,
     )

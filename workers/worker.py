@@ -15,7 +15,7 @@ from PIL import Image
 from workers.config import OmniDiffusionConfig
 from workers.data import OmniDiffusionRequest, PartialImageOutput, RequestOutput, Usage, with_defaults
 from workers.logs import recent_log_buffer
-from workers.models import resolve_model_path
+from workers.models import ModelDefaults, read_model_defaults, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class WorkerWrapperBase:
         # can stream (the mp process loop, the Ray actor). None returns them in the RequestOutput.
         self.progress_sink: Callable[[PartialImageOutput], None] | None = None
         self._description: dict | None = None
+        self._model_defaults = ModelDefaults()
         self._logs = recent_log_buffer()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -97,6 +98,8 @@ class WorkerWrapperBase:
         self.device = resolve_device(self.od_config.device, self.rank)
         self.dtype = resolve_dtype(self.od_config.dtype, self.device)
         path = resolve_model_path(self.od_config.model, self.od_config.model_cache_dir)
+        # Read first: a malformed imagegen.json fails start-up before minutes of loading.
+        self._model_defaults = read_model_defaults(path)
         pipeline = DiffusionPipeline.from_pretrained(path, dtype=self.dtype)
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline.to(self.device)
@@ -136,6 +139,8 @@ class WorkerWrapperBase:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "native_size": f"{native}x{native}",
+            # The model folder's imagegen.json, as workers.data.defaults_in_force reads it.
+            "model_defaults": self._model_defaults.model_dump(exclude_none=True),
             "size_multiple": self._size_multiple(),
             "tasks": sorted(self.pipelines),
             # What the engine fills in when an edit names no strength: each pipeline's own default.

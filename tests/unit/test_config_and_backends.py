@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from engine import OmniDiffusionConfig, parse_size
+from engine import OmniDiffusionConfig, OmniDiffusionRequest, parse_size
 from executors import DiffusionExecutor, MultiProcDiffusionExecutor, get_executor_class
 from server.cli import build_parser
+from workers.data import Default, defaults_in_force, with_defaults
 
 
 class CustomExecutor(MultiProcDiffusionExecutor):
@@ -79,3 +80,18 @@ def test_readme_documents_every_setting():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name in OmniDiffusionConfig.model_fields:
         assert f"| `--{name.replace('_', '-')}`" in readme and f"`IMAGEGEN_{name.upper()}`" in readme, name
+
+
+def test_defaults_in_force_take_a_setting_then_the_models_file_then_the_built_in():
+    model_info = {"native_size": "64x64", "model_defaults": {"default_num_inference_steps": 30, "native_size": "32x32"}}
+    defaults = defaults_in_force(OmniDiffusionConfig(), model_info)
+    assert defaults["num_inference_steps"] == Default(30, "imagegen.json")
+    assert defaults["size"] == Default("32x32", "imagegen.json")
+    assert defaults["guidance_scale"] == Default(None, "the pipeline's")
+    set_ = defaults_in_force(OmniDiffusionConfig(default_num_inference_steps=4, default_guidance_scale=2.0), model_info)
+    assert set_["num_inference_steps"] == Default(4, "setting") and set_["guidance_scale"] == Default(2.0, "setting")
+    bare = defaults_in_force(OmniDiffusionConfig(), {"native_size": "64x64", "model_defaults": {}})
+    assert bare["num_inference_steps"] == Default(20, "built-in") and bare["size"] == Default("64x64", "model")
+    # The request's own values come first, then these.
+    request = with_defaults(OmniDiffusionRequest("a fox", num_inference_steps=7), OmniDiffusionConfig(), model_info)
+    assert (request.num_inference_steps, request.width, request.height) == (7, 32, 32)

@@ -130,9 +130,8 @@ def test_resized_mask_stays_binary():
 
 
 def test_quality_maps_to_documented_steps():
-    config = OmniDiffusionConfig(default_num_inference_steps=20, max_num_inference_steps=50)
     steps = {
-        quality: steps_for_quality(quality, config)
+        quality: steps_for_quality(quality, default_steps=20, max_steps=50)
         for quality in ("low", "medium", "auto", "standard", "high", "hd", "max")
     }
     assert steps == {"low": 10, "medium": 20, "auto": 20, "standard": 20, "high": 40, "hd": 40, "max": 50}
