@@ -3,7 +3,7 @@
     .venv/bin/python scripts/train_demo_model.py            # train (resumes), save, evaluate, write the card
     .venv/bin/python scripts/train_demo_model.py --evaluate  # only evaluate the saved model and rewrite the card
 
-Training data comes from ``workers.demo_scenes``, drawn on the fly and never stored. Each
+Training data comes from ``scripts/demo_scenes.py``, drawn on the fly and never stored. Each
 step's batch, noise and timesteps are derived from (seed, phase, step), so a run is
 deterministic for a seed and a resumed run continues exactly where it stopped.
 """
@@ -34,7 +34,7 @@ from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from workers.demo_scenes import SYNONYMS, VOCABULARY, Scene, accuracy, held_out_scenes, render, training_scene
+from demo_scenes import SYNONYMS, VOCABULARY, Scene, accuracy, held_out_scenes, render, training_scene
 from workers.models import DEMO_MODEL_PATH, MODEL_DEFAULTS_FILE, clip_tokenizer
 
 MAX_TOKENS = 32
@@ -358,7 +358,7 @@ of this folder gets the same behaviour. The synonyms:
 {synonyms}
 
 ## Data
-Pictures are drawn with Pillow at 64x64 by `workers/demo_scenes.py` on the fly and never
+Pictures are drawn with Pillow at 64x64 by `scripts/demo_scenes.py` on the fly and never
 stored. One attribute combination in ten (colour, shape, count, size, place, background) is
 never shown in training; the evaluation below uses only those.
 
@@ -390,7 +390,7 @@ The run is deterministic for a `--seed` and resumes from `--work-dir` after an i
 
 ## Evaluation
 {number} held-out scenes, seed i for scene i, scored from pixels by
-`workers.demo_scenes.score` (background: median of the border; colour: nearest named colour
+`score` in `scripts/demo_scenes.py` (background: median of the border; colour: nearest named colour
 to the median of the other pixels; shape: how much of its bounding box the largest blob fills;
 count: blobs). Canonical prompts are the scenes' captions in the model's own words; everyday
 prompts say the same as a newcomer might (`Scene.everyday_caption`: synonyms, words the model

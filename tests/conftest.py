@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# The demo model's scene world (captions, renderings, the pixel scorer) lives beside its training script.
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 
 from helpers import ServerProcess  # noqa: E402
 

@@ -12,11 +12,11 @@ import pytest
 from helpers import ServerProcess
 from PIL import Image
 
-from workers.demo_scenes import BACKGROUNDS, SYNONYMS, accuracy, held_out_scenes, score
+from demo_scenes import BACKGROUNDS, SYNONYMS, accuracy, held_out_scenes, score
 
 pytestmark = pytest.mark.slow
 
-# Prompts the model never saw in training (see workers/demo_scenes.is_held_out).
+# Prompts the model never saw in training (see scripts/demo_scenes.py, Scene.is_held_out).
 SCENES = held_out_scenes(20)
 
 

@@ -5,7 +5,7 @@ import pytest
 from diffusers import DiffusionPipeline
 from transformers import AutoTokenizer
 
-from workers.demo_scenes import (
+from demo_scenes import (
     FILLER_WORDS,
     SYNONYMS,
     VOCABULARY,
