@@ -45,6 +45,7 @@ class PromptedOptions(ImageOptions):
     safety_identifier: str | None = None
     stream: bool = False
     partial_images: int | None = Field(None, ge=0, le=3)
+    progress: bool = Field(False, description="with stream: a progress event after every denoising step (an extension)")
 
     @field_validator("prompt")
     @classmethod
@@ -110,6 +111,7 @@ class ImageEditForm(BaseModel):
     strength: float | None = None
     stream: bool = False
     partial_images: int | None = None
+    progress: bool = False
 
 
 class ImageVariationForm(BaseModel):
@@ -179,6 +181,16 @@ class CompletedEvent(_StreamEvent):
     type: Literal["image_generation.completed", "image_edit.completed"]
     usage: ImageUsage
     seed: int
+
+
+class ProgressEvent(BaseModel):
+    """``image_generation.progress`` / ``image_edit.progress`` (an extension, asked for with ``progress``):
+    the request has had ``step`` of its ``total_steps`` denoising steps."""
+
+    type: Literal["image_generation.progress", "image_edit.progress"]
+    step: int
+    total_steps: int
+    created_at: int
 
 
 class ModelCard(BaseModel):

@@ -27,6 +27,7 @@ from engine import (
     InvalidRequestError,
     OmniDiffusionRequest,
     PartialImages,
+    StepProgress,
     Usage,
     parse_size,
     steps_for_quality,
@@ -41,6 +42,7 @@ from server.protocol import (
     ImagesResponse,
     ImageUsage,
     PartialImageEvent,
+    ProgressEvent,
     TokenDetails,
 )
 from server.storage import ImageStore
@@ -95,8 +97,8 @@ class ImageServing:
         quality = getattr(body, "quality", None)
         if steps is None and quality is not None:
             steps = steps_for_quality(quality, self.config)
-        # Partial images only mean something in a stream; variations have neither.
-        streamed_partials = (getattr(body, "partial_images", None) or 0) if getattr(body, "stream", False) else 0
+        # Partial images and progress only mean something in a stream; variations have neither.
+        streamed = getattr(body, "stream", False)
         return {
             "width": width,
             "height": height,
@@ -105,7 +107,8 @@ class ImageServing:
             "guidance_scale": body.guidance_scale,
             "seed": tuple(body.seed) if isinstance(body.seed, list) else body.seed,
             "num_images": body.n,
-            "partial_images": streamed_partials,
+            "partial_images": (getattr(body, "partial_images", None) or 0) if streamed else 0,
+            "progress": streamed and getattr(body, "progress", False),
         }
 
     # -- 2. generate, 3. encode, 4. answer ---------------------------------------------------------
@@ -173,16 +176,20 @@ def _finished(http_request: Request, output: DiffusionOutput) -> None:
         raise GenerationFailedError(output.error)
 
 
+# One item of AsyncDiffusionEngine.stream(): the request's progress, then its output.
+StreamItem = PartialImages | StepProgress | DiffusionOutput
+
+
 async def _server_sent_events(
     http_request: Request,
-    item: PartialImages | DiffusionOutput,
-    items: AsyncIterator[PartialImages | DiffusionOutput],
-    events: Callable[[PartialImages | DiffusionOutput], list[str]],
+    item: StreamItem,
+    items: AsyncIterator[StreamItem],
+    events: Callable[[StreamItem], list[str]],
 ) -> AsyncIterator[str]:
-    """The events of each partial image as soon as it comes, then the completed events; an error
-    after the first event can only be told in an error event."""
+    """The events of each partial image and step as soon as it comes, then the completed events; an
+    error after the first event can only be told in an error event."""
     try:
-        while isinstance(item, PartialImages):
+        while not isinstance(item, DiffusionOutput):
             yield "".join(await asyncio.to_thread(events, item))
             item = await anext(items)
             if isinstance(item, DiffusionOutput):
@@ -194,12 +201,16 @@ async def _server_sent_events(
         await items.aclose()  # when the client left: cancels the request
 
 
-def _events(
-    prefix: str, encode: Callable[..., bytes], fields: dict, item: PartialImages | DiffusionOutput
-) -> list[str]:
-    """The server-sent events of one item of a stream: a partial_image event per image of a
-    PartialImages, or a completed event per image of the DiffusionOutput."""
-    fields = {**fields, "created_at": int(time.time())}
+def _events(prefix: str, encode: Callable[..., bytes], fields: dict, item: StreamItem) -> list[str]:
+    """The server-sent events of one item of a stream: a progress event for a StepProgress, a
+    partial_image event per image of a PartialImages, or a completed event per image of the DiffusionOutput."""
+    created_at = int(time.time())
+    if isinstance(item, StepProgress):
+        progress = ProgressEvent(
+            type=f"{prefix}.progress", step=item.step, total_steps=item.total_steps, created_at=created_at
+        )
+        return [_server_sent_event(progress)]
+    fields = {**fields, "created_at": created_at}
     if isinstance(item, PartialImages):
         events: list[BaseModel] = [
             PartialImageEvent(

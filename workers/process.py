@@ -3,7 +3,7 @@
 Messages on the pipe, parent -> worker: ``RpcCall`` or ``None`` (shut down).
 Worker -> parent: first the handshake ``{"status": "ready", ...}`` or ``{"status": "error", "error": ...}``,
 then one ``RpcReply`` per call, in any order the parent matches by ``call_id``, each after the
-``RpcProgress`` messages (partial images) that its call sent while it ran.
+``RpcProgress`` messages (partial images, step progress) that its call sent while it ran.
 A second, one-way pipe carries lists of request ids to cancel; a thread of the worker reads it,
 because the main thread is busy in the pipeline exactly when a cancel matters.
 """
@@ -19,7 +19,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from workers.config import OmniDiffusionConfig
-from workers.data import PartialImageOutput
+from workers.data import WorkerProgress
 from workers.logs import configure_logging
 
 
@@ -40,10 +40,10 @@ class RpcReply:
 
 @dataclass(frozen=True)
 class RpcProgress:
-    """A partial image that a call sends on before its reply."""
+    """A partial image or a StepProgress that a call sends on before its reply."""
 
     call_id: int
-    partial: PartialImageOutput
+    progress: WorkerProgress
 
 
 def _exit_when_parent_dies() -> None:
@@ -100,8 +100,8 @@ def _serve(worker: Any, conn: Connection) -> None:
             return  # the parent closed its end
         if call is None:
             return
-        # The call's partial images go out at once, tagged with it; only this thread sends on conn.
-        worker.progress_sink = lambda partial, call_id=call.call_id: conn.send(RpcProgress(call_id, partial))
+        # The call's progress goes out at once, tagged with it; only this thread sends on conn.
+        worker.progress_sink = lambda progress, call_id=call.call_id: conn.send(RpcProgress(call_id, progress))
         try:
             if call.method.startswith("_"):
                 raise AttributeError(f"'{call.method}' is not a public worker method")
