@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from engine import AsyncDiffusionEngine, DiffusionEngine
 from server.errors import install_error_handlers
 from server.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, RequestLogMiddleware
-from server.routes import files, images, models, probes
+from server.routes import files, images, models, playground, probes
 from server.serving import ImageServing
 from server.storage import ImageStore
 
@@ -25,7 +25,7 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
     """An app serving ``engine``. The caller owns the engine; the app owns its batching front and image store.
 
     ``app.state`` holds what the routes share: ``engine`` (the AsyncDiffusionEngine front, from
-    start-up on), ``serving`` (the ImageServing over it), ``store``, ``model_name`` and ``created``.
+    start-up on), ``serving`` (the ImageServing over it), ``store`` and ``created``.
     """
     config = engine.od_config
 
@@ -38,9 +38,15 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
         await app.state.engine.close()
         app.state.store.close()
 
-    app = FastAPI(title="imagegen", summary="OpenAI-compatible image generation", lifespan=lifespan)
+    # /docs and /redoc are the playground router's, with their assets served from this machine.
+    app = FastAPI(
+        title="imagegen",
+        summary="OpenAI-compatible image generation",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.store = ImageStore(config.image_storage_dir, config.image_ttl_s)
-    app.state.model_name = config.model_name
     app.state.created = int(time.time())
 
     install_error_handlers(app)
@@ -49,7 +55,7 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
         app.add_middleware(ApiKeyMiddleware, api_keys=config.api_key, protect_metrics=config.metrics_require_api_key)
     app.add_middleware(RequestLogMiddleware, model_name=config.model_name)
 
-    for family in (images, files, models, probes):
+    for family in (images, files, models, probes, playground):
         app.include_router(family.router)
     _add_schemas(app, *images.HAND_PARSED_BODIES)
     return app

@@ -194,10 +194,17 @@ class ProgressEvent(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """OpenAI's model object; the fields after ``owned_by`` are extensions (what a client may ask of it)."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "imagegen"
+    allowed_sizes: list[str] = Field(description="sizes listed by the server's allowed_sizes setting")
+    default_size: str = Field(description="the size of a request that names none")
+    default_num_inference_steps: int
+    max_num_inference_steps: int
+    tasks: list[str] = Field(description="text2img, and img2img / inpaint where the model's pipelines allow edits")
 
 
 class ModelList(BaseModel):

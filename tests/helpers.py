@@ -151,6 +151,57 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def assert_pixels_close(a: np.ndarray, b: np.ndarray) -> None:
+    """The tolerance the docs promise across batch compositions: at most 1/255 per channel, and the
+    mean far below (most pixels equal)."""
+    assert a.shape == b.shape, f"shapes differ: {a.shape} vs {b.shape}"
+    difference = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert difference.max() <= 1, f"a pixel differs by {difference.max()}/255"
+    assert difference.mean() < 0.05, f"pixels differ by {difference.mean():.3f}/255 on average"
+
+
+# Debian's packages (apt-get install chromium chromium-driver; .ci/run does it).
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+@contextlib.contextmanager
+def chromium(width: int = 1280, height: int = 900):
+    """Debian's Chromium, headless, driven by Debian's chromedriver through Selenium.
+
+    The driver's path is given, so Selenium Manager is never asked for one (SE_OFFLINE makes sure
+    it would not download anything either). Every host name but 127.0.0.1 fails to resolve: the
+    pages must work with no network.
+    """
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ["SE_OFFLINE"] = "true"
+    profile = tempfile.mkdtemp(prefix="imagegen-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # as root, Chromium's sandbox cannot start
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        f"--window-size={width},{height}",
+        f"--user-data-dir={profile}",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+    ):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
 def metric_samples(text: str, name: str) -> list:
     return [s for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
 

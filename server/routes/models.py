@@ -1,4 +1,4 @@
-"""GET /v1/models and /v1/models/{model_id}: the one model this server serves."""
+"""GET /v1/models and /v1/models/{model_id}: the one model this server serves, with what it accepts."""
 
 from __future__ import annotations
 
@@ -12,8 +12,17 @@ router = APIRouter()
 
 
 def _model_card(http_request: Request) -> ModelCard:
-    state = http_request.app.state
-    return ModelCard(id=state.model_name, created=state.created)
+    engine = http_request.app.state.engine.engine
+    config = engine.od_config
+    return ModelCard(
+        id=config.model_name,
+        created=http_request.app.state.created,
+        allowed_sizes=config.allowed_sizes,
+        default_size=engine.native_size,
+        default_num_inference_steps=config.default_num_inference_steps,
+        max_num_inference_steps=config.max_num_inference_steps,
+        tasks=engine.model_info["tasks"],
+    )
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
