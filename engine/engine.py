@@ -278,7 +278,8 @@ class DiffusionEngine:
 
     def _on_progress(self, progress: WorkerProgress) -> None:
         if isinstance(progress, PartialImageOutput):
-            progress = PartialImages(progress.request_id, progress.index, [to_pil(pixels) for pixels in progress.images])
+            images = [to_pil(pixels) for pixels in progress.images]
+            progress = PartialImages(progress.request_id, progress.index, images)
         for listener in self.progress_listeners:
             listener(progress)
 

@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             _make_images(client, args)
     except openai.APIStatusError as error:
-        hint = " (no API key was given: set OPENAI_API_KEY or --api-key)" if error.status_code == 401 and not key else ""
+        no_key = error.status_code == 401 and not key
+        hint = " (no API key was given: set OPENAI_API_KEY or --api-key)" if no_key else ""
         _fail(f"the server answered {error.status_code}: {_message(error)}{hint}")
     except openai.APIConnectionError as error:
         _fail(f"cannot reach the server at {client.base_url}: {error.__cause__ or error}")

@@ -112,7 +112,9 @@ class ImageServing:
         }
 
     # -- 2. generate, 3. encode, 4. answer ---------------------------------------------------------
-    async def answer(self, http_request: Request, body: ImageOptions, request: OmniDiffusionRequest, events: str | None):
+    async def answer(
+        self, http_request: Request, body: ImageOptions, request: OmniDiffusionRequest, events: str | None
+    ):
         """Generate ``request`` and answer as ``body`` asks: JSON with b64_json or urls, or (``events`` names
         the event prefix) a server-sent event stream."""
         # Prepared here, in a thread: resizing an uploaded image must not block the event loop.

@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import CHROMEDRIVER, CHROMIUM, ServerProcess, chromium  # noqa: E402
+from helpers import CHROMEDRIVER, CHROMIUM, TEST_API_KEY, ServerProcess, chromium, ray_test_environment  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,6 +25,41 @@ def tiny_server():
     server = ServerProcess("--model", "tiny", "--max-batch-size", "8", "--batch-timeout-ms", "20")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def keyed_server():
+    """A real server with API key TEST_API_KEY, a queue of one image (see helpers.queue_held_full),
+    and requests allowed to run until their client hangs up."""
+    server = ServerProcess(
+        "--model", "tiny", "--api-key", TEST_API_KEY, "--max-queue-size", "1", "--max-num-inference-steps", "100000"
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module", params=["mp", "ray"])
+def mp_or_ray_server(request):
+    """The tiny model served with each backend that streams progress from its workers."""
+    if request.param == "mp":
+        yield request.getfixturevalue("tiny_server")
+        return
+    with ray_test_environment():  # the server starts a private local Ray with these settings
+        server = ServerProcess("--model", "tiny", "--backend", "ray")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_worker():
+    """A WorkerWrapperBase with the tiny model loaded, in this process."""
+    from engine import OmniDiffusionConfig
+    from workers.worker import WorkerWrapperBase
+
+    worker = WorkerWrapperBase(0, OmniDiffusionConfig(model="tiny"))
+    worker.initialize()
+    yield worker
+    worker.shutdown()
 
 
 @pytest.fixture

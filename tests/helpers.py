@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -263,3 +264,29 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+
+
+# The key of the `keyed_server` fixture.
+TEST_API_KEY = "imagegen-test-key"
+# A request that runs until its client hangs up, on a server whose max_num_inference_steps allows it.
+ENDLESS_STREAM = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 100000, "stream": True, "progress": True}
+
+
+@contextlib.contextmanager
+def queue_held_full(server: ServerProcess, headers: dict | None = None, timeout_s: float = 120):
+    """One request runs until the block ends and one waits behind it: on a server with
+    --max-queue-size 1, every other request meanwhile is 429. Afterwards both are done."""
+    url = f"{server.base_url}/v1/images/generations"
+    client = httpx.Client(timeout=timeout_s, headers=headers)
+    running = client.send(client.build_request("POST", url, json=ENDLESS_STREAM), stream=True)
+    assert running.status_code == 200  # its first progress event came: it is running
+    short = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 2}
+    waiting = threading.Thread(target=lambda: httpx.post(url, json=short, headers=headers, timeout=timeout_s))
+    waiting.start()
+    try:
+        poll(lambda: server.metric("imagegen_num_requests_waiting") == 1, 60, "the second request to queue")
+        yield
+    finally:
+        running.close()  # the running request stops at its next step; the waiting one runs
+        client.close()
+        waiting.join(timeout_s)

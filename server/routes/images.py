@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, TypeVar
+
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
@@ -19,6 +21,11 @@ from server.protocol import (
 from server.routes import serving
 from server.serving import ImageServing
 from server.uploads import data_url_bytes, json_images, read_body, read_pixels
+
+if TYPE_CHECKING:
+    import numpy as np
+
+M = TypeVar("M", bound=ImageEditRequest | ImageVariationRequest)
 
 router = APIRouter()
 
@@ -45,6 +52,18 @@ def _request_body(json_model: type[BaseModel], form_model: type[BaseModel]) -> d
     }
 
 
+async def _read_image_body(
+    http_request: Request, model: type[M], images: ImageServing, route: str
+) -> tuple[M, dict[str, list[bytes]], np.ndarray]:
+    """The body of a route that takes an input image (JSON or multipart), checked, with the uploaded
+    files and the image's pixels."""
+    config = images.config
+    body, uploads = await read_body(http_request, model, config.max_upload_image_bytes)
+    images.check_options(body, route)
+    sources = uploads.get("image", []) + json_images(body.images, config.max_upload_image_bytes)
+    return body, uploads, await read_pixels(sources, "image", rgb_pixels, config)
+
+
 @router.post(
     "/v1/images/generations",
     response_model=ImagesResponse,
@@ -66,15 +85,11 @@ async def create_image(body: ImageGenerationRequest, http_request: Request, imag
 )
 async def edit_image(http_request: Request, images: ImageServing = Depends(serving)):
     """Image-to-image; inpainting when a mask is given (its fully transparent pixels are repainted)."""
-    config = images.config
-    max_bytes = config.max_upload_image_bytes
-    body, uploads = await read_body(http_request, ImageEditRequest, max_bytes)
-    images.check_options(body, "/v1/images/edits")
-    image = await read_pixels(uploads.get("image", []) + json_images(body.images, max_bytes), "image", rgb_pixels, config)
+    body, uploads, image = await _read_image_body(http_request, ImageEditRequest, images, "/v1/images/edits")
     masks = uploads.get("mask", [])
     if body.mask is not None:
-        masks.append(data_url_bytes(body.mask, "mask.image_url", max_bytes))
-    mask = await read_pixels(masks, "mask", mask_pixels, config) if masks else None
+        masks.append(data_url_bytes(body.mask, "mask.image_url", images.config.max_upload_image_bytes))
+    mask = await read_pixels(masks, "mask", mask_pixels, images.config) if masks else None
     request = OmniDiffusionRequest(
         prompt=body.prompt,
         image=image,
@@ -94,10 +109,6 @@ async def edit_image(http_request: Request, images: ImageServing = Depends(servi
 )
 async def create_variation(http_request: Request, images: ImageServing = Depends(serving)):
     """Image-to-image from the image alone (an empty prompt)."""
-    config = images.config
-    max_bytes = config.max_upload_image_bytes
-    body, uploads = await read_body(http_request, ImageVariationRequest, max_bytes)
-    images.check_options(body, "/v1/images/variations")
-    image = await read_pixels(uploads.get("image", []) + json_images(body.images, max_bytes), "image", rgb_pixels, config)
+    body, _, image = await _read_image_body(http_request, ImageVariationRequest, images, "/v1/images/variations")
     request = OmniDiffusionRequest(prompt="", image=image, strength=body.strength, **images.request_fields(body))
     return await images.answer(http_request, body, request, None)

@@ -16,22 +16,18 @@ import struct
 import subprocess
 import sys
 import termios
-import threading
 import time
 
 import httpx
 import numpy as np
 import openai
 import pytest
-from helpers import ROOT, ServerProcess, free_port, poll, run_cli
+from helpers import ENDLESS_STREAM, ROOT, TEST_API_KEY, ServerProcess, free_port, poll, queue_held_full, run_cli
 from PIL import Image
 
 pytestmark = pytest.mark.slow
 
-KEY = "cli-test-key"
 DEADLINE_S = 120
-# A request that runs until its client hangs up (on servers that allow this many steps).
-ENDLESS = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 100000, "stream": True, "progress": True}
 
 
 def client_env(server: ServerProcess, **extra: str) -> dict[str, str]:
@@ -42,7 +38,12 @@ def client_env(server: ServerProcess, **extra: str) -> dict[str, str]:
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=DEADLINE_S, env=env
+        [sys.executable, "-m", "server.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+        env=env,
     )
 
 
@@ -152,16 +153,6 @@ def test_models_lists_the_served_model(tiny_server):
 
 
 # -- failures --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def keyed_server():
-    """Keys on, a queue of one image, and requests allowed to run until their client hangs up."""
-    server = ServerProcess(
-        "--model", "tiny", "--api-key", KEY, "--max-queue-size", "1", "--max-num-inference-steps", "100000"
-    )
-    yield server
-    server.stop()
-
-
 def test_connection_refused_is_one_line(tmp_path):
     result = run_cli(
         "generate", "a fox", "-o", str(tmp_path / "fox.png"), "--url", f"http://127.0.0.1:{free_port()}",
@@ -178,9 +169,9 @@ def test_missing_or_wrong_key_is_the_servers_401_message(keyed_server, tmp_path)
     missing = one_error_line(cli(*args, env=client_env(keyed_server)))
     assert "401" in missing and "no API key was given: set OPENAI_API_KEY or --api-key" in missing
     # The key from the flag wins, and IMAGEGEN_API_KEY (the server's list) is not the client's.
-    right = cli(*args, "--api-key", KEY, env=client_env(keyed_server, IMAGEGEN_API_KEY=KEY))
+    right = cli(*args, "--api-key", TEST_API_KEY, env=client_env(keyed_server, IMAGEGEN_API_KEY=TEST_API_KEY))
     assert right.returncode == 0, right.stderr
-    assert one_error_line(cli(*args, env=client_env(keyed_server, IMAGEGEN_API_KEY=KEY))).startswith(
+    assert one_error_line(cli(*args, env=client_env(keyed_server, IMAGEGEN_API_KEY=TEST_API_KEY))).startswith(
         "imagegen: the server answered 401"
     )
 
@@ -188,43 +179,28 @@ def test_missing_or_wrong_key_is_the_servers_401_message(keyed_server, tmp_path)
 def test_bad_size_is_the_servers_400_message(keyed_server, tmp_path):
     line = one_error_line(
         cli("generate", "a fox", "-o", str(tmp_path / "x.png"), "--size", "65x65",
-            env=client_env(keyed_server, OPENAI_API_KEY=KEY))
+            env=client_env(keyed_server, OPENAI_API_KEY=TEST_API_KEY))
     )
     assert line.startswith("imagegen: the server answered 400: size 65x65 is not supported")
     assert not (tmp_path / "x.png").exists()
 
 
 def test_busy_server_is_429_after_the_retries(keyed_server, tmp_path):
-    auth = {"Authorization": f"Bearer {KEY}"}
-    url = f"{keyed_server.base_url}/v1/images/generations"
-    http = httpx.Client(timeout=DEADLINE_S, headers=auth)
-    running = http.send(http.build_request("POST", url, json=ENDLESS), stream=True)
-    assert running.status_code == 200  # its first progress event came: it is running
-    waiting = threading.Thread(
-        target=lambda: httpx.post(url, json={"prompt": "a fox", "size": "64x64", "num_inference_steps": 2},
-                                  headers=auth, timeout=DEADLINE_S)
-    )
-    waiting.start()
-    try:
-        poll(lambda: keyed_server.metric("imagegen_num_requests_waiting") == 1, 60, "a request to wait")
+    with queue_held_full(keyed_server, {"Authorization": f"Bearer {TEST_API_KEY}"}):
         rejected = keyed_server.metric("imagegen_requests_rejected_total")
         result = cli("generate", "a fox", "-o", str(tmp_path / "fox.png"), "--max-retries", "1",
-                     env=client_env(keyed_server, OPENAI_API_KEY=KEY))
+                     env=client_env(keyed_server, OPENAI_API_KEY=TEST_API_KEY))
         line = one_error_line(result)
         assert line.startswith("imagegen: the server answered 429: The server is busy")
         # Asked twice: once, and once more after the Retry-After.
         assert keyed_server.metric("imagegen_requests_rejected_total") == rejected + 2
-    finally:
-        running.close()
-        http.close()
-        waiting.join(DEADLINE_S)
 
 
 def test_draining_server_is_the_servers_503_message(tmp_path):
     server = ServerProcess("--model", "tiny", "--max-num-inference-steps", "100000")
     http = httpx.Client(timeout=DEADLINE_S)
     try:
-        running = http.send(http.build_request("POST", f"{server.base_url}/v1/images/generations", json=ENDLESS),
+        running = http.send(http.build_request("POST", f"{server.base_url}/v1/images/generations", json=ENDLESS_STREAM),
                             stream=True)
         server.process.send_signal(signal.SIGTERM)  # drains: what runs may finish, new work is refused
         poll(lambda: httpx.get(f"{server.base_url}/ready", timeout=5).status_code == 503, 30, "the drain")

@@ -38,14 +38,17 @@ new MutationObserver((changes) => {
   }
 }).observe(document.body, {subtree: true, attributes: true, attributeFilter: ["class", "value", "src"]});
 window.sent = [];
+const dataUrl = (blob) => new Promise((done) => {
+  const reader = new FileReader();
+  reader.onload = () => done(reader.result);
+  reader.readAsDataURL(blob);
+});
 const original = window.fetch;
 window.fetch = async (url, options = {}) => {
   const record = {url: String(url), fields: {}};
   if (options.body instanceof FormData) {
     for (const [name, value] of options.body.entries()) {
-      record.fields[name] = value instanceof Blob
-        ? await new Promise((done) => { const r = new FileReader(); r.onload = () => done(r.result); r.readAsDataURL(value); })
-        : value;
+      record.fields[name] = value instanceof Blob ? await dataUrl(value) : value;
     }
   }
   window.sent.push(record);
@@ -151,7 +154,11 @@ def test_edit_sends_the_painted_area_as_the_transparent_part_of_the_mask(browser
 
     browser.find_element(By.ID, "tab-edit").click()
     browser.find_element(By.ID, "image-file").send_keys(str(path))
-    canvas = wait(browser, lambda d: next(iter(d.find_elements(By.CSS_SELECTOR, "#canvas-frame:not([hidden]) #mask-canvas")), None), "the canvas")
+    canvas = wait(
+        browser,
+        lambda d: next(iter(d.find_elements(By.CSS_SELECTOR, "#canvas-frame:not([hidden]) #mask-canvas")), None),
+        "the canvas with the image",
+    )
     browser.execute_script("document.getElementById('brush-size').value = 64")  # a range input
     width = canvas.size["width"]
     height = canvas.size["height"]
@@ -164,7 +171,9 @@ def test_edit_sends_the_painted_area_as_the_transparent_part_of_the_mask(browser
     prompt = browser.find_element(By.ID, "prompt")
     prompt.clear()
     prompt.send_keys("a large red circle on the left on a black background")
-    browser.execute_script("const s = document.getElementById('strength'); s.value = 1; s.dispatchEvent(new Event('input'))")
+    browser.execute_script(
+        "const s = document.getElementById('strength'); s.value = 1; s.dispatchEvent(new Event('input'))"
+    )
     screenshots(browser, "playground-edit-painted")
     browser.find_element(By.ID, "generate").click()
     wait(browser, lambda d: len(results(d)) == 2, "the edited picture")
@@ -188,7 +197,8 @@ def test_a_size_the_model_refuses_shows_the_servers_message(browser, server, scr
     Select(browser.find_element(By.ID, "size")).select_by_value("other")
     fill(browser, "custom-size", "65x65")
     browser.find_element(By.ID, "generate").click()
-    error = wait(browser, lambda d: d.find_element(By.ID, "error") if d.find_element(By.ID, "error").text else None, "#error")
+    error = wait(browser, lambda d: d.find_element(By.ID, "error") if d.find_element(By.ID, "error").text else None,
+                 "the message in #error")
     screenshots(browser, "playground-bad-size")
     assert "size 65x65 is not supported" in error.text
     assert results(browser) == []

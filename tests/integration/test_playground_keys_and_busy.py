@@ -4,30 +4,16 @@ page's retry after Retry-After gets in."""
 
 from __future__ import annotations
 
-import threading
-
 import httpx
 import pytest
-from helpers import ServerProcess, poll
+from helpers import TEST_API_KEY, queue_held_full
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 pytestmark = pytest.mark.slow
 
-KEY = "playground-test-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 DEADLINE_S = 120
-
-
-@pytest.fixture(scope="module")
-def server():
-    # A queue of one image, and requests allowed to run "forever" (until their client hangs up).
-    server = ServerProcess(
-        "--model", "tiny", "--api-key", KEY, "--max-queue-size", "1", "--max-num-inference-steps", "100000"
-    )
-    yield server
-    server.stop()
 
 
 def wait(driver, condition, what: str):
@@ -44,21 +30,21 @@ def submit_key(driver, key: str) -> None:
     field.send_keys(key, Keys.ENTER)
 
 
-def test_page_docs_and_assets_need_no_key_but_the_api_does(server):
+def test_page_docs_and_assets_need_no_key_but_the_api_does(keyed_server):
     for path in ("/", "/static/playground/playground.js", "/docs", "/redoc", "/openapi.json",
                  "/static/docs/swagger-ui-bundle.js"):
-        assert httpx.get(f"{server.base_url}{path}", timeout=30).status_code == 200, path
-    assert httpx.get(f"{server.base_url}/v1/models", timeout=30).status_code == 401
+        assert httpx.get(f"{keyed_server.base_url}{path}", timeout=30).status_code == 200, path
+    assert httpx.get(f"{keyed_server.base_url}/v1/models", timeout=30).status_code == 401
 
 
-def test_key_is_asked_for_kept_and_sent_as_bearer(browser, server, screenshots):
-    browser.get(f"{server.base_url}/")
+def test_key_is_asked_for_kept_and_sent_as_bearer(browser, keyed_server, screenshots):
+    browser.get(f"{keyed_server.base_url}/")
     wait(browser, lambda d: "API key" in error_text(d), "the 401 from /v1/models")
     assert "You didn't provide an API key" in error_text(browser)
     screenshots(browser, "playground-no-key")
     submit_key(browser, "wrong-key")
     wait(browser, lambda d: "Incorrect API key" in error_text(d), "the wrong key's 401")
-    submit_key(browser, KEY)
+    submit_key(browser, TEST_API_KEY)
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"), "the models")
     assert not browser.find_element(By.ID, "error").is_displayed()
     browser.find_element(By.ID, "prompt").send_keys("a red fox")
@@ -70,29 +56,18 @@ def test_key_is_asked_for_kept_and_sent_as_bearer(browser, server, screenshots):
     # The key survives a reload, in this browser only.
     browser.refresh()
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"), "the models after a reload")
-    assert browser.find_element(By.ID, "api-key").get_attribute("value") == KEY
-    assert browser.execute_script("return localStorage.getItem('imagegen.apiKey')") == KEY
+    assert browser.find_element(By.ID, "api-key").get_attribute("value") == TEST_API_KEY
+    assert browser.execute_script("return localStorage.getItem('imagegen.apiKey')") == TEST_API_KEY
     screenshots(browser, "playground-with-key")
 
 
-def test_busy_server_shows_busy_retrying_then_gets_in(browser, server, screenshots):
-    browser.get(f"{server.base_url}/")
-    browser.execute_script(f"localStorage.setItem('imagegen.apiKey', '{KEY}')")
+def test_busy_server_shows_busy_retrying_then_gets_in(browser, keyed_server, screenshots):
+    browser.get(f"{keyed_server.base_url}/")
+    browser.execute_script(f"localStorage.setItem('imagegen.apiKey', '{TEST_API_KEY}')")
     browser.refresh()
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"), "the models")
-    rejected = server.metric("imagegen_requests_rejected_total")
-    url = f"{server.base_url}/v1/images/generations"
-    endless = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 100000, "stream": True, "progress": True}
-    # One request runs until this test hangs up, one waits behind it: the one-image queue is full.
-    client = httpx.Client(timeout=DEADLINE_S, headers=AUTH)
-    running = client.send(client.build_request("POST", url, json=endless), stream=True)
-    assert running.status_code == 200  # its first progress event came: it is running
-    waiting = threading.Thread(target=lambda: httpx.post(url, json={"prompt": "a fox", "size": "64x64",
-                                                                     "num_inference_steps": 2}, headers=AUTH,
-                                                         timeout=DEADLINE_S))
-    waiting.start()
-    try:
-        poll(lambda: server.metric("imagegen_num_requests_waiting") == 1, 60, "the second request to queue")
+    rejected = keyed_server.metric("imagegen_requests_rejected_total")
+    with queue_held_full(keyed_server, {"Authorization": f"Bearer {TEST_API_KEY}"}):
         browser.find_element(By.ID, "prompt").send_keys("a red fox")
         steps = browser.find_element(By.ID, "steps")
         steps.clear()
@@ -100,11 +75,7 @@ def test_busy_server_shows_busy_retrying_then_gets_in(browser, server, screensho
         browser.find_element(By.ID, "generate").click()
         wait(browser, lambda d: "busy, retrying" in d.find_element(By.ID, "status").text, "busy, retrying")
         screenshots(browser, "playground-busy")
-        assert server.metric("imagegen_requests_rejected_total") > rejected
+        assert keyed_server.metric("imagegen_requests_rejected_total") > rejected
         assert browser.find_elements(By.CSS_SELECTOR, "img.result") == []
-    finally:
-        running.close()  # the endless request stops at its next step; the waiting one runs
-        client.close()
-    waiting.join(DEADLINE_S)
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "img.result"), "the result after the retries")
     assert not browser.find_element(By.ID, "error").is_displayed()

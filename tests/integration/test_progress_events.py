@@ -10,12 +10,11 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from helpers import ServerProcess, poll, ray_test_environment
+from helpers import poll
 from PIL import Image
 
-from engine import OmniDiffusionConfig, OmniDiffusionRequest
+from engine import OmniDiffusionRequest
 from workers.data import PartialImageOutput, StepProgress
-from workers.worker import WorkerWrapperBase
 
 pytestmark = pytest.mark.slow
 
@@ -30,25 +29,17 @@ LONG_STREAM = {
 }
 
 
-@pytest.fixture(scope="module")
-def worker():
-    worker = WorkerWrapperBase(0, OmniDiffusionConfig(model="tiny"))
-    worker.initialize()
-    yield worker
-    worker.shutdown()
-
-
-def test_worker_hands_a_step_progress_per_step_only_to_requests_that_asked(worker):
+def test_worker_hands_a_step_progress_per_step_only_to_requests_that_asked(tiny_worker):
     asked, silent = [
         OmniDiffusionRequest("a red fox", 64, 64, num_inference_steps=5, seed=seed, progress=progress, partial_images=1)
         for seed, progress in ((1, True), (2, False))
     ]
     received = []
-    worker.progress_sink = received.append
+    tiny_worker.progress_sink = received.append
     try:
-        outputs = worker.generate([asked, silent])
+        outputs = tiny_worker.generate([asked, silent])
     finally:
-        worker.progress_sink = None
+        tiny_worker.progress_sink = None
     assert [o.error for o in outputs] == [None, None]
     steps = [p for p in received if isinstance(p, StepProgress)]
     assert steps == [StepProgress(asked.request_id, step, 5) for step in range(1, 6)]
@@ -57,7 +48,7 @@ def test_worker_hands_a_step_progress_per_step_only_to_requests_that_asked(worke
     assert [request_id for _, request_id in partials] == [asked.request_id, silent.request_id]
     assert received.index(StepProgress(asked.request_id, 2, 5)) < partials[0][0]
     # Without a sink the reply carries only the partial images: steps reported late would tell nothing.
-    (late,) = worker.generate([asked])
+    (late,) = tiny_worker.generate([asked])
     assert [type(p) for p in late.partial_images] == [PartialImageOutput]
 
 
@@ -120,35 +111,25 @@ def test_an_edit_counts_the_steps_its_strength_leaves(tiny_server):
     ]
 
 
-@pytest.fixture(scope="module", params=["mp", "ray"])
-def server(request):
-    if request.param == "mp":
-        yield request.getfixturevalue("tiny_server")
-        return
-    with ray_test_environment():  # the server starts a private local Ray with these settings
-        server = ServerProcess("--model", "tiny", "--backend", "ray")
-    yield server
-    server.stop()
-
-
-def test_first_progress_event_reaches_the_client_while_the_request_still_denoises(server):
+def test_first_progress_event_reaches_the_client_while_the_request_still_denoises(mp_or_ray_server):
     """Proof by causality, not timing (as for partial images): the client reads the first progress
     event and hangs up. Had the steps been reported with the finished image, the step would have
     ended and counted its image; instead the request is cancelled and its step makes no image."""
-    generated = server.metric("imagegen_images_generated_total")
-    cancelled = server.metric("imagegen_requests_cancelled_total")
-    with httpx.stream("POST", f"{server.base_url}/v1/images/generations", json=LONG_STREAM, timeout=120) as response:
+    generated = mp_or_ray_server.metric("imagegen_images_generated_total")
+    cancelled = mp_or_ray_server.metric("imagegen_requests_cancelled_total")
+    url = f"{mp_or_ray_server.base_url}/v1/images/generations"
+    with httpx.stream("POST", url, json=LONG_STREAM, timeout=120) as response:
         assert response.status_code == 200
         first = next(json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: "))
     assert (first["type"], first["step"], first["total_steps"]) == ("image_generation.progress", 1, 150)
-    poll(lambda: server.metric("imagegen_num_requests_running") == 0, 60, "the step to stop")
-    assert server.metric("imagegen_requests_cancelled_total") == cancelled + 1
-    assert server.metric("imagegen_images_generated_total") == generated
+    poll(lambda: mp_or_ray_server.metric("imagegen_num_requests_running") == 0, 60, "the step to stop")
+    assert mp_or_ray_server.metric("imagegen_requests_cancelled_total") == cancelled + 1
+    assert mp_or_ray_server.metric("imagegen_images_generated_total") == generated
 
 
-def test_every_step_comes_once_in_order_on_each_backend(server):
+def test_every_step_comes_once_in_order_on_each_backend(mp_or_ray_server):
     body = {**LONG_STREAM, "size": "64x64", "num_inference_steps": 6, "n": 2, "partial_images": 2}
-    with httpx.stream("POST", f"{server.base_url}/v1/images/generations", json=body, timeout=120) as response:
+    with httpx.stream("POST", f"{mp_or_ray_server.base_url}/v1/images/generations", json=body, timeout=120) as response:
         events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
     # One progress event per step for the request (not per image); partial images after steps 2 and 4.
     assert [(e["type"].rsplit(".", 1)[1], e.get("step", e.get("partial_image_index"))) for e in events] == [
