@@ -73,9 +73,9 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
     """Spawns ``num_gpus`` worker processes (rank r uses ``cuda:r``, or its share of the CPU cores).
 
     Several threads may call ``collective_rpc`` at once: each reply carries its call id and a
-    reader thread per worker hands it to the matching caller, after reporting the progress (partial
-    images, steps) the call sent before it. A worker that dies fails the calls it held at once and is reported to
-    ``death_listeners``; ``restart_worker`` replaces it.
+    reader thread per worker hands it to the matching caller, after reporting the progress
+    (partial images, steps) the call sent before it. A worker that dies fails the calls it held
+    at once and is reported to ``death_listeners``; ``restart_worker`` replaces it.
     """
 
     def _init_executor(self) -> None:

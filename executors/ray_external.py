@@ -25,7 +25,7 @@ except ImportError as error:  # Ray is an optional extra
 from executors.base import ExecutorError, RpcTimeoutError, WorkerDiedError, WorkerRpcError, WorkerStartupError
 from executors.external import HEALTH_CHECK_TIMEOUT_S, ExternalDiffusionExecutor
 from workers.config import OmniDiffusionConfig
-from workers.data import PartialImageOutput, StepProgress
+from workers.data import WorkerProgress
 from workers.ray_actor import RayDiffusionWorkerActor
 
 __all__ = ["ACTOR_NAMES_ENV", "RayDiffusionWorkerActor", "RayExternalDiffusionExecutor"]
@@ -261,7 +261,7 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
                 rank, handle = pending[call]
                 ref = next(call) if isinstance(call, ray.ObjectRefGenerator) else call
                 value = self._reply(ref, method, rank, handle, error_replies_raise)
-                if isinstance(value, (PartialImageOutput, StepProgress)):
+                if isinstance(value, WorkerProgress):
                     self._report_progress(value)
                     continue
                 del pending[call]
