@@ -12,7 +12,7 @@ from engine.errors import (
     RequestTimeoutError,
 )
 from workers.config import OmniDiffusionConfig, parse_size
-from workers.data import OmniDiffusionRequest, Usage
+from workers.data import OmniDiffusionRequest, StepProgress, Usage
 from workers.logs import configure_logging
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "OmniDiffusionRequest",
     "PartialImages",
     "RequestTimeoutError",
+    "StepProgress",
     "Usage",
     "configure_logging",
     "parse_size",

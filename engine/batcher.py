@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from engine import metrics
 from engine.engine import DiffusionEngine, DiffusionOutput, PartialImages
 from engine.errors import EngineDeadError, EngineOverloadedError, RequestTimeoutError
-from workers.data import OmniDiffusionRequest
+from workers.data import OmniDiffusionRequest, StepProgress
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class AsyncDiffusionEngine:
     request still queued after ``request_timeout_s`` is RequestTimeoutError (504) and never runs;
     while a worker restarts, requests wait in the queue.
 
-    ``stream()`` is ``generate()`` that also yields the request's partial images as they come.
+    ``stream()`` is ``generate()`` that also yields the request's progress (partial images, steps) as it comes.
     """
 
     def __init__(self, engine: DiffusionEngine):
@@ -63,21 +63,21 @@ class AsyncDiffusionEngine:
         self._steps: set[asyncio.Task] = set()
         self._scheduler: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # request_id -> the queue of stream() waiting for that request's partial images.
-        self._partial_images: dict[str, asyncio.Queue[PartialImages | None]] = {}
+        # request_id -> the queue of stream() waiting for that request's progress.
+        self._progress: dict[str, asyncio.Queue[PartialImages | StepProgress | None]] = {}
         self._waiting = metrics.REQUESTS_WAITING.labels(self._model_name)
         self._running = metrics.REQUESTS_RUNNING.labels(self._model_name)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._scheduler = self._loop.create_task(self._schedule(), name="imagegen-scheduler")
-        self.engine.partial_image_listeners.append(self._on_partial_images)
+        self.engine.progress_listeners.append(self._on_progress)
 
     async def close(self) -> None:
         """Stop scheduling, let running steps finish, fail what is still queued."""
         if self._scheduler is not None:
             self._scheduler.cancel()
-            self.engine.partial_image_listeners.remove(self._on_partial_images)
+            self.engine.progress_listeners.remove(self._on_progress)
         if self._steps:
             await asyncio.wait(self._steps)
         self._fail_queued(EngineDeadError("the server is shutting down"))
@@ -131,31 +131,33 @@ class AsyncDiffusionEngine:
                 self._queue.remove(queued)
                 self._waiting.dec()
 
-    async def stream(self, request: OmniDiffusionRequest) -> AsyncIterator[PartialImages | DiffusionOutput]:
-        """generate(), yielding each of the request's PartialImages as soon as a worker has decoded
-        it, and the DiffusionOutput last. Closing the iterator early cancels the request."""
-        partials: asyncio.Queue[PartialImages | None] = asyncio.Queue()
-        self._partial_images[request.request_id] = partials
+    async def stream(
+        self, request: OmniDiffusionRequest
+    ) -> AsyncIterator[PartialImages | StepProgress | DiffusionOutput]:
+        """generate(), yielding each of the request's PartialImages and StepProgress as soon as a
+        worker has made it, and the DiffusionOutput last. Closing the iterator early cancels the request."""
+        progress: asyncio.Queue[PartialImages | StepProgress | None] = asyncio.Queue()
+        self._progress[request.request_id] = progress
         generation = asyncio.ensure_future(self.generate(request))
-        # Runs after every partial image of the request is queued: the workers send them before
-        # their reply, and the threads that report them hand them to the loop before the step ends.
-        generation.add_done_callback(lambda _: partials.put_nowait(None))
+        # Runs after all the request's progress is queued: the workers send it before their
+        # reply, and the threads that report it hand it to the loop before the step ends.
+        generation.add_done_callback(lambda _: progress.put_nowait(None))
         try:
-            while (partial := await partials.get()) is not None:
-                yield partial
+            while (item := await progress.get()) is not None:
+                yield item
             yield generation.result()
         finally:
             generation.cancel()
-            del self._partial_images[request.request_id]
+            del self._progress[request.request_id]
 
-    def _on_partial_images(self, partial: PartialImages) -> None:
+    def _on_progress(self, item: PartialImages | StepProgress) -> None:
         # Called from an executor's or a step's thread.
-        self._loop.call_soon_threadsafe(self._queue_partial_images, partial)
+        self._loop.call_soon_threadsafe(self._queue_progress, item)
 
-    def _queue_partial_images(self, partial: PartialImages) -> None:
-        partials = self._partial_images.get(partial.request_id)
-        if partials is not None:  # else nobody streams it (any more)
-            partials.put_nowait(partial)
+    def _queue_progress(self, item: PartialImages | StepProgress) -> None:
+        progress = self._progress.get(item.request_id)
+        if progress is not None:  # else nobody streams it (any more)
+            progress.put_nowait(item)
 
     def _fail_queued(self, error: Exception) -> None:
         if self._queue:

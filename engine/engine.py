@@ -27,7 +27,9 @@ from workers.data import (
     OmniDiffusionRequest,
     PartialImageOutput,
     RequestOutput,
+    StepProgress,
     Usage,
+    WorkerProgress,
     defaults_in_force,
     with_defaults,
 )
@@ -63,7 +65,7 @@ class DiffusionOutput:
     """The result of one request: ``num_images`` PIL images, the request's seed, or an error.
 
     ``rank`` is the worker that served it (None when the engine rejected the request);
-    ``seeds`` holds each image's seed. Partial images go to ``partial_image_listeners`` instead.
+    ``seeds`` holds each image's seed. Partial images go to ``progress_listeners`` instead.
     """
 
     request_id: str
@@ -91,9 +93,11 @@ class DiffusionEngine:
     """Owns the executor and turns requests into images, one ``step()`` at a time.
 
     ``step()`` is thread-safe: several steps may be in flight (the async front keeps the
-    workers busy while the previous step's images are post-processed). Partial images go to
-    ``partial_image_listeners`` from another thread, while their step runs (backends mp and ray)
-    or just before it returns (backends that send them with the reply), never twice.
+    workers busy while the previous step's images are post-processed). A running request's
+    progress goes to ``progress_listeners`` from another thread: each PartialImages while its
+    step runs (backends mp and ray) or just before it returns (backends that send them with the
+    reply), never twice; each StepProgress while its step runs (backends that cannot stream
+    send none).
     """
 
     def __init__(self, od_config: OmniDiffusionConfig):
@@ -103,14 +107,14 @@ class DiffusionEngine:
         self.fatal_error: str | None = None
         # Called with the reason once the engine turns fatal; the server exits on it.
         self.fatal_listeners: list[Callable[[str], None]] = []
-        # Called with each PartialImages of a running request (see the class docstring).
-        self.partial_image_listeners: list[Callable[[PartialImages], None]] = []
+        # Called with each PartialImages or StepProgress of a running request (see the class docstring).
+        self.progress_listeners: list[Callable[[PartialImages | StepProgress], None]] = []
         self._restarting_ranks: set[int] = set()
         self._lock = threading.Lock()
         executor_class = get_executor_class(od_config.distributed_executor_backend)
         self.executor = executor_class(od_config)
         self.executor.death_listeners.append(self._on_worker_death)
-        self.executor.partial_image_listeners.append(self._on_partial_image)
+        self.executor.progress_listeners.append(self._on_progress)
         try:
             # Every rank's reply, then rank 0's: a custom executor that takes unique_reply_rank=0 for
             # "no rank" (the guide's `if unique_reply_rank` idiom) still gives the engine a good answer.
@@ -258,7 +262,7 @@ class DiffusionEngine:
                 for stage, seconds in reply.stage_seconds.items():
                     metrics.STAGE_TIME.labels(self.od_config.model_name, stage).observe(seconds)
                 for partial in reply.partial_images:  # from a backend that could not send them earlier
-                    self._on_partial_image(partial)
+                    self._on_progress(partial)
                 outputs[reply.request_id] = DiffusionOutput(
                     reply.request_id,
                     [to_pil(pixels) for pixels in reply.images],
@@ -270,10 +274,12 @@ class DiffusionEngine:
                 )
         return [outputs[request.request_id] for request in requests]
 
-    def _on_partial_image(self, partial: PartialImageOutput) -> None:
-        images = PartialImages(partial.request_id, partial.index, [to_pil(pixels) for pixels in partial.images])
-        for listener in self.partial_image_listeners:
-            listener(images)
+    def _on_progress(self, progress: WorkerProgress) -> None:
+        if isinstance(progress, PartialImageOutput):
+            images = [to_pil(pixels) for pixels in progress.images]
+            progress = PartialImages(progress.request_id, progress.index, images)
+        for listener in self.progress_listeners:
+            listener(progress)
 
     def _generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
         self._raise_if_dead()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from workers.config import OmniDiffusionConfig
-from workers.data import PartialImageOutput
+from workers.data import WorkerProgress
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ class DiffusionExecutor(ABC):
 
     ``collective_rpc`` is the single transport: every other operation is built on it or on
     the backend's liveness check. Backends implement the abstract methods. A backend that can
-    deliver the partial images a call decodes while it still runs hands each to
-    ``_report_partial_image``; the others leave them in the call's RequestOutputs.
+    deliver the progress a call makes while it still runs (partial images, StepProgress) hands
+    each to ``_report_progress``; the others leave the partial images in the call's RequestOutputs.
     """
 
     def __init__(self, od_config: OmniDiffusionConfig):
@@ -51,8 +51,8 @@ class DiffusionExecutor(ABC):
         self.is_closed = False
         # Called as listener(rank, reason) when a worker dies while the executor is open.
         self.death_listeners: list[Callable[[int, str], None]] = []
-        # Called as listener(partial) with each partial image a worker sends while its call runs.
-        self.partial_image_listeners: list[Callable[[PartialImageOutput], None]] = []
+        # Called as listener(progress) with each partial image or StepProgress a worker sends while its call runs.
+        self.progress_listeners: list[Callable[[WorkerProgress], None]] = []
         self._init_executor()
 
     @abstractmethod
@@ -99,12 +99,12 @@ class DiffusionExecutor(ABC):
         for listener in self.death_listeners:
             listener(rank, reason)
 
-    def _report_partial_image(self, partial: PartialImageOutput) -> None:
-        for listener in self.partial_image_listeners:
+    def _report_progress(self, progress: WorkerProgress) -> None:
+        for listener in self.progress_listeners:
             try:
-                listener(partial)
+                listener(progress)
             except Exception:  # noqa: BLE001 - a listener must not take the transport down with it
-                logger.exception("a partial image listener failed")
+                logger.exception("a progress listener failed")
 
     def shutdown(self) -> None:
         """Idempotent."""

@@ -86,9 +86,9 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
     """Starts ``num_gpus`` worker programs (rank r uses ``cuda:r``, or its share of the CPU cores).
 
     Several threads may call ``collective_rpc`` at once: each reply carries its call id and a
-    reader thread per worker hands it to the matching caller, after reporting the partial images
-    the call sent before it. A worker that dies fails the calls it held at once and is reported to
-    ``death_listeners``; ``restart_worker`` replaces it.
+    reader thread per worker hands it to the matching caller, after reporting the progress
+    (partial images, steps) the call sent before it. A worker that dies fails the calls it held
+    at once and is reported to ``death_listeners``; ``restart_worker`` replaces it.
     """
 
     def _init_executor(self) -> None:
@@ -170,7 +170,7 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
                 with self._lock:
                     awaited = reply.call_id in worker.pending
                 if awaited:  # else its caller gave up waiting
-                    self._report_partial_image(reply.partial)
+                    self._report_progress(reply.progress)
                 continue
             with self._lock:
                 future = worker.pending.pop(reply.call_id, None)

@@ -25,7 +25,7 @@ except ImportError as error:  # Ray is an optional extra
 from executors.base import ExecutorError, RpcTimeoutError, WorkerDiedError, WorkerRpcError, WorkerStartupError
 from executors.external import HEALTH_CHECK_TIMEOUT_S, ExternalDiffusionExecutor
 from workers.config import OmniDiffusionConfig
-from workers.data import PartialImageOutput
+from workers.data import WorkerProgress
 from workers.ray_actor import RayDiffusionWorkerActor
 
 __all__ = ["ACTOR_NAMES_ENV", "RayDiffusionWorkerActor", "RayExternalDiffusionExecutor"]
@@ -244,7 +244,7 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
         Raises at the first failure rather than waiting for every rank; an actor's error dict
         becomes WorkerRpcError unless ``error_replies_raise`` is False. Large replies travel
         through Ray's object store (Ray stores any return value over ~100 KiB there). A streamed
-        call's partial images are reported as they come; its last item is the reply.
+        call's progress (partial images, steps) is reported as it comes; its last item is the reply.
         """
         deadline = time.monotonic() + timeout
         pending = {submit(handle): (rank, handle) for rank, handle in handles.items()}
@@ -261,8 +261,8 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
                 rank, handle = pending[call]
                 ref = next(call) if isinstance(call, ray.ObjectRefGenerator) else call
                 value = self._reply(ref, method, rank, handle, error_replies_raise)
-                if isinstance(value, PartialImageOutput):
-                    self._report_partial_image(value)
+                if isinstance(value, WorkerProgress):
+                    self._report_progress(value)
                     continue
                 del pending[call]
                 replies[rank] = value

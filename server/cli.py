@@ -1,4 +1,5 @@
-"""`imagegen serve`: every OmniDiffusionConfig field is a flag of the same name."""
+"""`imagegen serve`: every OmniDiffusionConfig field is a flag of the same name. The client
+subcommands (generate, edit, models) are server/client_cli.py's."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from engine import DiffusionEngine, OmniDiffusionConfig, configure_logging
+from server import client_cli
 
 
 def _flag_type(annotation: Any) -> tuple[Any, list | None]:
@@ -23,7 +25,9 @@ def _flag_type(annotation: Any) -> tuple[Any, list | None]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imagegen", description="OpenAI-compatible image generation server")
+    parser = argparse.ArgumentParser(
+        prog="imagegen", description="OpenAI-compatible image generation server, and a client of it"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve",
@@ -47,11 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
             default=argparse.SUPPRESS,
             help=f"{field.description} (default: {default})",
         )
+    client_cli.add_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        return client_cli.run(args)
     flags = {name: value for name, value in vars(args).items() if name != "command"}
     try:
         config = OmniDiffusionConfig(**flags)

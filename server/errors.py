@@ -32,6 +32,20 @@ ERROR_TABLE: dict[type[EngineError], tuple[int, str]] = {
     RequestTimeoutError: (504, "server_error"),
 }
 
+# The error statuses every route may answer, for the OpenAPI schema.
+ERROR_RESPONSES: dict = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "invalid request (names the param)",
+        401: "missing or wrong API key",
+        404: "no such model or image file",
+        429: "queue full; retry after Retry-After",
+        500: "the pipeline failed (x-should-retry: false)",
+        503: "no worker can serve, or the server is draining",
+        504: "a worker did not answer in time",
+    }.items()
+}
+
 # What a 429 tells clients to wait: a step of a small model takes well under this.
 RETRY_AFTER_S = 1
 

@@ -113,7 +113,9 @@ class ApiKeyMiddleware:
     when ``protect_metrics``); anything else is answered 401 with an OpenAI error body.
 
     /health and /ready stay open for probes. Stored images (/v1/images/files/) stay open too: like
-    OpenAI's signed URLs, their unguessable URL is the credential, so a browser can show them.
+    OpenAI's signed URLs, their unguessable URL is the credential, so a browser can show them. So
+    do the pages for people (the playground at / and its /static/ files, /docs, /redoc,
+    /openapi.json): a browser loads them without a key, and the playground's API calls send one.
     """
 
     def __init__(self, app: ASGIApp, api_keys: list[str], protect_metrics: bool):

@@ -6,7 +6,7 @@ docs/openai-compatibility.md for what each field does here.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -45,6 +45,7 @@ class PromptedOptions(ImageOptions):
     safety_identifier: str | None = None
     stream: bool = False
     partial_images: int | None = Field(None, ge=0, le=3)
+    progress: bool = Field(False, description="with stream: a progress event after every denoising step (an extension)")
 
     @field_validator("prompt")
     @classmethod
@@ -110,6 +111,7 @@ class ImageEditForm(BaseModel):
     strength: float | None = None
     stream: bool = False
     partial_images: int | None = None
+    progress: bool = False
 
 
 class ImageVariationForm(BaseModel):
@@ -181,14 +183,31 @@ class CompletedEvent(_StreamEvent):
     seed: int
 
 
+class ProgressEvent(BaseModel):
+    """``image_generation.progress`` / ``image_edit.progress`` (an extension, asked for with ``progress``):
+    the request has had ``step`` of its ``total_steps`` denoising steps."""
+
+    type: Literal["image_generation.progress", "image_edit.progress"]
+    step: int
+    total_steps: int
+    created_at: int
+
+
 class ModelCard(BaseModel):
+    """OpenAI's model object; the fields after ``owned_by`` are extensions (what a client may ask of it)."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "imagegen"
-    # Extension: what a request that names them runs with (num_inference_steps, guidance_scale with
-    # null for the pipeline's own, size), from the settings, the model's imagegen.json or built in.
-    defaults: dict[str, Any] | None = None
+    # Extensions: what a request may ask for, and what one that names nothing runs with (the
+    # defaults in force: a setting, else the model's imagegen.json, else built in).
+    allowed_sizes: list[str] = Field(description="sizes listed by the server's allowed_sizes setting")
+    default_size: str = Field(description="the size of a request that names none")
+    default_num_inference_steps: int
+    default_guidance_scale: float | None = Field(description="guidance of a request that names none; null: the pipeline's own")
+    max_num_inference_steps: int
+    tasks: list[str] = Field(description="text2img, and img2img / inpaint where the model's pipelines allow edits")
 
 
 class ModelList(BaseModel):

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # The demo model's scene world (captions, renderings, the pixel scorer) lives beside its training script.
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 
-from helpers import ServerProcess  # noqa: E402
+from helpers import CHROMEDRIVER, CHROMIUM, TEST_API_KEY, ServerProcess, chromium, ray_test_environment  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -27,3 +27,64 @@ def tiny_server():
     server = ServerProcess("--model", "tiny", "--max-batch-size", "8", "--batch-timeout-ms", "20")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def keyed_server():
+    """A real server with API key TEST_API_KEY, a queue of one image (see helpers.queue_held_full),
+    and requests allowed to run until their client hangs up."""
+    server = ServerProcess(
+        "--model", "tiny", "--api-key", TEST_API_KEY, "--max-queue-size", "1", "--max-num-inference-steps", "100000"
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module", params=["mp", "ray"])
+def mp_or_ray_server(request):
+    """The tiny model served with each backend that streams progress from its workers."""
+    if request.param == "mp":
+        yield request.getfixturevalue("tiny_server")
+        return
+    with ray_test_environment():  # the server starts a private local Ray with these settings
+        server = ServerProcess("--model", "tiny", "--backend", "ray")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_worker():
+    """A WorkerWrapperBase with the tiny model loaded, in this process."""
+    from engine import OmniDiffusionConfig
+    from workers.worker import WorkerWrapperBase
+
+    worker = WorkerWrapperBase(0, OmniDiffusionConfig(model="tiny"))
+    worker.initialize()
+    yield worker
+    worker.shutdown()
+
+
+@pytest.fixture
+def browser():
+    """A fresh headless Chromium (its own profile) for one test."""
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not Path(path).exists()]
+    if missing:
+        message = f"{', '.join(missing)} not installed (apt-get install chromium chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}; .ci/run installs them")
+        pytest.skip(message)
+    with chromium() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="session")
+def screenshots(tmp_path_factory: pytest.TempPathFactory):
+    """save(driver, name): a PNG of the page under the session's temp dir (a test artifact to look at)."""
+    folder = tmp_path_factory.mktemp("screenshots", numbered=False)
+
+    def save(driver, name: str) -> Path:
+        path = folder / f"{name}.png"
+        driver.save_screenshot(str(path))
+        return path
+
+    return save

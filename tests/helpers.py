@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -170,6 +171,48 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+# Debian's packages (apt-get install chromium chromium-driver; .ci/run does it).
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+@contextlib.contextmanager
+def chromium(width: int = 1280, height: int = 900):
+    """Debian's Chromium, headless, driven by Debian's chromedriver through Selenium.
+
+    The driver's path is given, so Selenium Manager is never asked for one (SE_OFFLINE makes sure
+    it would not download anything either). Every host name but 127.0.0.1 fails to resolve: the
+    pages must work with no network.
+    """
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ["SE_OFFLINE"] = "true"
+    profile = tempfile.mkdtemp(prefix="imagegen-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # as root, Chromium's sandbox cannot start
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        f"--window-size={width},{height}",
+        f"--user-data-dir={profile}",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+    ):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
 def metric_samples(text: str, name: str) -> list:
     return [s for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
 
@@ -322,3 +365,29 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+
+
+# The key of the `keyed_server` fixture.
+TEST_API_KEY = "imagegen-test-key"
+# A request that runs until its client hangs up, on a server whose max_num_inference_steps allows it.
+ENDLESS_STREAM = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 100000, "stream": True, "progress": True}
+
+
+@contextlib.contextmanager
+def queue_held_full(server: ServerProcess, headers: dict | None = None, timeout_s: float = 120):
+    """One request runs until the block ends and one waits behind it: on a server with
+    --max-queue-size 1, every other request meanwhile is 429. Afterwards both are done."""
+    url = f"{server.base_url}/v1/images/generations"
+    client = httpx.Client(timeout=timeout_s, headers=headers)
+    running = client.send(client.build_request("POST", url, json=ENDLESS_STREAM), stream=True)
+    assert running.status_code == 200  # its first progress event came: it is running
+    short = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 2}
+    waiting = threading.Thread(target=lambda: httpx.post(url, json=short, headers=headers, timeout=timeout_s))
+    waiting.start()
+    try:
+        poll(lambda: server.metric("imagegen_num_requests_waiting") == 1, 60, "the second request to queue")
+        yield
+    finally:
+        running.close()  # the running request stops at its next step; the waiting one runs
+        client.close()
+        waiting.join(timeout_s)

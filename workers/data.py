@@ -22,7 +22,7 @@ class OmniDiffusionRequest:
     ``seed`` is an int (image ``i`` is drawn with ``seed + i``) or one seed per image.
     ``image`` is a uint8 HxWx3 array of the request's size; ``mask`` (uint8 HxW, 255 = repaint)
     turns image-to-image into inpainting. ``partial_images`` asks for that many intermediate
-    decodes at evenly spaced denoising steps.
+    decodes at evenly spaced denoising steps; ``progress`` for a StepProgress after every step.
     """
 
     prompt: str
@@ -39,6 +39,7 @@ class OmniDiffusionRequest:
     mask: np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float | None = None
     partial_images: int = 0
+    progress: bool = False
 
     @property
     def task(self) -> str:
@@ -156,12 +157,26 @@ class PartialImageOutput:
     images: list[np.ndarray]
 
 
+@dataclass(frozen=True)
+class StepProgress:
+    """A request has had ``step`` of its ``total_steps`` denoising steps (fewer than asked for img2img)."""
+
+    request_id: str
+    step: int
+    total_steps: int
+
+
+# What a worker hands its host's progress sink while a call runs, ahead of the call's reply.
+WorkerProgress = PartialImageOutput | StepProgress
+
+
 @dataclass
 class RequestOutput:
     """A worker's answer for one request: uint8 HxWx3 arrays (not PIL objects, which pickle badly).
 
     ``partial_images`` holds the request's partial images, in denoising order, only when the
-    worker's host could not send them on while the request ran (see WorkerWrapperBase.progress_sink).
+    worker's host could not send them on while the request ran (see WorkerWrapperBase.progress_sink);
+    its StepProgress is then dropped, since it would only arrive once every step is done.
     """
 
     request_id: str

@@ -7,7 +7,8 @@ start workers. The executor hands it two inherited file descriptors:
 - the call pipe (duplex). Parent -> worker: first the worker's settings (a JSON-able dict), then
   ``RpcCall`` or ``None`` (shut down). Worker -> parent: the handshake ``{"status": "ready", ...}``
   or ``{"status": "error", "error": ...}``, then one ``RpcReply`` per call, in any order the parent
-  matches by ``call_id``, each after the ``RpcProgress`` messages (partial images) its call sent.
+  matches by ``call_id``, each after the ``RpcProgress`` messages (partial images, step progress)
+  that its call sent.
 - the cancellation pipe (one way): lists of request ids to cancel. A thread reads it, because the
   main thread is busy in the pipeline exactly when a cancel matters. Its end of file means the
   engine is gone (however it ended), and the worker leaves at once.
@@ -27,7 +28,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from workers.config import OmniDiffusionConfig
-from workers.data import PartialImageOutput
+from workers.data import WorkerProgress
 from workers.logs import configure_logging
 
 
@@ -48,10 +49,10 @@ class RpcReply:
 
 @dataclass(frozen=True)
 class RpcProgress:
-    """A partial image that a call sends on before its reply."""
+    """A partial image or a StepProgress that a call sends on before its reply."""
 
     call_id: int
-    partial: PartialImageOutput
+    progress: WorkerProgress
 
 
 def worker_settings(od_config: OmniDiffusionConfig) -> dict:
@@ -110,8 +111,8 @@ def _serve(worker: Any, conn: Connection) -> None:
             return  # the engine closed its end
         if call is None:
             return
-        # The call's partial images go out at once, tagged with it; only this thread sends on conn.
-        worker.progress_sink = lambda partial, call_id=call.call_id: conn.send(RpcProgress(call_id, partial))
+        # The call's progress goes out at once, tagged with it; only this thread sends on conn.
+        worker.progress_sink = lambda progress, call_id=call.call_id: conn.send(RpcProgress(call_id, progress))
         try:
             if call.method.startswith("_"):
                 raise AttributeError(f"'{call.method}' is not a public worker method")

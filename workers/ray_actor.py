@@ -22,7 +22,7 @@ except ImportError as error:  # Ray is an optional extra
 
 from workers.config import OmniDiffusionConfig
 from workers.logs import configure_logging
-from workers.data import OmniDiffusionRequest, PartialImageOutput, RequestOutput
+from workers.data import OmniDiffusionRequest, RequestOutput, WorkerProgress
 
 logger = logging.getLogger(__name__)
 
@@ -93,18 +93,18 @@ class RayDiffusionWorkerActor:
 
     @ray.method(num_returns="streaming")
     def execute_rpc_streaming(self, method: str, args: tuple = (), kwargs: dict | None = None) -> Iterator[Any]:
-        """execute_rpc as a Ray streaming generator: yields each PartialImageOutput the call decodes,
-        as soon as it is decoded, and the call's reply last."""
-        partials: queue.SimpleQueue[PartialImageOutput | None] = queue.SimpleQueue()
+        """execute_rpc as a Ray streaming generator: yields each PartialImageOutput and StepProgress
+        the call makes, as soon as it is made, and the call's reply last."""
+        progress: queue.SimpleQueue[WorkerProgress | None] = queue.SimpleQueue()
         # The call runs in a thread of its own, because this one must be free to yield meanwhile.
-        reply = self._streamed_calls.submit(self._execute_rpc_into, partials.put, method, args, kwargs)
-        reply.add_done_callback(lambda _: partials.put(None))
-        while (partial := partials.get()) is not None:
-            yield partial
+        reply = self._streamed_calls.submit(self._execute_rpc_into, progress.put, method, args, kwargs)
+        reply.add_done_callback(lambda _: progress.put(None))
+        while (item := progress.get()) is not None:
+            yield item
         yield reply.result()
 
     def _execute_rpc_into(
-        self, sink: Callable[[PartialImageOutput], None], method: str, args: tuple, kwargs: dict | None
+        self, sink: Callable[[WorkerProgress], None], method: str, args: tuple, kwargs: dict | None
     ) -> Any:
         self._worker.progress_sink = sink
         try:

@@ -13,7 +13,15 @@ import torch
 from PIL import Image
 
 from workers.config import OmniDiffusionConfig
-from workers.data import OmniDiffusionRequest, PartialImageOutput, RequestOutput, Usage, with_defaults
+from workers.data import (
+    OmniDiffusionRequest,
+    PartialImageOutput,
+    RequestOutput,
+    StepProgress,
+    Usage,
+    WorkerProgress,
+    with_defaults,
+)
 from workers.logs import recent_log_buffer
 from workers.models import ModelDefaults, read_model_defaults, resolve_model_path
 
@@ -78,9 +86,10 @@ class WorkerWrapperBase:
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
         self._call_parameters: dict[str, dict[str, inspect.Parameter]] = {}
-        # Where each partial image goes as soon as it is decoded; the host sets it for each call it
-        # can stream (the mp process loop, the Ray actor). None returns them in the RequestOutput.
-        self.progress_sink: Callable[[PartialImageOutput], None] | None = None
+        # Where each partial image and StepProgress goes as soon as it is made; the host sets it for
+        # each call it can stream (the mp process loop, the Ray actor). None returns the partial
+        # images in the RequestOutput.
+        self.progress_sink: Callable[[WorkerProgress], None] | None = None
         self._description: dict | None = None
         self._model_defaults = ModelDefaults()
         self._logs = recent_log_buffer()
@@ -239,10 +248,10 @@ class WorkerWrapperBase:
             kwargs["strength"] = first.strength
         if first.mask is not None:
             kwargs["mask_image"] = [Image.fromarray(r.mask) for r in group for _ in range(r.num_images)]
-        # Partial images go to the host's sink at once; without one they wait for the reply.
-        partials: list[PartialImageOutput] = []
+        # Progress goes to the host's sink at once; without one, partial images wait for the reply.
+        progress: list[WorkerProgress] = []
         if "callback_on_step_end" in parameters:
-            kwargs["callback_on_step_end"] = self._step_callback(group, self.progress_sink or partials.append)
+            kwargs["callback_on_step_end"] = self._step_callback(group, self.progress_sink or progress.append)
         # 3. Denoise and decode.
         with StageTimer(pipeline, self.device) as timer:
             images = pipeline(**kwargs).images
@@ -261,16 +270,19 @@ class WorkerWrapperBase:
                 list(pixels[own]),
                 r.seed,
                 self.rank,
-                partial_images=[p for p in partials if p.request_id == r.request_id],
+                partial_images=[
+                    p for p in progress if isinstance(p, PartialImageOutput) and p.request_id == r.request_id
+                ],
                 usage=self._usage(pipeline, r),
                 stage_seconds=timer.seconds,
             )
         return outputs
 
-    def _step_callback(self, group: list[OmniDiffusionRequest], sink: Callable[[PartialImageOutput], None]):
-        """A callback_on_step_end that stops the call once every request in it is cancelled, and
-        decodes the latents at the ``partial_images`` evenly spaced steps the group asked for,
-        handing each request its share to ``sink`` at once."""
+    def _step_callback(self, group: list[OmniDiffusionRequest], sink: Callable[[WorkerProgress], None]):
+        """A callback_on_step_end that stops the call once every request in it is cancelled, hands
+        a StepProgress of each request that asked for ``progress`` to ``sink``, and decodes the
+        latents at the ``partial_images`` evenly spaced steps the group asked for, handing each
+        request its share to ``sink`` at once."""
         first = group[0]
         request_ids = {r.request_id for r in group}
 
@@ -278,9 +290,12 @@ class WorkerWrapperBase:
             if request_ids <= self._cancelled:
                 pipeline._interrupt = True  # diffusers skips the remaining denoising steps
                 return {}
+            # num_timesteps is the steps this call really runs (fewer than asked for img2img).
+            total = pipeline.num_timesteps
+            for r in group:
+                if r.progress and r.request_id not in self._cancelled:
+                    sink(StepProgress(r.request_id, index + 1, total))
             if first.partial_images:
-                # num_timesteps is the steps this call really runs (fewer than asked for img2img).
-                total = pipeline.num_timesteps
                 wanted = first.partial_images
                 # Steps after which partial j of k is taken; the last step is the final image itself.
                 steps = sorted({(j + 1) * total // (wanted + 1) for j in range(wanted)} - {0})

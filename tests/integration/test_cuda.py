@@ -60,7 +60,7 @@ def test_edits_inpainting_and_partial_images_on_cuda():
     common = {"num_inference_steps": 4, "seed": 3}
     with DiffusionEngine(OmniDiffusionConfig(model="tiny", device="cuda", dtype="bfloat16")) as engine:
         partials = []
-        engine.partial_image_listeners.append(partials.append)
+        engine.progress_listeners.append(partials.append)
         img2img, inpaint, streamed = engine.step([
             OmniDiffusionRequest("a fox", image=image, **common),
             OmniDiffusionRequest("a fox", image=image, mask=mask, **common),

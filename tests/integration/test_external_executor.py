@@ -89,7 +89,7 @@ def test_partial_images_of_workers_that_cannot_stream_come_with_their_reply(regi
     requests = [OmniDiffusionRequest("a red fox", num_inference_steps=8, seed=seed, partial_images=2) for seed in (1, 2)]
     with custom_engine() as engine:
         partials = []
-        engine.partial_image_listeners.append(partials.append)
+        engine.progress_listeners.append(partials.append)
         outputs = engine.step(requests)
     assert [o.error for o in outputs] == [None, None]
     # Each once, in order, before the step returned.

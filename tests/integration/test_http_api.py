@@ -95,6 +95,19 @@ def test_models_lists_the_served_model(client):
     assert [model.id for model in client.models.list()] == ["tiny"]
 
 
+def test_model_card_extensions_tell_what_a_request_may_ask(client):
+    """allowed_sizes, default_size, the steps and tasks ride as extension fields the SDK keeps."""
+    (card,) = client.models.list()
+    extra = card.model_extra
+    assert extra == client.models.retrieve("tiny").model_extra
+    assert extra["allowed_sizes"][:2] == ["64x64", "128x128"]
+    assert (extra["default_num_inference_steps"], extra["max_num_inference_steps"]) == (20, 150)
+    assert extra["tasks"] == ["img2img", "inpaint", "text2img"]
+    # A request that names no size gets default_size.
+    response = client.images.generate(prompt="a red fox", extra_body={"num_inference_steps": 2})
+    assert response.size == extra["default_size"]
+
+
 def test_health_and_metrics(tiny_server):
     assert httpx.get(f"{tiny_server.base_url}/health").json() == {"status": "ok"}
     text = tiny_server.metrics()

@@ -8,10 +8,9 @@ import json
 import httpx
 import numpy as np
 import pytest
-from helpers import ServerProcess, decode, poll, ray_test_environment
+from helpers import decode, poll
 
-from engine import OmniDiffusionConfig, OmniDiffusionRequest
-from workers.worker import WorkerWrapperBase
+from engine import OmniDiffusionRequest
 
 pytestmark = pytest.mark.slow
 
@@ -26,14 +25,6 @@ LONG_STREAM = {
 }
 
 
-@pytest.fixture(scope="module")
-def worker():
-    worker = WorkerWrapperBase(0, OmniDiffusionConfig(model="tiny"))
-    worker.initialize()
-    yield worker
-    worker.shutdown()
-
-
 def requests(steps: int, partial_images: int, images: tuple[int, ...]) -> list[OmniDiffusionRequest]:
     return [
         OmniDiffusionRequest(
@@ -43,7 +34,7 @@ def requests(steps: int, partial_images: int, images: tuple[int, ...]) -> list[O
     ]
 
 
-def test_worker_hands_a_partial_image_to_its_sink_while_it_denoises(worker):
+def test_worker_hands_a_partial_image_to_its_sink_while_it_denoises(tiny_worker):
     """The sink cancels the request when it gets the first partial image: the pipeline call stops at
     the next step, which it can only do if the sink was called before the denoising ended."""
     (request,) = requests(steps=12, partial_images=3, images=(1,))
@@ -51,26 +42,26 @@ def test_worker_hands_a_partial_image_to_its_sink_while_it_denoises(worker):
 
     def sink(partial):
         received.append(partial)
-        worker.cancel([partial.request_id])
+        tiny_worker.cancel([partial.request_id])
 
-    worker.progress_sink = sink
+    tiny_worker.progress_sink = sink
     try:
-        (output,) = worker.generate([request])
+        (output,) = tiny_worker.generate([request])
     finally:
-        worker.progress_sink = None
+        tiny_worker.progress_sink = None
     assert [(partial.request_id, partial.index) for partial in received] == [(request.request_id, 0)]
     assert output.images == [] and "cancelled" in output.error
 
 
-def test_without_a_sink_the_same_partial_images_come_with_the_reply(worker):
+def test_without_a_sink_the_same_partial_images_come_with_the_reply(tiny_worker):
     batch = requests(steps=8, partial_images=2, images=(2, 1))
     streamed = []
-    worker.progress_sink = streamed.append
+    tiny_worker.progress_sink = streamed.append
     try:
-        live = worker.generate(batch)
+        live = tiny_worker.generate(batch)
     finally:
-        worker.progress_sink = None
-    late = worker.generate(batch)
+        tiny_worker.progress_sink = None
+    late = tiny_worker.generate(batch)
     # Live: each step's partial images, request by request, and none left for the reply.
     assert [(p.request_id, p.index, len(p.images)) for p in streamed] == [
         (batch[0].request_id, 0, 2),
@@ -87,17 +78,6 @@ def test_without_a_sink_the_same_partial_images_come_with_the_reply(worker):
         assert all(np.array_equal(a, b) for a, b in zip(partial.images, by_key[partial.request_id, partial.index]))
 
 
-@pytest.fixture(scope="module", params=["mp", "ray"])
-def server(request):
-    if request.param == "mp":
-        yield request.getfixturevalue("tiny_server")
-        return
-    with ray_test_environment():  # the server starts a private local Ray with these settings
-        server = ServerProcess("--model", "tiny", "--backend", "ray")
-    yield server
-    server.stop()
-
-
 def first_event(lines) -> dict:
     """The data of the first server-sent event."""
     for line in lines:
@@ -106,31 +86,31 @@ def first_event(lines) -> dict:
     raise AssertionError("the stream ended without an event")
 
 
-def test_first_partial_image_reaches_the_client_while_the_request_still_denoises(server):
+def test_first_partial_image_reaches_the_client_while_the_request_still_denoises(mp_or_ray_server):
     """Proof by causality, not timing: the client reads the first partial_image event and hangs up.
 
     Were partial images sent with the finished image (as they once were), the step would have
     ended before the event could be read, and counted its image in imagegen_images_generated_total.
     Instead the request is counted as cancelled, and its step ends with no image: the event left
-    the server while the worker was still denoising. (The test could only fail, never pass wrongly,
+    the mp_or_ray_server while the worker was still denoising. (The test could only fail, never pass wrongly,
     if the many remaining steps ran out before the hang-up reached the worker.)
     """
-    generated = server.metric("imagegen_images_generated_total")
-    cancelled = server.metric("imagegen_requests_cancelled_total")
-    url = f"{server.base_url}/v1/images/generations"
+    generated = mp_or_ray_server.metric("imagegen_images_generated_total")
+    cancelled = mp_or_ray_server.metric("imagegen_requests_cancelled_total")
+    url = f"{mp_or_ray_server.base_url}/v1/images/generations"
     with httpx.stream("POST", url, json=LONG_STREAM, timeout=120) as response:
         assert response.status_code == 200
         event = first_event(response.iter_lines())
     assert (event["type"], event["partial_image_index"]) == ("image_generation.partial_image", 0)
     assert decode(event["b64_json"]).shape == (128, 128, 3)
-    poll(lambda: server.metric("imagegen_num_requests_running") == 0, 60, "the step to stop")
-    assert server.metric("imagegen_requests_cancelled_total") == cancelled + 1
-    assert server.metric("imagegen_images_generated_total") == generated
+    poll(lambda: mp_or_ray_server.metric("imagegen_num_requests_running") == 0, 60, "the step to stop")
+    assert mp_or_ray_server.metric("imagegen_requests_cancelled_total") == cancelled + 1
+    assert mp_or_ray_server.metric("imagegen_images_generated_total") == generated
 
 
-def test_streams_every_partial_image_then_the_completed_image(server):
+def test_streams_every_partial_image_then_the_completed_image(mp_or_ray_server):
     body = {**LONG_STREAM, "size": "64x64", "num_inference_steps": 8, "n": 2, "seed": [3, 4]}
-    with httpx.stream("POST", f"{server.base_url}/v1/images/generations", json=body, timeout=120) as response:
+    with httpx.stream("POST", f"{mp_or_ray_server.base_url}/v1/images/generations", json=body, timeout=120) as response:
         assert response.status_code == 200
         events = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines() if line.startswith("data")]
     # Both images' partial image k are decoded in one pipeline step, and the completed images come last.

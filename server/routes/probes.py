@@ -1,0 +1,38 @@
+"""GET /health (liveness), /ready (readiness) and /metrics (Prometheus): open to probes and scrapers."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from engine import AsyncDiffusionEngine, EngineDeadError, EngineError
+from server.errors import engine_error_response
+from server.routes import front
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(engine: AsyncDiffusionEngine = Depends(front)) -> JSONResponse:
+    """Liveness: 503 only when the engine cannot serve any more."""
+    try:
+        engine.engine.check_health()
+    except EngineError as error:
+        return engine_error_response(error)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready")
+async def ready(engine: AsyncDiffusionEngine = Depends(front)) -> JSONResponse:
+    """Readiness: 503 while a worker restarts or the server drains."""
+    if engine.draining:
+        return engine_error_response(EngineDeadError("the server is shutting down"))
+    if not engine.engine.is_ready():
+        return engine_error_response(EngineDeadError("a worker is starting or restarting"))
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def prometheus_metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

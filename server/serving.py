@@ -1,0 +1,282 @@
+"""ImageServing: the one request path every image route shares: validate -> generate -> encode -> answer.
+
+A route parses its own body (JSON or multipart) into an OmniDiffusionRequest with
+``check_options`` and ``request_fields``, then hands it to ``answer``, which answers as the
+body asks: JSON with b64_json or urls, or a stream of server-sent events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import TypeVar
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from engine import (
+    AsyncDiffusionEngine,
+    DiffusionOutput,
+    EngineError,
+    GenerationFailedError,
+    InvalidRequestError,
+    OmniDiffusionRequest,
+    PartialImages,
+    StepProgress,
+    Usage,
+    parse_size,
+    steps_for_quality,
+)
+from engine import metrics
+from engine.images import encode_image
+from server.errors import engine_error_event
+from server.protocol import (
+    CompletedEvent,
+    ImageData,
+    ImageOptions,
+    ImagesResponse,
+    ImageUsage,
+    PartialImageEvent,
+    ProgressEvent,
+    TokenDetails,
+)
+from server.storage import ImageStore
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# What the response reports for a requested quality (OpenAI answers with one of its current names).
+_EFFECTIVE_QUALITY = {"auto": "medium", "standard": "medium", "hd": "high"}
+
+
+class ImageServing:
+    """Turns a route's parsed body into generated images and the answer the client asked for.
+
+    Holds what every image route shares: the batching front, the store of images answered as
+    urls, and which unknown fields have already been logged.
+    """
+
+    def __init__(self, front: AsyncDiffusionEngine, store: ImageStore):
+        self.front = front
+        self.engine = front.engine
+        self.config = front.engine.od_config
+        self.model_name = self.config.model_name
+        self.store = store
+        self._logged_unknown_fields: set[str] = set()
+
+    # -- 1. validate -------------------------------------------------------------------------------
+    def check_options(self, body: ImageOptions, route: str) -> None:
+        """Refuse what this server cannot do for any request (another model, a transparent background)."""
+        if body.model is not None and body.model != self.model_name:
+            raise InvalidRequestError(
+                f"The model '{body.model}' does not exist; this server serves '{self.model_name}'.",
+                param="model",
+                code="model_not_found",
+            )
+        if getattr(body, "background", None) == "transparent":
+            raise InvalidRequestError(
+                f"background 'transparent' is not supported by the model '{self.model_name}': its pipeline makes "
+                "opaque RGB images. Use 'opaque' or 'auto'.",
+                param="background",
+            )
+        # Clients send vendor fields we do not know; say so once per field, not once per request.
+        for name in (body.model_extra or {}).keys() - self._logged_unknown_fields:
+            self._logged_unknown_fields.add(name)
+            logger.warning("ignoring unknown field '%s' (first sent to %s); not logged again", name, route)
+
+    def request_fields(self, body: ImageOptions) -> dict:
+        """OmniDiffusionRequest fields from the options every route shares."""
+        width, height = _parse_request_size(body.size)
+        steps = body.num_inference_steps
+        quality = getattr(body, "quality", None)
+        if steps is None and quality is not None:
+            default_steps = self.engine.defaults["num_inference_steps"].value
+            steps = steps_for_quality(quality, default_steps, self.config.max_num_inference_steps)
+        # Partial images and progress only mean something in a stream; variations have neither.
+        streamed = getattr(body, "stream", False)
+        return {
+            "width": width,
+            "height": height,
+            "negative_prompt": body.negative_prompt,
+            "num_inference_steps": steps,
+            "guidance_scale": body.guidance_scale,
+            "seed": tuple(body.seed) if isinstance(body.seed, list) else body.seed,
+            "num_images": body.n,
+            "partial_images": (getattr(body, "partial_images", None) or 0) if streamed else 0,
+            "progress": streamed and getattr(body, "progress", False),
+        }
+
+    # -- 2. generate, 3. encode, 4. answer ---------------------------------------------------------
+    async def answer(
+        self, http_request: Request, body: ImageOptions, request: OmniDiffusionRequest, events: str | None
+    ):
+        """Generate ``request`` and answer as ``body`` asks: JSON with b64_json or urls, or (``events`` names
+        the event prefix) a server-sent event stream."""
+        # Prepared here, in a thread: resizing an uploaded image must not block the event loop.
+        prepared = await asyncio.to_thread(self.engine.prepare, request)
+        size = f"{prepared.width}x{prepared.height}"
+        quality = getattr(body, "quality", None)
+        quality = _EFFECTIVE_QUALITY.get(quality, quality)
+        encode = partial(self._encode, body.output_format, body.output_compression)
+
+        if events is not None and getattr(body, "stream", False):
+            event_fields = {"output_format": body.output_format, "quality": quality or "medium", "size": size}
+            items = self.front.stream(prepared)
+            # Nothing is sent before the first item, so a request that fails at once (queue full, timed
+            # out, pipeline error) gets its status code, as without stream.
+            first = await _cancel_on_disconnect(http_request, anext(items))
+            if isinstance(first, DiffusionOutput):
+                await items.aclose()  # the output is its last item
+                _finished(http_request, first)
+            stream = _server_sent_events(http_request, first, items, partial(_events, events, encode, event_fields))
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        output = await _cancel_on_disconnect(http_request, self.front.generate(prepared))
+        _finished(http_request, output)
+        encoded = await asyncio.to_thread(lambda: [encode(image) for image in output.images])
+        if (body.response_format or self.config.default_response_format) == "url":
+            base_url = (self.config.public_base_url or str(http_request.base_url)).rstrip("/")
+            file_ids = await asyncio.to_thread(lambda: [self.store.save(data, body.output_format) for data in encoded])
+            data = [
+                ImageData(url=f"{base_url}/v1/images/files/{file_id}", seed=seed)
+                for file_id, seed in zip(file_ids, output.seeds)
+            ]
+        else:
+            data = [
+                ImageData(b64_json=base64.b64encode(item).decode(), seed=seed)
+                for item, seed in zip(encoded, output.seeds)
+            ]
+        return ImagesResponse(
+            created=int(time.time()),
+            data=data,
+            size=size,
+            output_format=body.output_format,
+            quality=quality,
+            background="opaque",
+            usage=_usage(output.usage, len(output.images), output.usage.output_image_tokens),
+        )
+
+    def _encode(self, output_format: str, compression: int | None, image) -> bytes:
+        started = time.perf_counter()
+        data = encode_image(image, output_format, compression)
+        metrics.STAGE_TIME.labels(self.model_name, "image_encode").observe(time.perf_counter() - started)
+        return data
+
+
+def _finished(http_request: Request, output: DiffusionOutput) -> None:
+    """Note what the generation took (for the request's log line); raise its error."""
+    http_request.state.generation = {
+        "images": len(output.images),
+        "queue_time_s": round(output.queue_time_s, 4),
+        "inference_time_s": round(output.inference_time_s, 4),
+    }
+    if output.error is not None:
+        raise GenerationFailedError(output.error)
+
+
+# One item of AsyncDiffusionEngine.stream(): the request's progress, then its output.
+StreamItem = PartialImages | StepProgress | DiffusionOutput
+
+
+async def _server_sent_events(
+    http_request: Request,
+    item: StreamItem,
+    items: AsyncIterator[StreamItem],
+    events: Callable[[StreamItem], list[str]],
+) -> AsyncIterator[str]:
+    """The events of each partial image and step as soon as it comes, then the completed events; an
+    error after the first event can only be told in an error event."""
+    try:
+        while not isinstance(item, DiffusionOutput):
+            yield "".join(await asyncio.to_thread(events, item))
+            item = await anext(items)
+            if isinstance(item, DiffusionOutput):
+                _finished(http_request, item)
+        yield "".join(await asyncio.to_thread(events, item))
+    except EngineError as error:
+        yield _server_sent_event(engine_error_event(error))
+    finally:
+        await items.aclose()  # when the client left: cancels the request
+
+
+def _events(prefix: str, encode: Callable[..., bytes], fields: dict, item: StreamItem) -> list[str]:
+    """The server-sent events of one item of a stream: a progress event for a StepProgress, a
+    partial_image event per image of a PartialImages, or a completed event per image of the DiffusionOutput."""
+    created_at = int(time.time())
+    if isinstance(item, StepProgress):
+        progress = ProgressEvent(
+            type=f"{prefix}.progress", step=item.step, total_steps=item.total_steps, created_at=created_at
+        )
+        return [_server_sent_event(progress)]
+    fields = {**fields, "created_at": created_at}
+    if isinstance(item, PartialImages):
+        events: list[BaseModel] = [
+            PartialImageEvent(
+                type=f"{prefix}.partial_image",
+                b64_json=base64.b64encode(encode(image)).decode(),
+                partial_image_index=item.index,
+                **fields,
+            )
+            for image in item.images
+        ]
+    else:
+        per_image_tokens = item.usage.output_image_tokens // max(1, len(item.images))
+        events = [
+            CompletedEvent(
+                type=f"{prefix}.completed",
+                b64_json=base64.b64encode(encode(image)).decode(),
+                usage=_usage(item.usage, 1, per_image_tokens),
+                seed=seed,
+                **fields,
+            )
+            for image, seed in zip(item.images, item.seeds)
+        ]
+    return [_server_sent_event(event) for event in events]
+
+
+def _server_sent_event(event: BaseModel) -> str:
+    return f"event: {event.type}\ndata: {event.model_dump_json()}\n\n"
+
+
+def _usage(usage: Usage, images: int, output_image_tokens: int) -> ImageUsage:
+    input_tokens = usage.text_tokens + usage.input_image_tokens
+    return ImageUsage(
+        input_tokens=input_tokens,
+        input_tokens_details=TokenDetails(image_tokens=usage.input_image_tokens, text_tokens=usage.text_tokens),
+        output_tokens=output_image_tokens,
+        output_tokens_details=TokenDetails(image_tokens=output_image_tokens, text_tokens=0),
+        total_tokens=input_tokens + output_image_tokens,
+        images=images,
+    )
+
+
+async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client goes away first (a queued request then never runs)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        # The body has been read, so the next message can only be the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await task
+    finally:
+        watcher.cancel()
+
+
+def _parse_request_size(size: str | None) -> tuple[int | None, int | None]:
+    """None or 'auto' leave the choice to the engine (the model's native size, or an input image's)."""
+    if size is None or size == "auto":
+        return None, None
+    try:
+        return parse_size(size)
+    except ValueError as error:
+        raise InvalidRequestError(str(error), param="size") from error
