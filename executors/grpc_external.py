@@ -29,7 +29,7 @@ from workers.grpc_messages import MAX_MESSAGE_BYTES, output_from_proto, partial_
 from workers.proto import worker_pb2 as pb
 from workers.proto import worker_pb2_grpc as pb_grpc
 
-__all__ = ["GrpcExternalDiffusionExecutor", "GrpcWorker"]
+__all__ = ["GrpcExternalDiffusionExecutor", "GrpcWorker", "expand_addresses"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,24 @@ _RECONNECT_PROBE_S = 1.0
 # After the first rank's deadline passes, how long to wait for the others to say whether theirs did.
 _LATE_REPLIES_S = 1.0
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def expand_addresses(entries: list[str] | None, num_ranks: int) -> list[str]:
+    """The workers' addresses in rank order, each entry holding ``{rank}`` expanded over range(num_ranks)."""
+    if not entries:
+        raise WorkerStartupError(
+            "no workers to connect to: set --worker-addresses (IMAGEGEN_WORKER_ADDRESSES) to the workers' "
+            "host:port in rank order, or to one entry holding {rank}"
+        )
+    addresses = []
+    for entry in entries:
+        addresses += [entry.replace("{rank}", str(rank)) for rank in range(num_ranks)] if "{rank}" in entry else [entry]
+    if len(addresses) != num_ranks:
+        raise WorkerStartupError(
+            f"--worker-addresses names {len(addresses)} worker(s) but --num-gpus is {num_ranks}: give one "
+            "address per rank, or one entry holding {rank}"
+        )
+    return addresses
 
 
 @dataclass(eq=False)
@@ -92,25 +110,6 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
         super()._init_executor()
 
     # -- connecting --------------------------------------------------------------------------------
-    def addresses(self) -> list[str]:
-        """The workers' addresses in rank order, each ``{rank}`` expanded over range(num_gpus)."""
-        entries = self.od_config.worker_addresses
-        num_ranks = self.od_config.num_gpus
-        if not entries:
-            raise WorkerStartupError(
-                "no workers to connect to: set --worker-addresses (IMAGEGEN_WORKER_ADDRESSES) to the workers' "
-                "host:port in rank order, or to one entry holding {rank}"
-            )
-        addresses = []
-        for entry in entries:
-            addresses += [entry.replace("{rank}", str(r)) for r in range(num_ranks)] if "{rank}" in entry else [entry]
-        if len(addresses) != num_ranks:
-            raise WorkerStartupError(
-                f"--worker-addresses names {len(addresses)} worker(s) but --num-gpus is {num_ranks}: give one "
-                "address per rank, or one entry holding {rank}"
-            )
-        return addresses
-
     def _open(self, address: str) -> GrpcWorker:
         if self._credentials is None:
             channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
@@ -119,7 +118,8 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
         return GrpcWorker(address, channel, pb_grpc.DiffusionWorkerStub(channel), health_pb2_grpc.HealthStub(channel))
 
     def _connect_to_workers(self) -> None:
-        self.worker_handles.extend(self._open(address) for address in self.addresses())
+        addresses = expand_addresses(self.od_config.worker_addresses, self.od_config.num_gpus)
+        self.worker_handles.extend(self._open(address) for address in addresses)
         timeout = self.od_config.worker_start_timeout_s
         deadline = time.monotonic() + timeout
         self.worker_info = []

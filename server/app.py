@@ -362,6 +362,10 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
         if app.state.engine.draining:
             return engine_error_response(EngineDeadError("the server is shutting down"))
         if not engine.is_ready():
+            try:
+                engine.check_health()  # an external worker that is gone: say which rank
+            except EngineError as error:
+                return engine_error_response(error)
             return engine_error_response(EngineDeadError("a worker is starting or restarting"))
         return JSONResponse({"status": "ready"})
 

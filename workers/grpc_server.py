@@ -52,6 +52,8 @@ EXECUTE_RPC_METHODS = ("describe", "get_logs", "get_rank")
 # in flight), and the rest for Cancel, GetRank and health checks, which must never wait behind them.
 _SERVER_THREADS = 16
 SERVER_OPTIONS = [
+    # gRPC shares ports by default (SO_REUSEPORT): a second worker on a port in use must fail, not split its calls.
+    ("grpc.so_reuseport", 0),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     # Ping an idle client every 10 s, and accept its pings as often as every 5 s (gRPC's default

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import deque
 from datetime import datetime, timezone
 
 # Attributes every LogRecord has; anything else was passed with extra= and goes into the JSON line
@@ -28,6 +29,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+# This process's newest log lines, formatted as they were printed: what WorkerWrapperBase.get_logs returns.
+RECENT_LOG_LINES: deque[str] = deque(maxlen=1000)
+
+
+class _RecentLines(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        RECENT_LOG_LINES.append(self.format(record))
+
+
 def configure_logging(log_format: str, process: str) -> None:
     """Root logging for this process; ``process`` names it in text lines (server, worker0, ...)."""
     # transformers prints through a handler of its own, in its own format, as soon as it is imported.
@@ -37,4 +47,6 @@ def configure_logging(log_format: str, process: str) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter(f"%(asctime)s {process} %(name)s %(levelname)s %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    recent = _RecentLines()
+    recent.setFormatter(handler.formatter)
+    logging.basicConfig(level=logging.INFO, handlers=[handler, recent], force=True)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from workers.config import OmniDiffusionConfig
 from workers.data import OmniDiffusionRequest, PartialImageOutput, RequestOutput, Usage, shard_requests
+from workers.logs import RECENT_LOG_LINES
 from workers.models import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,10 @@ class WorkerWrapperBase:
 
     def get_rank(self) -> int:
         return self.rank
+
+    def get_logs(self) -> list[str]:
+        """This worker process's newest log lines (at most 1000), oldest first."""
+        return list(RECENT_LOG_LINES)
 
     def shutdown(self) -> None:
         self.pipeline = None

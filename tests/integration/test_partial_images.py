@@ -1,5 +1,5 @@
 """Partial images are live: each reaches its client as soon as a worker has decoded it, while the
-request is still denoised, on the mp and the ray backend."""
+request is still denoised, on the mp, ray and grpc backends."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import httpx
 import numpy as np
 import pytest
-from helpers import ServerProcess, decode, poll, ray_test_environment
+from helpers import ServerProcess, decode, poll, ray_test_environment, start_workers
 
 from engine import OmniDiffusionConfig, OmniDiffusionRequest
 from workers.worker import WorkerWrapperBase
@@ -87,10 +87,19 @@ def test_without_a_sink_the_same_partial_images_come_with_the_reply(worker):
         assert all(np.array_equal(a, b) for a, b in zip(partial.images, by_key[partial.request_id, partial.index]))
 
 
-@pytest.fixture(scope="module", params=["mp", "ray"])
+@pytest.fixture(scope="module", params=["mp", "ray", "grpc"])
 def server(request):
     if request.param == "mp":
         yield request.getfixturevalue("tiny_server")
+        return
+    if request.param == "grpc":
+        (worker,) = start_workers(1, "--model", "tiny")
+        try:
+            server = ServerProcess("--model", "tiny", "--backend", "grpc", "--worker-addresses", worker.address)
+            yield server
+            server.stop()
+        finally:
+            worker.stop()
         return
     with ray_test_environment():  # the server starts a private local Ray with these settings
         server = ServerProcess("--model", "tiny", "--backend", "ray")
