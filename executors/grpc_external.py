@@ -203,7 +203,7 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
             # generate_shard: each rank gets its own share; generate: every rank generates them all.
             whole = method == "generate"
             shares = [requests] * len(workers) if whole else shard_requests(requests, len(workers))
-            replies = self._generate(workers, shares, timeout)
+            replies = self._generate(method, workers, shares, timeout)
         else:
             call, message, decode = self._unary_call(method, args, kwargs)
             stubs = [getattr(worker.stub, call) for worker in workers]
@@ -236,13 +236,16 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
         )
 
     def _generate(
-        self, workers: list[GrpcWorker], shares: list[list[OmniDiffusionRequest]], timeout: float
+        self, method: str, workers: list[GrpcWorker], shares: list[list[OmniDiffusionRequest]], timeout: float
     ) -> list[list[RequestOutput]]:
-        """One Generate stream per rank, read at once by a thread each; fails at the first rank that fails."""
+        """One Generate stream per rank with a share, read at once by a thread each; fails at the first
+        rank that fails."""
         streams: list[grpc.Call] = []
         streams_lock = threading.Lock()
 
         def read(worker: GrpcWorker, share: list[OmniDiffusionRequest]) -> list[RequestOutput]:
+            if not share:
+                return []  # nothing for this rank in this step
             request = pb.GenerateRequest(requests=[request_to_proto(r) for r in share])
             stream = worker.stub.Generate(request, timeout=timeout, metadata=self._metadata)
             with streams_lock:
@@ -266,13 +269,13 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
             wait_futures(pending, timeout=_LATE_REPLIES_S)
             late = tuple(r for r, f in enumerate(futures) if not f.done() or _timed_out(f))
             raise RpcTimeoutError(
-                f"RPC 'generate' timed out after {timeout:g}s waiting for rank {', '.join(map(str, late))}", late
+                f"RPC '{method}' timed out after {timeout:g}s waiting for rank {', '.join(map(str, late))}", late
             ) from None
         with streams_lock:
             for stream in streams:
                 stream.cancel()  # the other ranks stop denoising for a step that has failed
         if isinstance(error, grpc.RpcError):
-            raise self._error(rank, "generate", timeout, error) from None
+            raise self._error(rank, method, timeout, error) from None
         raise error
 
     def _error(self, rank: int, method: str, timeout: float, error: grpc.RpcError) -> ExecutorError:

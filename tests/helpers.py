@@ -155,6 +155,17 @@ def metric_samples(text: str, name: str) -> list:
     return [s for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
 
 
+def stop_gracefully(process: subprocess.Popen, timeout_s: float) -> None:
+    """SIGINT, the graceful stop of `imagegen serve` and `imagegen worker`; SIGKILL after ``timeout_s``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class ServerProcess:
     """`python -m server.cli serve ...` on a free loopback port, stopped by the test that started it."""
 
@@ -204,13 +215,7 @@ class ServerProcess:
         return httpx.post(f"{self.base_url}/v1/images/generations", json=body, timeout=timeout, headers=headers)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_gracefully(self.process, 30)
         self.log.close()
 
 
@@ -272,13 +277,7 @@ class WorkerProcess:
         self.process.wait()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_gracefully(self.process, 60)
         self.log.close()
 
 

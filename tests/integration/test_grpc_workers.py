@@ -155,24 +155,24 @@ def test_server_with_the_wrong_token_exits_with_one_line_saying_token(workers):
 
 
 # -- lifecycle ------------------------------------------------------------------------------------
+def generate_through_a_server(workers) -> list[str]:
+    """Start a server on the workers, generate with the openai client, stop it (exit 0): the images."""
+    server = ServerProcess(*server_flags(workers), env={"IMAGEGEN_WORKER_TOKEN": TOKEN})
+    try:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+        response = client.images.generate(
+            prompt="a red fox", size="64x64", n=2, extra_body={"seed": 11, "num_inference_steps": 4}
+        )
+    finally:
+        server.stop()
+    assert server.process.returncode == 0
+    return [image.b64_json for image in response.data]
+
+
 def test_a_stopped_server_leaves_the_workers_serving_and_a_second_server_connects(workers):
-    env = {"IMAGEGEN_WORKER_TOKEN": TOKEN}
-    body = {"prompt": "a red fox", "size": "64x64", "n": 2, "extra_body": {"seed": 11, "num_inference_steps": 4}}
-    first = ServerProcess(*server_flags(workers), env=env)
-    try:
-        client = openai.OpenAI(base_url=f"{first.base_url}/v1", api_key="unused", max_retries=0)
-        before = client.images.generate(**body)
-    finally:
-        first.stop()
-    assert first.process.returncode == 0
+    before = generate_through_a_server(workers)
     assert [worker.health() for worker in workers] == ["SERVING", "SERVING"]
-    second = ServerProcess(*server_flags(workers), env=env)
-    try:
-        client = openai.OpenAI(base_url=f"{second.base_url}/v1", api_key="unused", max_retries=0)
-        after = client.images.generate(**body)
-    finally:
-        second.stop()
-    assert [image.b64_json for image in after.data] == [image.b64_json for image in before.data]
+    assert generate_through_a_server(workers) == before
 
 
 def test_killed_worker_fails_inflight_with_503_then_the_server_reconnects():
