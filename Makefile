@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test bench proto clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ test: install
 
 bench: install
 	$(PYTHON) bench/bench_serving.py
+
+# The gRPC worker contract: regenerate the committed Python code after changing workers/proto/worker.proto.
+proto: install
+	$(PYTHON) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. workers/proto/worker.proto
 
 clean:
 	rm -rf $(VENV) build *.egg-info

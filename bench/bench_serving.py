@@ -1,12 +1,12 @@
 """Serving benchmark: the raw diffusers pipeline vs a naive FastAPI server vs `imagegen serve`, in one run.
 
 Every number is measured in this run on this machine and printed as ratios against the raw
-pipeline (and, for the Ray backends, against `imagegen serve` on mp), so results from different
+pipeline (and, for the other backends, against `imagegen serve` on mp), so results from different
 machines are never mixed. Loopback only; bounded counts. See docs/benchmarks.md.
 
     python bench/bench_serving.py                        # tiny model, 64x64, 4 steps, CPU
     python bench/bench_serving.py --size 512 --device cuda
-    python bench/bench_serving.py --backends mp          # without the Ray backends
+    python bench/bench_serving.py --backends mp,grpc     # without the Ray backends
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def bench_server(name: str, command: list[str], port: int, args, logs: Path) -> 
 
 
 # -- imagegen serve on each backend ---------------------------------------------------------------
-BACKENDS = ("mp", "ray", "ray_external")
+BACKENDS = ("mp", "ray", "ray_external", "grpc")
 
 
 def use_gpus(args) -> bool:
@@ -208,6 +208,49 @@ def external_actors(args):
         ray.shutdown()
 
 
+def wait_serving(port: int, process: subprocess.Popen, log: Path) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + 300
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"imagegen worker exited: {log.read_text()[-2000:]}")
+            try:
+                answer = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"imagegen worker on port {port} did not report SERVING")
+
+
+@contextlib.contextmanager
+def grpc_workers(args, logs: Path):
+    """One `imagegen worker` per rank on a loopback port, for backend grpc; yields the server flags that find them.
+
+    They run only inside this block, each with its share of the cores (as mp's workers), and get
+    SIGTERM (then SIGKILL) at its end.
+    """
+    ports = [free_port() for _ in range(args.num_gpus)]
+    workers: list[subprocess.Popen] = []
+    try:
+        for rank, port in enumerate(ports):
+            command = [sys.executable, "-m", "server.cli", "worker", "--port", str(port), "--rank", str(rank),
+                       "--num-gpus", str(args.num_gpus), "--model", args.model, "--device", args.device]
+            log = logs / f"grpc-worker-{rank}.log"
+            workers.append(subprocess.Popen(command, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT))
+        for rank, (port, process) in enumerate(zip(ports, workers)):
+            wait_serving(port, process, logs / f"grpc-worker-{rank}.log")
+        yield ["--worker-addresses", ",".join(f"127.0.0.1:{port}" for port in ports)]
+    finally:
+        for process in workers:
+            stop(process)
+
+
 def bench_imagegen(backend: str, args, logs: Path) -> list[dict]:
     port = free_port()
     command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model", args.model,
@@ -219,6 +262,9 @@ def bench_imagegen(backend: str, args, logs: Path) -> list[dict]:
         return bench_server(name, command + ["--ray-cpus-per-worker", str(cpus_per_rank(args))], port, args, logs)
     if backend == "ray_external":
         with external_actors(args) as flags:
+            return bench_server(name, command + flags, port, args, logs)
+    if backend == "grpc":
+        with grpc_workers(args, logs) as flags:
             return bench_server(name, command + flags, port, args, logs)
     return bench_server(name, command, port, args, logs)
 
@@ -255,9 +301,10 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=10)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--num-gpus", type=int, default=1, help="imagegen workers")
-    parser.add_argument("--backends", type=parse_backends, default=list(BACKENDS) if ray_available else ["mp"],
-                        help="imagegen backends to measure, comma-separated (default: mp,ray,ray_external "
-                        "when Ray is installed, else mp)")
+    parser.add_argument("--backends", type=parse_backends,
+                        default=list(BACKENDS) if ray_available else ["mp", "grpc"],
+                        help="imagegen backends to measure, comma-separated (default: mp,ray,ray_external,grpc "
+                        "when Ray is installed, else mp,grpc)")
     parser.add_argument("--cache-dir", default=os.environ.get("IMAGEGEN_MODEL_CACHE_DIR") or tempfile.mkdtemp())
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--json", help="also write the results to this file")

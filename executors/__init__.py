@@ -27,7 +27,7 @@ __all__ = [
     "get_executor_class",
 ]
 
-BACKENDS = ("mp", "ray", "ray_external", "external_launcher")
+BACKENDS = ("mp", "ray", "ray_external", "grpc", "external_launcher")
 
 
 def get_executor_class(backend: str | type) -> type[DiffusionExecutor]:
@@ -49,6 +49,10 @@ def get_executor_class(backend: str | type) -> type[DiffusionExecutor]:
         from executors.ray_external import RayExternalDiffusionExecutor
 
         return RayExternalDiffusionExecutor
+    if backend == "grpc":
+        from executors.grpc_external import GrpcExternalDiffusionExecutor
+
+        return GrpcExternalDiffusionExecutor
     if backend == "external_launcher":
         # Usable only through a subclass: constructing it says which methods to implement.
         return ExternalDiffusionExecutor

@@ -1,5 +1,5 @@
-"""`imagegen serve`: every OmniDiffusionConfig field is a flag of the same name. The client
-subcommands (generate, edit, models) are server/client_cli.py's."""
+"""`imagegen serve` and `imagegen worker`: every OmniDiffusionConfig field is a flag of the same name.
+The client subcommands (generate, edit, models) are server/client_cli.py's."""
 
 from __future__ import annotations
 
@@ -24,6 +24,38 @@ def _flag_type(annotation: Any) -> tuple[Any, list | None]:
     return (simple if simple in (int, float) else str), None
 
 
+def _add_setting_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """One flag per settings field, with its aliases; on ``worker`` a field's worker_cli_aliases too,
+    and the fields whose flags those aliases take over (--host, --port) are left out."""
+    fields = OmniDiffusionConfig.model_fields
+    extras = {name: f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {} for name, f in fields.items()}
+    worker_aliases = {alias for extra in extras.values() for alias in extra.get("worker_cli_aliases", [])}
+    for name, field in fields.items():
+        flag = f"--{name.replace('_', '-')}"
+        aliases = list(extras[name].get("cli_aliases", []))
+        if command == "worker":
+            if flag in worker_aliases:
+                continue
+            aliases += extras[name].get("worker_cli_aliases", [])
+        flag_type, choices = _flag_type(field.annotation)
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(default)
+        # A bool flag alone means true; "--flag false" still works.
+        switch = {"nargs": "?", "const": "true"} if field.annotation is bool else {}
+        parser.add_argument(
+            flag,
+            *aliases,
+            dest=name,
+            type=flag_type,
+            choices=choices,
+            # Unset flags stay unset, so the environment can still supply them.
+            default=argparse.SUPPRESS,
+            help=f"{field.description} (default: {default})",
+            **switch,
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagegen", description="OpenAI-compatible image generation server, and a client of it"
@@ -35,29 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the HTTP server. Each flag also reads IMAGEGEN_<NAME> from the environment.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for name, field in OmniDiffusionConfig.model_fields.items():
-        flag_type, choices = _flag_type(field.annotation)
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        default = field.get_default(call_default_factory=True)
-        if isinstance(default, list):
-            default = ",".join(default)
-        serve.add_argument(
-            f"--{name.replace('_', '-')}",
-            *extra.get("cli_aliases", []),
-            dest=name,
-            type=flag_type,
-            choices=choices,
-            # Unset flags stay unset, so the environment can still supply them.
-            default=argparse.SUPPRESS,
-            help=f"{field.description} (default: {default})",
-        )
+    _add_setting_flags(serve, "serve")
+    worker = commands.add_parser(
+        "worker",
+        help="serve one rank's worker over gRPC, for --backend grpc",
+        description="Load the model and serve one rank over gRPC until SIGTERM. --host, --port and --rank are "
+        "the worker's own (IMAGEGEN_WORKER_HOST, IMAGEGEN_WORKER_PORT, IMAGEGEN_WORKER_RANK); every other flag "
+        "is the same as serve's and also reads IMAGEGEN_<NAME> from the environment.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_setting_flags(worker, "worker")
     client_cli.add_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "serve":
+    if args.command not in ("serve", "worker"):
         return client_cli.run(args)
     flags = {name: value for name, value in vars(args).items() if name != "command"}
     try:
@@ -65,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as error:
         print(f"imagegen: invalid configuration: {error}", file=sys.stderr)
         return 2
+    if args.command == "worker":
+        from workers.grpc_server import run_worker
+
+        return run_worker(config)
     configure_logging(config.log_format, "server")
     return serve(config)
 

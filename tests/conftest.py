@@ -8,7 +8,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 # The demo model's scene world (captions, renderings, the pixel scorer) lives beside its training script.
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 
-from helpers import CHROMEDRIVER, CHROMIUM, TEST_API_KEY, ServerProcess, chromium, ray_test_environment  # noqa: E402
+from helpers import (  # noqa: E402
+    CHROMEDRIVER,
+    CHROMIUM,
+    TEST_API_KEY,
+    ServerProcess,
+    chromium,
+    ray_test_environment,
+    start_workers,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -40,11 +48,20 @@ def keyed_server():
     server.stop()
 
 
-@pytest.fixture(scope="module", params=["mp", "ray"])
-def mp_or_ray_server(request):
+@pytest.fixture(scope="module", params=["mp", "ray", "grpc"])
+def streaming_server(request):
     """The tiny model served with each backend that streams progress from its workers."""
     if request.param == "mp":
         yield request.getfixturevalue("tiny_server")
+        return
+    if request.param == "grpc":
+        (worker,) = start_workers(1, "--model", "tiny")
+        try:
+            server = ServerProcess("--model", "tiny", "--backend", "grpc", "--worker-addresses", worker.address)
+            yield server
+            server.stop()
+        finally:
+            worker.stop()
         return
     with ray_test_environment():  # the server starts a private local Ray with these settings
         server = ServerProcess("--model", "tiny", "--backend", "ray")

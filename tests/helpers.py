@@ -308,6 +308,17 @@ def two_ray_nodes(head_resources: dict[str, float], worker_resources: dict[str, 
                 node.stop()
 
 
+def stop_gracefully(process: subprocess.Popen, timeout_s: float) -> None:
+    """SIGINT, the graceful stop of `imagegen serve` and `imagegen worker`; SIGKILL after ``timeout_s``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class ServerProcess:
     """`python -m server.cli serve ...` on a free loopback port, stopped by the test that started it."""
 
@@ -357,13 +368,7 @@ class ServerProcess:
         return httpx.post(f"{self.base_url}/v1/images/generations", json=body, timeout=timeout, headers=headers)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_gracefully(self.process, 30)
         self.log.close()
 
 
@@ -391,3 +396,69 @@ def queue_held_full(server: ServerProcess, headers: dict | None = None, timeout_
         running.close()  # the running request stops at its next step; the waiting one runs
         client.close()
         waiting.join(timeout_s)
+
+
+class WorkerProcess:
+    """`python -m server.cli worker ...` on a free loopback port (or ``port``), stopped by the test."""
+
+    def __init__(self, rank: int, *flags: str, port: int | None = None, env: dict[str, str] | None = None,
+                 wait: bool = True, ready_timeout_s: float = 180):
+        self.rank = rank
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"imagegen-worker{rank}-", suffix=".log")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "worker", "--port", str(self.port), "--rank", str(rank), *flags],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        if wait:
+            self.wait_serving(ready_timeout_s)
+
+    def health(self, timeout: float = 2, port: int | None = None) -> str:
+        """The grpc.health.v1 status name, or the gRPC error code's name when the call failed."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{port or self.port}") as channel:
+            try:
+                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            except grpc.RpcError as error:
+                return error.code().name
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+    def wait_serving(self, timeout_s: float = 180, port: int | None = None) -> None:
+        def serving() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited with {self.process.returncode}: {self.output()}")
+            return self.health(port=port) == "SERVING"
+
+        poll(serving, timeout_s, f"worker rank {self.rank} to report SERVING", interval_s=0.2)
+
+    def output(self) -> str:
+        with open(self.log.name) as log:
+            return log.read()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        stop_gracefully(self.process, 60)
+        self.log.close()
+
+
+def start_workers(num_ranks: int, *flags: str, env: dict[str, str] | None = None) -> list[WorkerProcess]:
+    """``num_ranks`` workers of one group, started at once, each waited for until SERVING."""
+    flags = ("--num-gpus", str(num_ranks), *flags)
+    workers = [WorkerProcess(rank, *flags, env=env, wait=False) for rank in range(num_ranks)]
+    try:
+        for worker in workers:
+            worker.wait_serving()
+    except BaseException:
+        for worker in workers:
+            worker.stop()
+        raise
+    return workers

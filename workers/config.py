@@ -37,7 +37,8 @@ class OmniDiffusionConfig(BaseSettings):
     """Settings for the server, the engine, the executor and the workers.
 
     Read from keyword arguments, then ``IMAGEGEN_*`` environment variables, then defaults.
-    ``imagegen serve`` exposes every field as a flag of the same name (``--max-batch-size``).
+    ``imagegen serve`` exposes every field as a flag of the same name (``--max-batch-size``), and so
+    does ``imagegen worker``, where ``--host`` and ``--port`` are the worker's own (worker_host, worker_port).
     """
 
     model_config = SettingsConfigDict(
@@ -55,7 +56,7 @@ class OmniDiffusionConfig(BaseSettings):
     num_gpus: int = Field(1, ge=1, description="number of workers (ranks); each owns one device")
     distributed_executor_backend: str | type = Field(
         "mp",
-        description="executor backend: mp, ray, ray_external, external_launcher, or package.module:Class",
+        description="executor backend: mp, ray, ray_external, grpc, external_launcher, or package.module:Class",
         json_schema_extra={"cli_aliases": ["--backend"]},
     )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto picks cuda when available")
@@ -122,6 +123,65 @@ class OmniDiffusionConfig(BaseSettings):
         description='extra Ray resources per rank for backend ray, as JSON: [{"node_a": 1}, {"node_b": 1}] '
         "pins rank 0 and rank 1 to the nodes that offer them",
     )
+    # -- gRPC workers (`imagegen worker`, backend grpc); see docs/executors.md ------------------
+    # NoDecode: "a:1,b:2" from the environment is split below, as from the command line.
+    worker_addresses: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="gRPC addresses (host:port) of the workers, in rank order, for backend grpc; an entry holding "
+        "{rank} stands for one address per rank in range(num_gpus)",
+    )
+    # On `imagegen worker`, --host and --port name these two (the HTTP server's host and port are not its).
+    worker_host: str = Field(
+        "127.0.0.1",
+        description="address imagegen worker listens on",
+        json_schema_extra={"worker_cli_aliases": ["--host"]},
+    )
+    worker_port: int = Field(
+        50051,
+        ge=0,
+        le=65535,
+        description="port imagegen worker listens on",
+        json_schema_extra={"worker_cli_aliases": ["--port"]},
+    )
+    worker_rank: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        0,
+        description="rank of imagegen worker, or auto: the ordinal that ends a StatefulSet pod's hostname "
+        "(imagegen-worker-3 is rank 3)",
+        json_schema_extra={"worker_cli_aliases": ["--rank"]},
+    )
+    worker_health_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="a plaintext port on which imagegen worker serves only the gRPC health service "
+        "(for the kubelet's grpc probe when TLS is on)",
+        json_schema_extra={"worker_cli_aliases": ["--health-port"]},
+    )
+    # repr=False: the token never reaches logs.
+    worker_token: str | None = Field(
+        None,
+        repr=False,
+        description="token that imagegen worker requires on every call but health checks, and that backend grpc "
+        "sends; compared in constant time. Prefer IMAGEGEN_WORKER_TOKEN to the flag, which other users can see in ps",
+    )
+    worker_allow_unauthenticated: bool = Field(
+        False,
+        description="let imagegen worker listen beyond loopback without a token",
+        json_schema_extra={"worker_cli_aliases": ["--allow-unauthenticated"]},
+    )
+    worker_tls_cert: Path | None = Field(
+        None,
+        description="PEM certificate that imagegen worker serves TLS with",
+        json_schema_extra={"worker_cli_aliases": ["--tls-cert"]},
+    )
+    worker_tls_key: Path | None = Field(
+        None,
+        description="PEM private key of the worker's certificate",
+        json_schema_extra={"worker_cli_aliases": ["--tls-key"]},
+    )
+    worker_tls_ca: Path | None = Field(
+        None, description="PEM CA certificate that backend grpc checks its workers' certificates with (turns TLS on)"
+    )
     # -- OpenAI API; see docs/openai-compatibility.md ---------------------------------------------
     # NoDecode: "key1,key2" from the environment is split below. repr=False: keys never reach logs.
     api_key: Annotated[list[str] | None, NoDecode] = Field(
@@ -146,14 +206,14 @@ class OmniDiffusionConfig(BaseSettings):
         4096 * 4096, ge=1, description="most pixels an uploaded image may decode to (larger ones get 400)"
     )
 
-    @field_validator("allowed_sizes", "worker_actor_names", "api_key", mode="before")
+    @field_validator("allowed_sizes", "worker_actor_names", "worker_addresses", "api_key", mode="before")
     @classmethod
     def _split_comma_lists(cls, value: Any, info: ValidationInfo) -> Any:
         """The environment and the flags give these lists as "a,b,c"."""
         if not isinstance(value, str):
             return value
         items = [item.strip() for item in value.split(",") if item.strip()]
-        # No actor names or no keys means the setting is unset; an empty size list stays a list.
+        # No actor names, addresses or keys means the setting is unset; an empty size list stays a list.
         return items if items or info.field_name == "allowed_sizes" else None
 
     @field_validator("ray_rank_resources", mode="before")

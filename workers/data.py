@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,3 +189,25 @@ class RequestOutput:
     usage: Usage = field(default_factory=Usage)
     # Seconds of the pipeline call that served it, by stage: text_encode, denoise, vae_decode.
     stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def shard_requests(requests: list[OmniDiffusionRequest], num_shards: int) -> list[list[OmniDiffusionRequest]]:
+    """Split one step's requests over the ranks: about equal images each, batchable requests together.
+
+    Requests are ordered by batch key and cut into contiguous runs, so a rank gets at most a few
+    groups. Every rank computes the same split from the same list, so a step is one broadcast RPC
+    (backend grpc computes it once and sends each rank only its own share, images included).
+    """
+    by_key: dict[tuple, list[OmniDiffusionRequest]] = defaultdict(list)
+    for request in requests:
+        by_key[request.batch_key()].append(request)
+    total = sum(request.num_images for request in requests)
+    shards: list[list[OmniDiffusionRequest]] = [[] for _ in range(num_shards)]
+    done = 0
+    for group in by_key.values():
+        for request in group:
+            # The rank whose share of the images holds this request's middle image.
+            middle = done + request.num_images / 2
+            shards[min(num_shards - 1, int(middle * num_shards / total))].append(request)
+            done += request.num_images
+    return shards

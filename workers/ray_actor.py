@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,7 +21,8 @@ except ImportError as error:  # Ray is an optional extra
 
 from workers.config import OmniDiffusionConfig
 from workers.logs import configure_logging
-from workers.data import OmniDiffusionRequest, RequestOutput, WorkerProgress
+from workers.data import OmniDiffusionRequest, RequestOutput
+from workers.streaming import stream_call
 
 logger = logging.getLogger(__name__)
 
@@ -95,22 +95,7 @@ class RayDiffusionWorkerActor:
     def execute_rpc_streaming(self, method: str, args: tuple = (), kwargs: dict | None = None) -> Iterator[Any]:
         """execute_rpc as a Ray streaming generator: yields each PartialImageOutput and StepProgress
         the call makes, as soon as it is made, and the call's reply last."""
-        progress: queue.SimpleQueue[WorkerProgress | None] = queue.SimpleQueue()
-        # The call runs in a thread of its own, because this one must be free to yield meanwhile.
-        reply = self._streamed_calls.submit(self._execute_rpc_into, progress.put, method, args, kwargs)
-        reply.add_done_callback(lambda _: progress.put(None))
-        while (item := progress.get()) is not None:
-            yield item
-        yield reply.result()
-
-    def _execute_rpc_into(
-        self, sink: Callable[[WorkerProgress], None], method: str, args: tuple, kwargs: dict | None
-    ) -> Any:
-        self._worker.progress_sink = sink
-        try:
-            return self.execute_rpc(method, args, kwargs)
-        finally:
-            self._worker.progress_sink = None
+        yield from stream_call(self._streamed_calls, self._worker, lambda: self.execute_rpc(method, args, kwargs))
 
     def generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
         """Generate every request on this rank (pipeline failures are reported per request)."""

@@ -20,6 +20,7 @@ from workers.data import (
     StepProgress,
     Usage,
     WorkerProgress,
+    shard_requests,
     with_defaults,
 )
 from workers.logs import recent_log_buffer
@@ -49,27 +50,6 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def shard_requests(requests: list[OmniDiffusionRequest], num_shards: int) -> list[list[OmniDiffusionRequest]]:
-    """Split one step's requests over the ranks: about equal images each, batchable requests together.
-
-    Requests are ordered by batch key and cut into contiguous runs, so a rank gets at most a few
-    groups. Every rank computes the same split from the same list, so a step is one broadcast RPC.
-    """
-    by_key: dict[tuple, list[OmniDiffusionRequest]] = defaultdict(list)
-    for request in requests:
-        by_key[request.batch_key()].append(request)
-    total = sum(request.num_images for request in requests)
-    shards: list[list[OmniDiffusionRequest]] = [[] for _ in range(num_shards)]
-    done = 0
-    for group in by_key.values():
-        for request in group:
-            # The rank whose share of the images holds this request's middle image.
-            middle = done + request.num_images / 2
-            shards[min(num_shards - 1, int(middle * num_shards / total))].append(request)
-            done += request.num_images
-    return shards
 
 
 class WorkerWrapperBase:

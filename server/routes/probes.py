@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -17,7 +19,8 @@ router = APIRouter()
 async def health(engine: AsyncDiffusionEngine = Depends(front)) -> JSONResponse:
     """Liveness: 503 only when the engine cannot serve any more."""
     try:
-        engine.engine.check_health()
+        # In a thread: external workers are asked over the network (up to a few seconds).
+        await asyncio.to_thread(engine.engine.check_health)
     except EngineError as error:
         return engine_error_response(error)
     return JSONResponse({"status": "ok"})
@@ -29,6 +32,10 @@ async def ready(engine: AsyncDiffusionEngine = Depends(front)) -> JSONResponse:
     if engine.draining:
         return engine_error_response(EngineDeadError("the server is shutting down"))
     if not engine.engine.is_ready():
+        try:
+            await asyncio.to_thread(engine.engine.check_health)  # an external worker that is gone: say which rank
+        except EngineError as error:
+            return engine_error_response(error)
         return engine_error_response(EngineDeadError("a worker is starting or restarting"))
     return JSONResponse({"status": "ready"})
 

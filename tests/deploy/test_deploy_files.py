@@ -35,7 +35,7 @@ def test_dockerfile_passes_hadolint():
 
 
 @pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.cpu.yml"]])
-@pytest.mark.parametrize("profile", [None, "ray"])
+@pytest.mark.parametrize("profile", [None, "ray", "workers"])
 def test_compose_config_is_valid(files, profile):
     command = [tool("docker-compose")]
     for file in files:
@@ -53,6 +53,10 @@ def test_compose_config_is_valid(files, profile):
     if profile == "ray":
         assert rendered["services"]["ray-head"]["shm_size"]
         assert "--backend" in rendered["services"]["imagegen-ray"]["command"]
+    if profile == "workers":
+        services = rendered["services"]
+        assert services["imagegen-grpc"]["command"][:2] == ["--backend", "grpc"]
+        assert [services[f"imagegen-worker-{rank}"]["entrypoint"] for rank in (0, 1)] == [["imagegen", "worker"]] * 2
 
 
 @pytest.fixture(scope="module")

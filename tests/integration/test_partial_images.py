@@ -1,5 +1,5 @@
 """Partial images are live: each reaches its client as soon as a worker has decoded it, while the
-request is still denoised, on the mp and the ray backend."""
+request is still denoised, on the mp, ray and grpc backends."""
 
 from __future__ import annotations
 
@@ -86,31 +86,31 @@ def first_event(lines) -> dict:
     raise AssertionError("the stream ended without an event")
 
 
-def test_first_partial_image_reaches_the_client_while_the_request_still_denoises(mp_or_ray_server):
+def test_first_partial_image_reaches_the_client_while_the_request_still_denoises(streaming_server):
     """Proof by causality, not timing: the client reads the first partial_image event and hangs up.
 
     Were partial images sent with the finished image (as they once were), the step would have
     ended before the event could be read, and counted its image in imagegen_images_generated_total.
     Instead the request is counted as cancelled, and its step ends with no image: the event left
-    the mp_or_ray_server while the worker was still denoising. (The test could only fail, never pass wrongly,
+    the server while the worker was still denoising. (The test could only fail, never pass wrongly,
     if the many remaining steps ran out before the hang-up reached the worker.)
     """
-    generated = mp_or_ray_server.metric("imagegen_images_generated_total")
-    cancelled = mp_or_ray_server.metric("imagegen_requests_cancelled_total")
-    url = f"{mp_or_ray_server.base_url}/v1/images/generations"
+    generated = streaming_server.metric("imagegen_images_generated_total")
+    cancelled = streaming_server.metric("imagegen_requests_cancelled_total")
+    url = f"{streaming_server.base_url}/v1/images/generations"
     with httpx.stream("POST", url, json=LONG_STREAM, timeout=120) as response:
         assert response.status_code == 200
         event = first_event(response.iter_lines())
     assert (event["type"], event["partial_image_index"]) == ("image_generation.partial_image", 0)
     assert decode(event["b64_json"]).shape == (128, 128, 3)
-    poll(lambda: mp_or_ray_server.metric("imagegen_num_requests_running") == 0, 60, "the step to stop")
-    assert mp_or_ray_server.metric("imagegen_requests_cancelled_total") == cancelled + 1
-    assert mp_or_ray_server.metric("imagegen_images_generated_total") == generated
+    poll(lambda: streaming_server.metric("imagegen_num_requests_running") == 0, 60, "the step to stop")
+    assert streaming_server.metric("imagegen_requests_cancelled_total") == cancelled + 1
+    assert streaming_server.metric("imagegen_images_generated_total") == generated
 
 
-def test_streams_every_partial_image_then_the_completed_image(mp_or_ray_server):
+def test_streams_every_partial_image_then_the_completed_image(streaming_server):
     body = {**LONG_STREAM, "size": "64x64", "num_inference_steps": 8, "n": 2, "seed": [3, 4]}
-    with httpx.stream("POST", f"{mp_or_ray_server.base_url}/v1/images/generations", json=body, timeout=120) as response:
+    with httpx.stream("POST", f"{streaming_server.base_url}/v1/images/generations", json=body, timeout=120) as response:
         assert response.status_code == 200
         events = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines() if line.startswith("data")]
     # Both images' partial image k are decoded in one pipeline step, and the completed images come last.

@@ -111,25 +111,25 @@ def test_an_edit_counts_the_steps_its_strength_leaves(tiny_server):
     ]
 
 
-def test_first_progress_event_reaches_the_client_while_the_request_still_denoises(mp_or_ray_server):
+def test_first_progress_event_reaches_the_client_while_the_request_still_denoises(streaming_server):
     """Proof by causality, not timing (as for partial images): the client reads the first progress
     event and hangs up. Had the steps been reported with the finished image, the step would have
     ended and counted its image; instead the request is cancelled and its step makes no image."""
-    generated = mp_or_ray_server.metric("imagegen_images_generated_total")
-    cancelled = mp_or_ray_server.metric("imagegen_requests_cancelled_total")
-    url = f"{mp_or_ray_server.base_url}/v1/images/generations"
+    generated = streaming_server.metric("imagegen_images_generated_total")
+    cancelled = streaming_server.metric("imagegen_requests_cancelled_total")
+    url = f"{streaming_server.base_url}/v1/images/generations"
     with httpx.stream("POST", url, json=LONG_STREAM, timeout=120) as response:
         assert response.status_code == 200
         first = next(json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: "))
     assert (first["type"], first["step"], first["total_steps"]) == ("image_generation.progress", 1, 150)
-    poll(lambda: mp_or_ray_server.metric("imagegen_num_requests_running") == 0, 60, "the step to stop")
-    assert mp_or_ray_server.metric("imagegen_requests_cancelled_total") == cancelled + 1
-    assert mp_or_ray_server.metric("imagegen_images_generated_total") == generated
+    poll(lambda: streaming_server.metric("imagegen_num_requests_running") == 0, 60, "the step to stop")
+    assert streaming_server.metric("imagegen_requests_cancelled_total") == cancelled + 1
+    assert streaming_server.metric("imagegen_images_generated_total") == generated
 
 
-def test_every_step_comes_once_in_order_on_each_backend(mp_or_ray_server):
+def test_every_step_comes_once_in_order_on_each_backend(streaming_server):
     body = {**LONG_STREAM, "size": "64x64", "num_inference_steps": 6, "n": 2, "partial_images": 2}
-    with httpx.stream("POST", f"{mp_or_ray_server.base_url}/v1/images/generations", json=body, timeout=120) as response:
+    with httpx.stream("POST", f"{streaming_server.base_url}/v1/images/generations", json=body, timeout=120) as response:
         events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
     # One progress event per step for the request (not per image); partial images after steps 2 and 4.
     assert [(e["type"].rsplit(".", 1)[1], e.get("step", e.get("partial_image_index"))) for e in events] == [

@@ -1,0 +1,403 @@
+"""GrpcExternalDiffusionExecutor ("grpc"): `imagegen worker` programs reached over gRPC.
+
+Someone else runs the workers (a Kubernetes StatefulSet, compose services, a shell). The engine
+finds them at ``worker_addresses``, checks at start-up that they are the ranks its own settings
+describe, and then only forwards calls. The server needs no copy of the model: what it knows of
+the model comes from the workers' describe(). A worker that goes away fails its calls at once
+(503); when one answers on its address again, the next call or health check reconnects to it.
+Closing the engine only closes the channels: the workers keep running for the next server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from executors.base import ExecutorError, RpcTimeoutError, WorkerDiedError, WorkerRpcError, WorkerStartupError
+from executors.external import HEALTH_CHECK_TIMEOUT_S, ExternalDiffusionExecutor
+from workers.data import OmniDiffusionRequest, RequestOutput, shard_requests
+from workers.grpc_messages import (
+    MAX_MESSAGE_BYTES,
+    output_from_proto,
+    partial_from_proto,
+    request_to_proto,
+    step_progress_from_proto,
+)
+from workers.proto import worker_pb2 as pb
+from workers.proto import worker_pb2_grpc as pb_grpc
+
+__all__ = ["GrpcExternalDiffusionExecutor", "GrpcWorker", "expand_addresses"]
+
+logger = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # A ping every 10 s, even between calls, and 5 s for its answer: a connection that was dropped
+    # silently (a node gone, a cable pulled) fails its calls instead of hanging until rpc_timeout_s.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # While a worker starts, try to connect again within 2 s (gRPC's default backoff grows to 2 minutes).
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+# How long a call that finds a rank dead waits for that address to answer before it gives up (503).
+_RECONNECT_PROBE_S = 1.0
+# After the first rank's deadline passes, how long to wait for the others to say whether theirs did.
+_LATE_REPLIES_S = 1.0
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def expand_addresses(entries: list[str] | None, num_ranks: int) -> list[str]:
+    """The workers' addresses in rank order, each entry holding ``{rank}`` expanded over range(num_ranks)."""
+    if not entries:
+        raise WorkerStartupError(
+            "no workers to connect to: set --worker-addresses (IMAGEGEN_WORKER_ADDRESSES) to the workers' "
+            "host:port in rank order, or to one entry holding {rank}"
+        )
+    addresses = []
+    for entry in entries:
+        addresses += [entry.replace("{rank}", str(rank)) for rank in range(num_ranks)] if "{rank}" in entry else [entry]
+    if len(addresses) != num_ranks:
+        raise WorkerStartupError(
+            f"--worker-addresses names {len(addresses)} worker(s) but --num-gpus is {num_ranks}: give one "
+            "address per rank, or one entry holding {rank}"
+        )
+    return addresses
+
+
+@dataclass(eq=False)
+class GrpcWorker:
+    """One rank's connection: the channel to its address and the two services on it."""
+
+    address: str
+    channel: grpc.Channel
+    stub: pb_grpc.DiffusionWorkerStub
+    health: health_pb2_grpc.HealthStub
+
+
+class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
+    """Connects to one `imagegen worker` per rank at ``od_config.worker_addresses``.
+
+    Each rank gets only its own share of a step (the split ``generate_shard`` makes), so a step's
+    input images cross the network once. Generate is a server-streaming call: the partial images
+    it decodes and its step progress reach ``progress_listeners`` while it runs. ``worker_token`` is sent with every
+    call; ``worker_tls_ca`` turns TLS on.
+    """
+
+    worker_handles: list[GrpcWorker]
+    worker_info: list[dict]  # each rank's describe()
+
+    def _init_executor(self) -> None:
+        config = self.od_config
+        self._metadata = (("authorization", f"Bearer {config.worker_token}"),) if config.worker_token else ()
+        self._credentials = (
+            grpc.ssl_channel_credentials(root_certificates=config.worker_tls_ca.read_bytes())
+            if config.worker_tls_ca is not None
+            else None
+        )
+        self._lock = threading.Lock()  # guards _dead and the swap of a reconnected rank's handle
+        self._reconnecting = threading.Lock()
+        self._dead: dict[int, str] = {}  # rank -> why it cannot be used
+        self._cancels: set[grpc.Future] = set()  # fire-and-forget Cancel calls, held until they end
+        # One thread per rank reads its Generate stream; PIPELINE_DEPTH steps may be in flight.
+        self._streams = ThreadPoolExecutor(max(4, 4 * config.num_gpus), thread_name_prefix="imagegen-grpc")
+        super()._init_executor()
+
+    # -- connecting --------------------------------------------------------------------------------
+    def _open(self, address: str) -> GrpcWorker:
+        if self._credentials is None:
+            channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            channel = grpc.secure_channel(address, self._credentials, options=CHANNEL_OPTIONS)
+        return GrpcWorker(address, channel, pb_grpc.DiffusionWorkerStub(channel), health_pb2_grpc.HealthStub(channel))
+
+    def _connect_to_workers(self) -> None:
+        addresses = expand_addresses(self.od_config.worker_addresses, self.od_config.num_gpus)
+        self.worker_handles.extend(self._open(address) for address in addresses)
+        timeout = self.od_config.worker_start_timeout_s
+        deadline = time.monotonic() + timeout
+        self.worker_info = []
+        for rank, worker in enumerate(self.worker_handles):
+            self._wait_until_serving(rank, worker, deadline, timeout)
+            remaining = max(HEALTH_CHECK_TIMEOUT_S, deadline - time.monotonic())
+            self.worker_info.append(self._identify(rank, worker, remaining))
+
+    def _wait_until_serving(self, rank: int, worker: GrpcWorker, deadline: float, timeout: float) -> None:
+        """Watch the worker's health until it says SERVING (it loads its model meanwhile)."""
+        last = "nothing answered"
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                # wait_for_ready: a worker that is not listening yet is waited for, not failed.
+                watch = worker.health.Watch(health_pb2.HealthCheckRequest(), timeout=remaining, wait_for_ready=True)
+                for answer in watch:
+                    if answer.status == _SERVING:
+                        return
+                    last = f"it reports {health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)}"
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    raise WorkerStartupError(
+                        f"{worker.address} (rank {rank}) has no gRPC health service: is it an imagegen worker?"
+                    ) from None
+                if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    last = f"{error.code().name}: {error.details()}"
+                    time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))  # it went away mid-watch
+        raise WorkerStartupError(
+            f"the worker at {worker.address} (rank {rank}) did not report SERVING within {timeout:g}s ({last})"
+        )
+
+    def _identify(self, rank: int, worker: GrpcWorker, timeout: float) -> dict:
+        """Initialize, and check that the worker is the one this rank needs; returns its describe()."""
+        try:
+            reply = worker.stub.Initialize(pb.InitializeRequest(), timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise WorkerStartupError(
+                    f"the worker at {worker.address} (rank {rank}) refused the worker token: set IMAGEGEN_WORKER_TOKEN "
+                    "(or --worker-token) to the token the workers were started with"
+                ) from None
+            raise WorkerStartupError(
+                f"the worker at {worker.address} (rank {rank}) failed Initialize: "
+                f"{error.code().name}: {error.details()}"
+            ) from None
+        description = json.loads(reply.description_json)
+        config = self.od_config
+        where = f"the worker at {worker.address}"
+        if description["rank"] != rank:
+            raise WorkerStartupError(
+                f"{where} is rank {description['rank']} but is listed at position {rank}: "
+                "list the workers in rank order"
+            )
+        if reply.num_ranks != config.num_gpus:
+            raise WorkerStartupError(
+                f"{where} (rank {rank}) was started for {reply.num_ranks} ranks (--num-gpus) but this server has "
+                f"{config.num_gpus}"
+            )
+        if reply.model_name != config.model_name:
+            raise WorkerStartupError(
+                f"{where} (rank {rank}) serves model '{reply.model_name}' but this server serves '{config.model_name}' "
+                "(--model, or --served-model-name)"
+            )
+        others = [info for other, info in enumerate(self.worker_info) if other != rank]
+        if others and description["pipeline"] != others[0]["pipeline"]:
+            raise WorkerStartupError(
+                f"{where} (rank {rank}) runs {description['pipeline']} but rank {others[0]['rank']} runs "
+                f"{others[0]['pipeline']}"
+            )
+        return description
+
+    # -- transport ---------------------------------------------------------------------------------
+    def _forward_rpc_to_workers(
+        self, method: str, timeout: float, args: tuple, kwargs: dict, unique_reply_rank: int | None
+    ) -> Any:
+        self._reconnect_replaced_workers()
+        self._raise_if_dead()
+        workers = list(self.worker_handles)
+        if method in ("generate", "generate_shard"):
+            requests: list[OmniDiffusionRequest] = args[0] if args else kwargs["requests"]
+            # generate_shard: each rank gets its own share; generate: every rank generates them all.
+            whole = method == "generate"
+            shares = [requests] * len(workers) if whole else shard_requests(requests, len(workers))
+            replies = self._generate(method, workers, shares, timeout)
+        else:
+            call, message, decode = self._unary_call(method, args, kwargs)
+            stubs = [getattr(worker.stub, call) for worker in workers]
+            futures = [stub.future(message, timeout=timeout, metadata=self._metadata) for stub in stubs]
+            replies = []
+            for rank, future in enumerate(futures):
+                try:
+                    replies.append(decode(future.result()))
+                except grpc.RpcError as error:
+                    raise self._error(rank, method, timeout, error) from None
+        return replies if unique_reply_rank is None else replies[unique_reply_rank]
+
+    def _unary_call(self, method: str, args: tuple, kwargs: dict) -> tuple[str, Any, Any]:
+        """(stub method, request message, reply decoder) for a worker method other than generation."""
+        if method == "initialize":
+            return "Initialize", pb.InitializeRequest(), lambda reply: json.loads(reply.description_json)
+        if method == "cancel":
+            request_ids = args[0] if args else kwargs["request_ids"]
+            return "Cancel", pb.CancelRequest(request_ids=request_ids), lambda reply: None
+        if method == "shutdown":
+            return "Shutdown", pb.ShutdownRequest(), lambda reply: None
+        try:
+            arguments = {"args_json": json.dumps(list(args)), "kwargs_json": json.dumps(kwargs)}
+        except TypeError as error:
+            raise WorkerRpcError(f"RPC '{method}' over gRPC takes JSON values only: {error}") from None
+        return (
+            "ExecuteRpc",
+            pb.ExecuteRpcRequest(method=method, **arguments),
+            lambda reply: json.loads(reply.result_json),
+        )
+
+    def _generate(
+        self, method: str, workers: list[GrpcWorker], shares: list[list[OmniDiffusionRequest]], timeout: float
+    ) -> list[list[RequestOutput]]:
+        """One Generate stream per rank with a share, read at once by a thread each; fails at the first
+        rank that fails."""
+        streams: list[grpc.Call] = []
+        streams_lock = threading.Lock()
+
+        def read(worker: GrpcWorker, share: list[OmniDiffusionRequest]) -> list[RequestOutput]:
+            if not share:
+                return []  # nothing for this rank in this step
+            request = pb.GenerateRequest(requests=[request_to_proto(r) for r in share])
+            stream = worker.stub.Generate(request, timeout=timeout, metadata=self._metadata)
+            with streams_lock:
+                streams.append(stream)
+            for event in stream:
+                if event.HasField("partial_image"):
+                    self._report_progress(partial_from_proto(event.partial_image))
+                elif event.HasField("step_progress"):
+                    self._report_progress(step_progress_from_proto(event.step_progress))
+                else:
+                    return [output_from_proto(output) for output in event.reply.outputs]
+            raise WorkerRpcError(f"the worker at {worker.address} ended Generate without a reply")
+
+        futures = [self._streams.submit(read, worker, share) for worker, share in zip(workers, shares)]
+        done, pending = wait_futures(futures, return_when=FIRST_EXCEPTION)
+        failed = [rank for rank, future in enumerate(futures) if future in done and future.exception() is not None]
+        if not failed:
+            return [future.result() for future in futures]
+        rank = failed[0]
+        error = futures[rank].exception()
+        if isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            # The ranks share one deadline: name every rank that missed it.
+            wait_futures(pending, timeout=_LATE_REPLIES_S)
+            late = tuple(r for r, f in enumerate(futures) if not f.done() or _timed_out(f))
+            raise RpcTimeoutError(
+                f"RPC '{method}' timed out after {timeout:g}s waiting for rank {', '.join(map(str, late))}", late
+            ) from None
+        with streams_lock:
+            for stream in streams:
+                stream.cancel()  # the other ranks stop denoising for a step that has failed
+        if isinstance(error, grpc.RpcError):
+            raise self._error(rank, method, timeout, error) from None
+        raise error
+
+    def _error(self, rank: int, method: str, timeout: float, error: grpc.RpcError) -> ExecutorError:
+        """A failed call as the executor error the engine maps to an HTTP status."""
+        code, details = error.code(), error.details()
+        address = self.worker_handles[rank].address
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return RpcTimeoutError(f"RPC '{method}' timed out after {timeout:g}s waiting for rank {rank}", (rank,))
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            reason = f"worker rank {rank} at {address} is unreachable: {code.name}: {details}"
+            self._mark_dead(rank, reason)
+            return WorkerDiedError(reason)
+        return WorkerRpcError(f"worker rank {rank} at {address}: RPC '{method}' failed: {code.name}: {details}")
+
+    def cancel_requests(self, request_ids: list[str]) -> None:
+        message = pb.CancelRequest(request_ids=request_ids)
+        for worker in list(self.worker_handles):
+            # Fire and forget: a worker that is gone has nothing to cancel.
+            future = worker.stub.Cancel.future(message, timeout=HEALTH_CHECK_TIMEOUT_S, metadata=self._metadata)
+            self._cancels.add(future)
+            future.add_done_callback(self._cancels.discard)
+
+    # -- health --------------------------------------------------------------------------------------
+    def _check_worker_health(self) -> None:
+        """The gRPC health service and get_rank of every rank, as the guide's health monitoring does."""
+        self._reconnect_replaced_workers()
+        self._raise_if_dead()
+        checks = [
+            (
+                worker.health.Check.future(health_pb2.HealthCheckRequest(), timeout=HEALTH_CHECK_TIMEOUT_S),
+                worker.stub.GetRank.future(
+                    pb.GetRankRequest(), timeout=HEALTH_CHECK_TIMEOUT_S, metadata=self._metadata
+                ),
+            )
+            for worker in self.worker_handles
+        ]
+        for rank, (health, get_rank) in enumerate(checks):
+            try:
+                status = health.result().status
+                answered = get_rank.result().rank
+            except grpc.RpcError as error:
+                reason = (
+                    f"worker rank {rank} at {self.worker_handles[rank].address} failed its health check: "
+                    f"{error.code().name}: {error.details()}"
+                )
+                self._mark_dead(rank, reason)
+                raise WorkerDiedError(reason) from None
+            if status != _SERVING:
+                name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+                reason = f"worker rank {rank} at {self.worker_handles[rank].address} reports {name}"
+                self._mark_dead(rank, reason)
+                raise WorkerDiedError(reason)
+            if answered != rank:
+                address = self.worker_handles[rank].address
+                raise WorkerDiedError(f"the worker at {address} answers as rank {answered}, expected {rank}")
+
+    def is_ready(self) -> bool:
+        with self._lock:
+            return not self.is_closed and not self._dead
+
+    def _mark_dead(self, rank: int, reason: str) -> None:
+        with self._lock:
+            if rank not in self._dead:
+                logger.error(reason)
+            self._dead[rank] = reason
+
+    def _raise_if_dead(self) -> None:
+        with self._lock:
+            dead = dict(self._dead)
+        if dead:
+            raise WorkerDiedError("; ".join(reason for _, reason in sorted(dead.items())))
+
+    def _reconnect_replaced_workers(self) -> None:
+        """For each dead rank whose address answers SERVING again: a fresh channel, the start-up
+        checks, and the rank is back. The workers' owner replaces them; this only notices."""
+        if not self._dead or not self._reconnecting.acquire(blocking=False):
+            return
+        try:
+            for rank in sorted(self._dead):
+                old = self.worker_handles[rank]
+                fresh = self._open(old.address)
+                info = None
+                try:
+                    # Fail fast: an address where nothing listens answers at once.
+                    if (
+                        fresh.health.Check(health_pb2.HealthCheckRequest(), timeout=_RECONNECT_PROBE_S).status
+                        == _SERVING
+                    ):
+                        info = self._identify(rank, fresh, HEALTH_CHECK_TIMEOUT_S)
+                except grpc.RpcError:
+                    pass  # not back yet
+                except WorkerStartupError as error:
+                    self._mark_dead(rank, str(error))  # something else answers there now: say what
+                if info is None:
+                    fresh.channel.close()
+                    continue
+                with self._lock:
+                    self.worker_handles[rank] = fresh
+                    self.worker_info[rank] = info
+                    del self._dead[rank]
+                old.channel.close()
+                logger.info("worker rank %d: reconnected to %s", rank, old.address)
+        finally:
+            self._reconnecting.release()
+
+    # -- shutdown ------------------------------------------------------------------------------------
+    def _disconnect_from_workers(self) -> None:
+        # The workers are not ours: close the channels, never stop them.
+        handles, self.worker_handles = self.worker_handles, []
+        for worker in handles:
+            worker.channel.close()
+        self._streams.shutdown(wait=False)
+
+
+def _timed_out(future: Future) -> bool:
+    error = future.exception()
+    return isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED

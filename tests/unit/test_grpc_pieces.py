@@ -1,0 +1,199 @@
+"""The gRPC worker's pieces that need no worker: generated code, message conversion, settings, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import ROOT, run_cli
+
+from executors import WorkerStartupError, get_executor_class
+from executors.grpc_external import GrpcExternalDiffusionExecutor, expand_addresses
+from server.cli import build_parser
+from workers.config import OmniDiffusionConfig
+from workers.data import OmniDiffusionRequest, PartialImageOutput, RequestOutput, Usage
+from workers.grpc_messages import (
+    output_from_proto,
+    output_to_proto,
+    pixels_from_proto,
+    request_from_proto,
+    request_to_proto,
+)
+from workers.grpc_server import check_listen_settings, rank_from_hostname
+from workers.proto import worker_pb2 as pb
+
+PROTO_DIR = ROOT / "workers" / "proto"
+
+
+def test_committed_generated_code_matches_the_proto(tmp_path):
+    """Regenerate with the pinned grpcio-tools and compare byte for byte: stale code fails here."""
+    (tmp_path / "workers" / "proto").mkdir(parents=True)
+    shutil.copy(PROTO_DIR / "worker.proto", tmp_path / "workers" / "proto")
+    command = [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.",
+               "--grpc_python_out=.", "workers/proto/worker.proto"]
+    subprocess.run(command, cwd=tmp_path, check=True, capture_output=True)
+    for name in ("worker_pb2.py", "worker_pb2.pyi", "worker_pb2_grpc.py"):
+        generated = (tmp_path / "workers" / "proto" / name).read_text()
+        assert generated == (PROTO_DIR / name).read_text(), f"{name} is stale: run `make proto`"
+
+
+def test_every_message_has_a_comment():
+    lines = (PROTO_DIR / "worker.proto").read_text().splitlines()
+    for number, line in enumerate(lines):
+        if line.startswith(("message ", "service ")):
+            assert lines[number - 1].startswith("//"), f"no comment above {line!r}"
+
+
+def full_request(**changes) -> OmniDiffusionRequest:
+    """A request with every field set to something other than its default."""
+    fields = dict(
+        prompt="a red fox",
+        height=48,
+        width=64,
+        negative_prompt="blurry",
+        num_inference_steps=7,
+        guidance_scale=6.25,
+        seed=(11, 12),
+        num_images=2,
+        request_id="req-1",
+        image=np.arange(48 * 64 * 3, dtype=np.uint8).reshape(48, 64, 3),
+        mask=np.full((48, 64), 255, dtype=np.uint8),
+        strength=0.375,
+        partial_images=2,
+    )
+    fields.update(changes)
+    return OmniDiffusionRequest(**fields)
+
+
+def test_every_request_field_crosses_the_wire():
+    request = full_request()
+    defaults = OmniDiffusionRequest("p")
+    for field in dataclasses.fields(request):
+        assert not np.array_equal(getattr(request, field.name), getattr(defaults, field.name)), field.name
+    assert {f.name for f in dataclasses.fields(request)} == set(pb.DiffusionRequest.DESCRIPTOR.fields_by_name)
+    back = request_from_proto(pb.DiffusionRequest.FromString(request_to_proto(request).SerializeToString()))
+    assert back == request
+    assert np.array_equal(back.image, request.image) and np.array_equal(back.mask, request.mask)
+
+
+def test_unset_fields_stay_none_and_an_int_seed_stays_an_int():
+    request = OmniDiffusionRequest("a red fox", seed=5, request_id="r")
+    back = request_from_proto(pb.DiffusionRequest.FromString(request_to_proto(request).SerializeToString()))
+    assert back == request and back.seed == 5 and back.height is None and back.image is None
+
+
+def test_request_output_crosses_the_wire():
+    images = [np.random.default_rng(0).integers(0, 256, (8, 4, 3), dtype=np.uint8) for _ in range(2)]
+    output = RequestOutput(
+        "req-1", images, (1, 2), rank=1, error=None,
+        partial_images=[PartialImageOutput("req-1", 0, images[:1])],
+        usage=Usage(3, 4, 5), stage_seconds={"denoise": 0.25},
+    )
+    back = output_from_proto(pb.RequestOutput.FromString(output_to_proto(output).SerializeToString()))
+    assert (back.request_id, back.seed, back.rank, back.error, back.usage, back.stage_seconds) == (
+        "req-1", (1, 2), 1, None, Usage(3, 4, 5), {"denoise": 0.25}
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(back.images, images, strict=True))
+    assert np.array_equal(back.partial_images[0].images[0], images[0])
+    failed = output_from_proto(output_to_proto(RequestOutput("r", [], None, 0, "cancelled")))
+    assert (failed.images, failed.seed, failed.error) == ([], None, "cancelled")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pb.Pixels(shape=[2, 2, 3], data=b"\0" * 11),
+        pb.Pixels(shape=[12], data=b"\0" * 12),
+        pb.Pixels(shape=[1, 1, 1, 1], data=b"\0"),
+    ],
+)
+def test_pixels_whose_shape_does_not_fit_are_refused(message):
+    with pytest.raises(ValueError, match="cannot hold"):
+        pixels_from_proto(message)
+
+
+def test_a_request_without_id_or_images_is_refused():
+    with pytest.raises(ValueError, match="request_id"):
+        request_from_proto(pb.DiffusionRequest(prompt="p", num_images=1))
+    with pytest.raises(ValueError, match="at least one image"):
+        request_from_proto(pb.DiffusionRequest(request_id="r", prompt="p", num_images=0))
+
+
+def test_rank_auto_takes_the_statefulset_ordinal():
+    assert rank_from_hostname("imagegen-worker-3") == 3
+    assert rank_from_hostname("imagegen-worker-b-12") == 12
+    for hostname in ("laptop", "imagegen-worker-", "worker-x"):
+        with pytest.raises(ValueError, match="pass --rank"):
+            rank_from_hostname(hostname)
+
+
+def test_worker_addresses_expand_rank_in_rank_order():
+    pattern = "imagegen-worker-{rank}.imagegen-worker.default.svc.cluster.local:50051"
+    assert expand_addresses([pattern], 2) == [
+        "imagegen-worker-0.imagegen-worker.default.svc.cluster.local:50051",
+        "imagegen-worker-1.imagegen-worker.default.svc.cluster.local:50051",
+    ]
+    assert expand_addresses(["a:1", "b:2"], 2) == ["a:1", "b:2"]
+    with pytest.raises(WorkerStartupError, match="names 3 worker.* but --num-gpus is 2"):
+        expand_addresses(["a:1", "b:2", "c:3"], 2)
+    with pytest.raises(WorkerStartupError, match="--worker-addresses"):
+        expand_addresses(None, 1)
+
+
+def test_backend_grpc_and_its_settings(monkeypatch):
+    assert get_executor_class("grpc") is GrpcExternalDiffusionExecutor
+    monkeypatch.setenv("IMAGEGEN_WORKER_ADDRESSES", "10.0.0.1:50051, 10.0.0.2:50051")
+    monkeypatch.setenv("IMAGEGEN_PORT", "9000")  # the HTTP server's port never moves a worker
+    config = OmniDiffusionConfig()
+    assert config.worker_addresses == ["10.0.0.1:50051", "10.0.0.2:50051"]
+    assert (config.worker_host, config.worker_port, config.worker_rank) == ("127.0.0.1", 50051, 0)
+    assert "worker_token" not in repr(OmniDiffusionConfig(worker_token="secret"))
+
+
+def test_worker_flags_name_the_workers_own_address_and_rank():
+    args = build_parser().parse_args(
+        ["worker", "--host", "0.0.0.0", "--port", "6000", "--rank", "auto", "--health-port", "6001",
+         "--allow-unauthenticated", "--tls-cert", "c.pem", "--tls-key", "k.pem", "--num-gpus", "4"]
+    )
+    flags = {name: value for name, value in vars(args).items() if name != "command"}
+    config = OmniDiffusionConfig(**flags)
+    assert (config.worker_host, config.worker_port, config.worker_rank, config.worker_health_port) == (
+        "0.0.0.0", 6000, "auto", 6001
+    )
+    assert config.worker_allow_unauthenticated and config.num_gpus == 4
+    assert (config.host, config.port) == ("127.0.0.1", 8000)
+    # On serve, --host and --port stay the HTTP server's.
+    serve = vars(build_parser().parse_args(["serve", "--host", "0.0.0.0", "--worker-port", "7000"]))
+    assert (serve["host"], serve["worker_port"]) == ("0.0.0.0", 7000)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"worker_host": "0.0.0.0"}, "without a worker token"),
+        ({"worker_host": "10.1.2.3"}, "without a worker token"),
+        ({"worker_tls_cert": "c.pem"}, "both --tls-cert and --tls-key"),
+    ],
+)
+def test_unsafe_listen_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        check_listen_settings(OmniDiffusionConfig(**settings))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"worker_host": "::1"}, {"worker_host": "0.0.0.0", "worker_token": "t"},
+     {"worker_host": "0.0.0.0", "worker_allow_unauthenticated": True}],
+)
+def test_safe_listen_settings_pass(settings):
+    check_listen_settings(OmniDiffusionConfig(**settings))
+
+
+def test_worker_program_refuses_the_network_without_a_token_in_one_line():
+    result = run_cli("worker", "--host", "0.0.0.0", env={"IMAGEGEN_WORKER_TOKEN": ""})
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "token" in result.stderr, result.stderr

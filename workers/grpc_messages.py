@@ -1,0 +1,126 @@
+"""The worker dataclasses as protobuf messages, both ways, for the gRPC worker and its executor.
+
+Images travel as raw uint8 bytes with their shape (no PNG on the hot path); the receiving side
+wraps the bytes in a read-only numpy array without copying them. Decoding checks each message's
+shape, so a malformed one is a ValueError, never a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from workers.data import OmniDiffusionRequest, PartialImageOutput, RequestOutput, StepProgress, Usage
+from workers.proto import worker_pb2 as pb
+
+# Both ends raise gRPC's 4 MiB default to this, each way. A step of max_batch_size (8) edits at
+# 1792x1024 sends 8 x 7.3 MB (image and mask) to a rank, 4 x 1024x1024 images come back as 12.6 MB;
+# 1 GiB leaves room for large batches and sizes, and still refuses an absurd message.
+MAX_MESSAGE_BYTES = 1 << 30
+# Fields whose wire form is not the dataclass value itself.
+_ARRAYS = ("image", "mask")
+
+
+def pixels_to_proto(array: np.ndarray) -> pb.Pixels:
+    return pb.Pixels(shape=array.shape, data=np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def pixels_from_proto(message: pb.Pixels) -> np.ndarray:
+    shape = tuple(message.shape)
+    if len(shape) not in (2, 3) or math.prod(shape) != len(message.data):
+        raise ValueError(f"pixels of shape {shape} cannot hold {len(message.data)} bytes")
+    return np.frombuffer(message.data, dtype=np.uint8).reshape(shape)
+
+
+def seed_to_proto(seed: int | tuple[int, ...] | None) -> pb.Seed | None:
+    if seed is None:
+        return None
+    if isinstance(seed, tuple):
+        return pb.Seed(values=seed, per_image=True)
+    return pb.Seed(values=[seed])
+
+
+def seed_from_proto(message: pb.Seed) -> int | tuple[int, ...]:
+    if message.per_image:
+        return tuple(message.values)
+    if len(message.values) != 1:
+        raise ValueError(f"a single seed has one value, got {len(message.values)}")
+    return message.values[0]
+
+
+def request_to_proto(request: OmniDiffusionRequest) -> pb.DiffusionRequest:
+    message = pb.DiffusionRequest()
+    for field in dataclasses.fields(request):
+        value = getattr(request, field.name)
+        if value is None:
+            continue  # an unset optional field (or message) is None on the other side
+        if field.name in _ARRAYS:
+            getattr(message, field.name).CopyFrom(pixels_to_proto(value))
+        elif field.name == "seed":
+            message.seed.CopyFrom(seed_to_proto(value))
+        else:
+            setattr(message, field.name, value)
+    return message
+
+
+def request_from_proto(message: pb.DiffusionRequest) -> OmniDiffusionRequest:
+    values = {}
+    for field in dataclasses.fields(OmniDiffusionRequest):
+        descriptor = message.DESCRIPTOR.fields_by_name[field.name]
+        if descriptor.has_presence and not message.HasField(field.name):
+            values[field.name] = None
+        elif field.name in _ARRAYS:
+            values[field.name] = pixels_from_proto(getattr(message, field.name))
+        elif field.name == "seed":
+            values[field.name] = seed_from_proto(message.seed)
+        else:
+            values[field.name] = getattr(message, field.name)
+    if not values["request_id"] or values["num_images"] < 1:
+        raise ValueError("a request needs a request_id and at least one image")
+    return OmniDiffusionRequest(**values)
+
+
+def partial_to_proto(partial: PartialImageOutput) -> pb.PartialImage:
+    return pb.PartialImage(
+        request_id=partial.request_id, index=partial.index, images=[pixels_to_proto(i) for i in partial.images]
+    )
+
+
+def partial_from_proto(message: pb.PartialImage) -> PartialImageOutput:
+    return PartialImageOutput(message.request_id, message.index, [pixels_from_proto(i) for i in message.images])
+
+
+def step_progress_to_proto(progress: StepProgress) -> pb.StepProgress:
+    return pb.StepProgress(request_id=progress.request_id, step=progress.step, total_steps=progress.total_steps)
+
+
+def step_progress_from_proto(message: pb.StepProgress) -> StepProgress:
+    return StepProgress(message.request_id, message.step, message.total_steps)
+
+
+def output_to_proto(output: RequestOutput) -> pb.RequestOutput:
+    return pb.RequestOutput(
+        request_id=output.request_id,
+        images=[pixels_to_proto(image) for image in output.images],
+        seed=seed_to_proto(output.seed),
+        rank=output.rank,
+        error=output.error,
+        partial_images=[partial_to_proto(partial) for partial in output.partial_images],
+        usage=pb.Usage(**dataclasses.asdict(output.usage)),
+        stage_seconds=output.stage_seconds,
+    )
+
+
+def output_from_proto(message: pb.RequestOutput) -> RequestOutput:
+    return RequestOutput(
+        request_id=message.request_id,
+        images=[pixels_from_proto(image) for image in message.images],
+        seed=seed_from_proto(message.seed) if message.HasField("seed") else None,
+        rank=message.rank,
+        error=message.error if message.HasField("error") else None,
+        partial_images=[partial_from_proto(partial) for partial in message.partial_images],
+        usage=Usage(message.usage.text_tokens, message.usage.input_image_tokens, message.usage.output_image_tokens),
+        stage_seconds=dict(message.stage_seconds),
+    )
