@@ -92,7 +92,7 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
     """
 
     def _init_executor(self) -> None:
-        self._num_threads = max(1, (os.cpu_count() or 1) // self.od_config.num_gpus)
+        self._num_threads = self.od_config.cpu_threads_per_rank
         self._settings = worker_settings(self.od_config)
         self._call_ids = itertools.count()
         self._lock = threading.Lock()  # guards every worker's pending map, death, and the list itself

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -247,6 +248,12 @@ class OmniDiffusionConfig(BaseSettings):
         if self.default_size is not None and self.default_size not in self.allowed_sizes:
             raise ValueError(f"default_size {self.default_size} is not in allowed_sizes")
         return self
+
+    @property
+    def cpu_threads_per_rank(self) -> int:
+        """Torch threads of a rank on CPU: the machine's cores split over the ranks, so that the
+        ranks' pipelines do not fight over them (every host of a worker uses this)."""
+        return max(1, (os.cpu_count() or 1) // self.num_gpus)
 
     @property
     def model_name(self) -> str:

@@ -14,7 +14,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
 import signal
 import socket
 import sys
@@ -317,7 +316,7 @@ def run_worker(od_config: OmniDiffusionConfig) -> int:
     from workers.worker import WorkerWrapperBase
 
     # Ranks on one machine split its cores, as the mp backend's do.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // od_config.num_gpus))
+    torch.set_num_threads(od_config.cpu_threads_per_rank)
     worker = WorkerWrapperBase(rank, od_config)
     health_servicer = health.HealthServicer()
     for name in HEALTH_SERVICE_NAMES:

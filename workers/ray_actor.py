@@ -9,7 +9,6 @@ through its shared-memory object store without copying when they are large.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -123,4 +122,4 @@ class RayDiffusionWorkerActor:
         # One thread per CPU that Ray reserved for this actor; without a CPU reservation, the
         # machine's cores split over the ranks, as the mp backend does.
         reserved = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
-        torch.set_num_threads(reserved or max(1, (os.cpu_count() or 1) // self.od_config.num_gpus))
+        torch.set_num_threads(reserved or self.od_config.cpu_threads_per_rank)

@@ -64,6 +64,7 @@ def full_request(**changes) -> OmniDiffusionRequest:
         mask=np.full((48, 64), 255, dtype=np.uint8),
         strength=0.375,
         partial_images=2,
+        progress=True,
     )
     fields.update(changes)
     return OmniDiffusionRequest(**fields)
