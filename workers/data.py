@@ -37,6 +37,8 @@ class OmniDiffusionRequest:
     mask: np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float | None = None
     partial_images: int = 0
+    # False runs it without the step cache (--cache-method); such requests never share a call with cached ones.
+    cache: bool = True
 
     @property
     def task(self) -> str:
@@ -62,6 +64,7 @@ class OmniDiffusionRequest:
             self.task,
             self.strength,
             self.partial_images,
+            self.cache,
         )
 
 
@@ -133,3 +136,6 @@ class RequestOutput:
     usage: Usage = field(default_factory=Usage)
     # Seconds of the pipeline call that served it, by stage: text_encode, denoise, vae_decode.
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # Graphs torch.compile made during that call (set on the call's first request only, so a sum over
+    # requests counts each call once); after the start-up warm-up, each one is a recompile.
+    compiled_graphs: int = 0
