@@ -114,6 +114,8 @@ class DiffusionEngine:
         self.native_size: str = od_config.default_size or self.model_info["native_size"]
         for rank in range(od_config.num_gpus):
             metrics.WORKER_UP.labels(od_config.model_name, str(rank)).set(1)
+        if od_config.compile != "none":
+            metrics.RECOMPILES.labels(od_config.model_name)  # exported from the start, at 0
         logger.info("engine ready: %s", self.model_info)
 
     # -- requests ------------------------------------------------------------------------------
@@ -245,6 +247,8 @@ class DiffusionEngine:
             for reply in self._generate(list(runnable.values())):
                 for stage, seconds in reply.stage_seconds.items():
                     metrics.STAGE_TIME.labels(self.od_config.model_name, stage).observe(seconds)
+                if reply.compiled_graphs:
+                    metrics.RECOMPILES.labels(self.od_config.model_name).inc(reply.compiled_graphs)
                 for partial in reply.partial_images:  # from a backend that could not send them earlier
                     self._on_partial_image(partial)
                 outputs[reply.request_id] = DiffusionOutput(

@@ -143,6 +143,7 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
             "seed": tuple(body.seed) if isinstance(body.seed, list) else body.seed,
             "num_images": body.n,
             "partial_images": streamed_partials,
+            "cache": body.cache,
         }
 
     async def answer(http_request: Request, body: ImageOptions, request: OmniDiffusionRequest, events: str | None):
@@ -338,14 +339,14 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERROR_RESPONSES)
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, created=created)])
+        return ModelList(data=[ModelCard(id=model_name, created=created, levers=engine.model_info.get("levers"))])
 
     # :path, because hub ids such as "org/model" hold a slash.
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERROR_RESPONSES)
     async def retrieve_model(model_id: str) -> ModelCard:
         if model_id != model_name:
             raise NotFoundError(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
-        return ModelCard(id=model_name, created=created)
+        return ModelCard(id=model_name, created=created, levers=engine.model_info.get("levers"))
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -33,6 +33,7 @@ class ImageOptions(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1, description="overrides the steps that quality maps to")
     guidance_scale: float | None = Field(None, ge=0)
     seed: Seed | list[Seed] | None = Field(None, description="image i uses seed + i, or one seed per image")
+    cache: bool = Field(True, description="false runs this request without the server's step cache (--cache-method)")
 
 
 class PromptedOptions(ImageOptions):
@@ -182,10 +183,13 @@ class CompletedEvent(_StreamEvent):
 
 
 class ModelCard(BaseModel):
+    """OpenAI's model object; ``levers`` (the speed levers in effect on its workers) is an extension."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "imagegen"
+    levers: dict | None = None
 
 
 class ModelList(BaseModel):

@@ -93,7 +93,17 @@ def _new_tensors_on(device, dtype):
 
 def build_random_weight_pipeline(name: str, device, dtype):
     """The pipeline of random-weight model ``name``, every module created on ``device`` (``"meta"`` to
-    count parameters without memory) in ``dtype``, from the configs in model_configs/<name>."""
+    count parameters without memory) in ``dtype``, from the configs in model_configs/<name>. The weights
+    come from a fixed seed, so every process builds the same ones on the same kind of device."""
+    import torch
+
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        return _build_random_weight_pipeline(name, device, dtype)
+
+
+def _build_random_weight_pipeline(name: str, device, dtype):
     import diffusers
     import torch
     import transformers
@@ -123,7 +133,7 @@ def build_random_weight_pipeline(name: str, device, dtype):
                     model = module_class.from_config(config)
                 else:
                     model = module_class(module_class.config_class(**config))
-            components[component] = model.to(dtype).eval() if torch.device(device).type != "meta" else model.eval()
+            components[component] = model.eval() if device.type == "meta" else model.to(dtype).eval()
     return pipeline_class(**components)
 
 
