@@ -36,7 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_serving import free_port, percentile, start, stop  # noqa: E402
+from bench_serving import free_port, percentile, start, stop  # noqa: E402 - after the path set-up
+
+from workers.levers import ADAPTIVE_CACHE_METHODS as ADAPTIVE  # noqa: E402
 
 PROMPT = "a red fox in the snow"
 
@@ -60,8 +62,8 @@ class PeakCudaMemory:
     def _sample(self) -> None:
         while not self._stop.wait(0.2):
             try:
-                out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=10).stdout
+                query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+                out = subprocess.run(query, capture_output=True, text=True, timeout=10, check=False).stdout
             except (OSError, subprocess.TimeoutExpired):
                 continue
             for line in out.splitlines():
@@ -144,7 +146,8 @@ def bench_raw(args, logs: Path) -> dict:
         raise RuntimeError(f"raw pipeline failed: {(logs / 'raw.log').read_text()[-2000:]}")
     data = np.load(out)
     images = {s: data[str(s)] for s in seeds(args)}
-    return summary("raw pipeline", list(data["latencies"]), float(data["elapsed"]), peak or int(data["peak_rss"]), images)
+    peak = peak or int(data["peak_rss"])
+    return summary("raw pipeline", list(data["latencies"]), float(data["elapsed"]), peak, images)
 
 
 # -- imagegen rows ----------------------------------------------------------------------------------
@@ -245,6 +248,12 @@ def quality(args, model: str) -> list[tuple[str, float, int]]:
 # -- main ---------------------------------------------------------------------------------------------
 def hooking_methods(args) -> list[str]:
     import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library_logging in (diffusers_logging, transformers_logging):  # as the workers do
+        library_logging.set_verbosity_error()
+        library_logging.disable_progress_bar()
 
     from workers.levers import CACHE_METHODS, count_hooked_modules
     from workers.models import RANDOM_WEIGHT_MODELS, build_random_weight_pipeline, load_pipeline
@@ -281,33 +290,59 @@ def main() -> None:
     load_before = os.getloadavg()
     wanted = [row.strip() for row in args.rows.split(",") if row.strip()]
     methods = hooking_methods(args)
-    print(f"cache methods that hook {args.model}: {', '.join(methods) or 'none'}", flush=True)
-
+    # The header first and each row as soon as it is measured: a run cut short keeps what it measured.
+    print(f"model={args.model} size={args.size}x{args.size} steps={args.steps} device={args.device} batch 1, "
+          f"{args.requests} requests per row, cpus={os.cpu_count()}; load average "
+          f"{' '.join(f'{x:.2f}' for x in load_before)} before; logs {logs}")
+    print(f"cache methods that hook {args.model}: {', '.join(methods) or 'none'}")
+    print(f"{'':40} {'images/s':>9} {'x raw':>6} {'p50 s':>8} {'p99 s':>8} {'peak GiB':>9} {'PSNR dB':>8}  notes",
+          flush=True)
     rows: list[dict] = []
     failed: list[str] = []
+    reference: dict[str, dict] = {}  # "raw" and "plain", as they are measured
 
-    def run(name: str, measure) -> dict | None:
-        print(f"measuring {name} ...", flush=True)
+    def run(name: str, flags: list[str] | None) -> dict | None:
         try:
-            row = measure()
+            row = bench_raw(args, logs) if flags is None else bench_imagegen(name, flags, args, logs)
         except Exception as error:  # noqa: BLE001 - report the other rows anyway; logs hold the details
             failed.append(f"{name} failed: {(str(error).strip().splitlines() or [repr(error)])[-1]}")
+            print(failed[-1], flush=True)
             return None
+        notes = []
+        if "raw" in reference or flags is None:
+            row["x_raw"] = row["images_per_s"] / reference.get("raw", row)["images_per_s"]
+        if "plain" in reference:
+            row["psnr_vs_plain_db"] = mean_psnr(row["images"], reference["plain"]["images"])
+        elif flags == [] and "raw" in reference:
+            raw_images = reference["raw"]["images"]
+            differences = [np.abs(row["images"][seed].astype(int) - raw_images[seed]).max() for seed in raw_images]
+            row["max_diff_vs_raw"] = int(max(differences))
+            notes.append(f"max |diff| vs raw {row['max_diff_vs_raw']}")
+        if "--cache-method" in (flags or []) and flags[flags.index("--cache-method") + 1] in ADAPTIVE:
+            row["skip_rate"] = skip_rate(args, flags[flags.index("--cache-method") + 1])
+            notes.append(f"skip rate {row['skip_rate']:.2f} (random weights: means nothing)")
+        if row.get("warmup_s"):
+            notes.append(f"warm-up {row['warmup_s']:.0f} s")
+        psnr_text = f"{row['psnr_vs_plain_db']:8.1f}" if "psnr_vs_plain_db" in row else f"{'':8}"
+        x_raw = f"{row['x_raw']:6.2f}" if "x_raw" in row else f"{'':6}"
+        print(f"{name:40} {row['images_per_s']:9.3f} {x_raw} {row['p50_s']:8.2f} {row['p99_s']:8.2f} "
+              f"{row['peak_memory_gib']:9.2f} {psnr_text}  {'; '.join(notes)}".rstrip(), flush=True)
         rows.append(row)
+        if args.json:
+            plain_rows = [{key: value for key, value in r.items() if key != "images"} for r in rows]
+            Path(args.json).write_text(json.dumps(plain_rows, indent=2))
         return row
 
-    if "raw" in wanted:
-        run("raw pipeline", lambda: bench_raw(args, logs))
-    plain = run("imagegen plain", lambda: bench_imagegen("imagegen plain", [], args, logs)) if (
-        "plain" in wanted or any(r.startswith(("cache", "compile+")) for r in wanted)) else None
+    if "raw" in wanted and (row := run("raw pipeline", None)):
+        reference["raw"] = row
+    if "plain" in wanted or any(r.startswith(("cache", "compile+")) for r in wanted):
+        if row := run("imagegen plain", []):
+            reference["plain"] = row
     cache_rows = methods if "caches" in wanted else [r.split(":", 1)[1] for r in wanted if r.startswith("cache:")]
     for method in cache_rows:
-        row = run(f"imagegen {method}", lambda m=method: bench_imagegen(f"imagegen {m}", ["--cache-method", m], args, logs))
-        if row is not None and method == "first-block":
-            row["skip_rate"] = skip_rate(args, method)
+        run(f"imagegen {method}", ["--cache-method", method])
     if "compile" in wanted:
-        run(f"imagegen compile {args.compile}",
-            lambda: bench_imagegen(f"imagegen compile {args.compile}", ["--compile", args.compile], args, logs))
+        run(f"imagegen compile {args.compile}", ["--compile", args.compile])
     for combination in [r for r in wanted if r.startswith("compile+")]:
         method = combination.split("+", 1)[1]
         if method == "best":
@@ -316,47 +351,16 @@ def main() -> None:
                 failed.append("compile+best: no cache method hooks this model")
                 continue
             method = max(cached, key=lambda r: r["images_per_s"])["name"].removeprefix("imagegen ")
-        name = f"imagegen compile {args.compile} + {method}"
-        run(name, lambda m=method, n=name: bench_imagegen(n, ["--compile", args.compile, "--cache-method", m], args, logs))
+        run(f"imagegen compile {args.compile} + {method}", ["--compile", args.compile, "--cache-method", method])
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} after the timed rows")
 
-    raw = next((r for r in rows if r["name"] == "raw pipeline"), None)
-    for r in rows:
-        if raw:
-            r["x_raw"] = r["images_per_s"] / raw["images_per_s"]
-        if plain and r is not plain and r["name"] != "raw pipeline":
-            r["psnr_vs_plain_db"] = mean_psnr(r["images"], plain["images"])
-    if raw and plain:
-        plain["max_diff_vs_raw"] = int(max(np.abs(plain["images"][s].astype(int) - raw["images"][s]).max()
-                                           for s in seeds(args)))
-    quality_rows = quality(args, args.quality_model) if args.quality_model else []
-
-    load_after = os.getloadavg()
-    print(f"\nmodel={args.model} size={args.size}x{args.size} steps={args.steps} device={args.device} batch 1, "
-          f"{args.requests} requests per row, cpus={os.cpu_count()}; load average {load_before[0]:.2f} "
-          f"{load_before[1]:.2f} {load_before[2]:.2f} before, {load_after[0]:.2f} {load_after[1]:.2f} "
-          f"{load_after[2]:.2f} after; logs {logs}")
-    print(f"{'':40} {'images/s':>9} {'x raw':>6} {'p50 s':>8} {'p99 s':>8} {'peak GiB':>9} {'PSNR dB':>8}  notes")
-    for r in rows:
-        notes = []
-        if "max_diff_vs_raw" in r:
-            notes.append(f"max |diff| vs raw {r['max_diff_vs_raw']}")
-        if "skip_rate" in r:
-            notes.append(f"skip rate {r['skip_rate']:.2f} (random weights: means nothing)")
-        if r.get("warmup_s"):
-            notes.append(f"warm-up {r['warmup_s']:.0f} s")
-        psnr_text = f"{r['psnr_vs_plain_db']:8.1f}" if "psnr_vs_plain_db" in r else f"{'':8}"
-        x_raw = f"{r['x_raw']:6.2f}" if "x_raw" in r else f"{'':6}"
-        print(f"{r['name']:40} {r['images_per_s']:9.3f} {x_raw} {r['p50_s']:8.2f} {r['p99_s']:8.2f} "
-              f"{r['peak_memory_gib']:9.2f} {psnr_text}  {'; '.join(notes)}".rstrip())
-    if quality_rows:
+    if args.quality_model:
         print(f"\nquality on {args.quality_model} ({args.steps} steps, {args.requests} seeds, native size): "
               "PSNR of the cached output against the uncached one")
-        for method, value, hooked in quality_rows:
+        for method, value, hooked in quality(args, args.quality_model):
             print(f"  {method:12} {value:6.1f} dB  ({hooked} modules hooked)")
     for line in failed:
         print(line)
-    if args.json:
-        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "images"} for r in rows], indent=2))
     sys.exit(1 if failed else 0)
 
 

@@ -143,7 +143,9 @@ class OmniDiffusionConfig(BaseSettings):
     )
     # -- speed levers; see docs/benchmarks.md ("Speed levers") --------------------------------------
     cache_method: Literal["none", "first-block", "taylorseer", "faster", "pab"] = Field(
-        "none", description="step cache on the denoiser (diffusers hooks); a request sends cache=false to go without it"
+        "none",
+        description="step cache on the denoiser (diffusers hooks): none, first-block, taylorseer, faster, pab; "
+        "a request sends cache=false to go without it",
     )
     # NoDecode: the JSON is parsed below, the same way from flags, keywords and the environment.
     cache_options: Annotated[dict[str, Any], NoDecode] = Field(

@@ -245,7 +245,8 @@ def warm_up(generate: Callable[[list], list], od_config, default_size: str, cach
         (output,) = generate([request])
         if output.error is not None:
             raise LeverError(f"warm-up at {size} (cache {'on' if cache else 'off'}) failed: {output.error}")
-    return {"warmup_s": round(time.perf_counter() - started, 3), "warmup_compiled_graphs": compiled_graph_count() - graphs}
+    seconds = round(time.perf_counter() - started, 3)
+    return {"warmup_s": seconds, "warmup_compiled_graphs": compiled_graph_count() - graphs}
 
 
 def apply_levers(pipeline, od_config, device: torch.device, dtype: torch.dtype) -> Levers:

@@ -105,7 +105,6 @@ def build_random_weight_pipeline(name: str, device, dtype):
 
 def _build_random_weight_pipeline(name: str, device, dtype):
     import diffusers
-    import torch
     import transformers
 
     folder = RANDOM_WEIGHT_MODELS_PATH / name

@@ -43,7 +43,8 @@ def client(server: ServerProcess) -> openai.OpenAI:
 
 
 def generate(server: ServerProcess, size: str = "64x64", n: int = 1, cache: bool = True) -> None:
-    response = client(server).images.generate(prompt="a red fox", size=size, n=n, extra_body={"seed": 1, "cache": cache})
+    extra = {"seed": 1, "cache": cache}
+    response = client(server).images.generate(prompt="a red fox", size=size, n=n, extra_body=extra)
     assert len(response.data) == n
 
 

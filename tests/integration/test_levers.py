@@ -20,7 +20,8 @@ from workers.worker import WorkerWrapperBase
 
 pytestmark = pytest.mark.slow
 
-STEPS = 9  # enough for every schedule to skip some; odd, so that PAB state left over from a call would shift its pattern
+# Enough for every schedule to skip some; odd, so that PAB state left over from a call would shift its pattern.
+STEPS = 9
 # Options that make each method skip within STEPS steps on the tiny models (FirstBlockCache's
 # threshold is on random weights' residuals, so it is set to skip whenever it may).
 CACHES = {
