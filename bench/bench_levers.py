@@ -101,6 +101,22 @@ def summary(name: str, latencies: list[float], elapsed: float, peak_bytes: int, 
     }
 
 
+def seeds(args) -> list[int]:
+    return [1000 + i for i in range(args.requests)]
+
+
+def timed_calls(call, args) -> tuple[list[float], dict[int, np.ndarray], float]:
+    """One warm-up call, then one timed call per seed: the latencies, the images by seed, the wall time."""
+    call(0)
+    latencies, images = [], {}
+    started = time.perf_counter()
+    for seed in seeds(args):
+        t0 = time.perf_counter()
+        images[seed] = call(seed)
+        latencies.append(time.perf_counter() - t0)
+    return latencies, images, time.perf_counter() - started
+
+
 # -- the raw pipeline, in a process of its own (so its memory is measured like a worker's) ---------
 def raw_child(args) -> None:
     import torch
@@ -120,14 +136,7 @@ def raw_child(args) -> None:
             torch.cuda.synchronize()
         return (image * 255).round().clip(0, 255).astype(np.uint8)
 
-    call(0)  # warm-up
-    latencies, images = [], {}
-    started = time.perf_counter()
-    for seed in seeds(args):
-        t0 = time.perf_counter()
-        images[seed] = call(seed)
-        latencies.append(time.perf_counter() - t0)
-    elapsed = time.perf_counter() - started
+    latencies, images, elapsed = timed_calls(call, args)
     np.savez(args.raw_child, latencies=latencies, elapsed=elapsed, peak_rss=peak_rss_bytes("self"),
              **{str(s): im for s, im in images.items()})
 
@@ -150,9 +159,6 @@ def bench_raw(args, logs: Path) -> dict:
     return summary("raw pipeline", list(data["latencies"]), float(data["elapsed"]), peak, images)
 
 
-# -- imagegen rows ----------------------------------------------------------------------------------
-def seeds(args) -> list[int]:
-    return [1000 + i for i in range(args.requests)]
 
 
 def bench_imagegen(name: str, flags: list[str], args, logs: Path) -> dict:
@@ -175,16 +181,10 @@ def bench_imagegen(name: str, flags: list[str], args, logs: Path) -> dict:
                 data = base64.b64decode(response.json()["data"][0]["b64_json"])
                 return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
-            post(0)  # warm-up
-            latencies, images = [], {}
-            started = time.perf_counter()
-            for seed in seeds(args):
-                t0 = time.perf_counter()
-                images[seed] = post(seed)
-                latencies.append(time.perf_counter() - t0)
-            elapsed = time.perf_counter() - started
+            latencies, images, elapsed = timed_calls(post, args)
             levers = http.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0].get("levers") or {}
-        row = summary(name, latencies, elapsed, cuda_memory.finish() if cuda_memory else peak_rss_bytes(worker), images)
+        peak = cuda_memory.finish() if cuda_memory else peak_rss_bytes(worker)
+        row = summary(name, latencies, elapsed, peak, images)
         row["warmup_s"] = levers.get("warmup_s")
         return row
     finally:

@@ -153,19 +153,24 @@ class OmniDiffusionConfig(BaseSettings):
         description='parameters of the cache method as a JSON object, e.g. {"cache_interval": 4} for taylorseer',
     )
     compile: Literal["none", "regional", "full"] = Field(
-        "none", description="torch.compile the denoiser's repeated blocks (regional) or all of it (full), warmed up before /ready"
+        "none",
+        description="torch.compile the denoiser's repeated blocks (regional) or all of it (full), "
+        "warmed up before /ready",
     )
     # NoDecode: "512x512,1024x1024" from the environment is split below, as from the command line.
     compile_warmup_sizes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="sizes compiled before /ready besides the default size (WxH, comma-separated)"
     )
     attention_backend: str | None = Field(
-        None, description="diffusers attention backend of the denoiser: native, flash, sage, ... (default: diffusers' own)"
+        None,
+        description="diffusers attention backend of the denoiser: native, flash, sage, ... (default: diffusers' own)",
     )
     offload: Literal["none", "model", "sequential"] = Field(
         "none", description="keep weights on the CPU and move each model (or each layer) to the GPU when it runs"
     )
-    vae_tiling: bool = Field(False, description="decode large images tile by tile (less memory, slightly different pixels)")
+    vae_tiling: bool = Field(
+        False, description="decode large images tile by tile (less memory, slightly different pixels)"
+    )
     vae_slicing: bool = Field(False, description="decode a batch one image at a time (less memory)")
 
     @field_validator("allowed_sizes", "worker_actor_names", "api_key", "compile_warmup_sizes", mode="before")

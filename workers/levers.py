@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -221,18 +222,16 @@ class Levers:
         self.last_timestep = timestep
 
 
-def warm_up(generate: Callable[[list], list], od_config, default_size: str, cache_method: str) -> dict[str, Any]:
+def warm_up(generate: Callable[[list], list], od_config, default_size: str) -> dict[str, Any]:
     """Compile before the worker reports ready, with real requests through ``generate``: one call at the
     default size and at each --compile-warmup-sizes, with the cache on and (when there is one) off, then
     a batch of two at the default size, so that the batch dimension is compiled as dynamic here and not
     on the first batched request. Returns the seconds and graphs it took."""
-    import time
-
     from workers.config import parse_size
     from workers.data import OmniDiffusionRequest
 
     started, graphs = time.perf_counter(), compiled_graph_count()
-    cache_states = (True, False) if cache_method != "none" else (True,)
+    cache_states = (True, False) if od_config.cache_method != "none" else (True,)
     calls = [(size, cache, 1) for size in dict.fromkeys([default_size, *od_config.compile_warmup_sizes])
              for cache in cache_states]
     if od_config.max_batch_size > 1:
@@ -252,7 +251,8 @@ def warm_up(generate: Callable[[list], list], od_config, default_size: str, cach
 def apply_levers(pipeline, od_config, device: torch.device, dtype: torch.dtype) -> Levers:
     """Place ``pipeline`` on ``device`` and apply every lever ``od_config`` turns on, in the order they
     compose: placement, VAE, attention backend, cache hooks, then compile (which traces the hooks).
-    Raises LeverError for a lever that cannot work here. Warm-up is WorkerWrapperBase's (it runs requests)."""
+    Raises LeverError for a lever that cannot work here. The compile warm-up (``warm_up``) comes later:
+    it runs requests, so the worker calls it once its pipelines are ready."""
     import diffusers.hooks
 
     levers = Levers()

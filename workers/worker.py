@@ -116,12 +116,13 @@ class WorkerWrapperBase:
         self._call_parameters = {
             task: dict(inspect.signature(p.__call__).parameters) for task, p in self.pipelines.items()
         }
-        logger.info("rank %d loaded %s (%s) on %s (%s)", self.rank, type(pipeline).__name__, config.model, self.device, self.dtype)
+        name = type(pipeline).__name__
+        logger.info("rank %d loaded %s (%s) on %s (%s)", self.rank, name, config.model, self.device, self.dtype)
         self._description = self._describe_model()
         if config.compile != "none":
             # Before the handshake, so /ready waits for it and no client pays the compile.
             default_size = config.default_size or self._description["native_size"]
-            self.levers.description.update(warm_up(self.generate, config, default_size, config.cache_method))
+            self.levers.description.update(warm_up(self.generate, config, default_size))
         logger.info("rank %d levers: %s", self.rank, self.levers.description)
         return self.describe()
 
@@ -259,8 +260,12 @@ class WorkerWrapperBase:
         pixels = _to_uint8(images)
         outputs = {}
         for r, own in _image_slices(group):
+            compiled_graphs = call["compiled_graphs"] if r is first else 0  # counted once per call
             if r.request_id in cancelled:
-                outputs[r.request_id] = RequestOutput(r.request_id, [], r.seed, self.rank, "cancelled: the client went away")
+                outputs[r.request_id] = RequestOutput(
+                    r.request_id, [], r.seed, self.rank, "cancelled: the client went away",
+                    compiled_graphs=compiled_graphs,
+                )
                 continue
             outputs[r.request_id] = RequestOutput(
                 r.request_id,
@@ -270,7 +275,7 @@ class WorkerWrapperBase:
                 partial_images=[p for p in partials if p.request_id == r.request_id],
                 usage=self._usage(pipeline, r),
                 stage_seconds=timer.seconds,
-                compiled_graphs=call["compiled_graphs"] if r is first else 0,
+                compiled_graphs=compiled_graphs,
             )
         return outputs
 
