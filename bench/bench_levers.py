@@ -4,7 +4,12 @@ pipeline of that run, with each cached row's PSNR against the uncached (plain) o
 seeds. One client sends one image at a time (batch 1). Loopback only; bounded counts. See
 docs/benchmarks.md ("Speed levers").
 
+By default the rows run one after the other, each with only its own process alive (what a GPU's
+memory allows). `--interleave` starts them all, then sends each seed to every row in turn (the
+order rotating from seed to seed), so that other work on a shared machine slows every row alike.
+
     python bench/bench_levers.py                                   # tiny-flux, 128x128, 20 steps, CPU
+    python bench/bench_levers.py --interleave                      # the same, rows interleaved
     python bench/bench_levers.py --model random-flux-dev --size 1024 --steps 28 --device cuda \\
         --rows raw,plain,compile+taylorseer
     python bench/bench_levers.py --quality-model demo              # also: PSNR of each cache on the demo model
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -90,105 +96,8 @@ def worker_pid(server_pid: int) -> int:
     raise RuntimeError("the server has no worker process")
 
 
-def summary(name: str, latencies: list[float], elapsed: float, peak_bytes: int, images: dict[int, np.ndarray]) -> dict:
-    return {
-        "name": name,
-        "images_per_s": len(latencies) / elapsed,
-        "p50_s": statistics.median(latencies),
-        "p99_s": percentile(latencies, 99),
-        "peak_memory_gib": peak_bytes / 2**30,
-        "images": images,
-    }
-
-
 def seeds(args) -> list[int]:
     return [1000 + i for i in range(args.requests)]
-
-
-def timed_calls(call, args) -> tuple[list[float], dict[int, np.ndarray], float]:
-    """One warm-up call, then one timed call per seed: the latencies, the images by seed, the wall time."""
-    call(0)
-    latencies, images = [], {}
-    started = time.perf_counter()
-    for seed in seeds(args):
-        t0 = time.perf_counter()
-        images[seed] = call(seed)
-        latencies.append(time.perf_counter() - t0)
-    return latencies, images, time.perf_counter() - started
-
-
-# -- the raw pipeline, in a process of its own (so its memory is measured like a worker's) ---------
-def raw_child(args) -> None:
-    import torch
-
-    from workers.models import load_pipeline
-    from workers.worker import resolve_device, resolve_dtype
-
-    device = resolve_device(args.device, 0)
-    dtype = resolve_dtype("auto", device)
-    pipeline = load_pipeline(args.model, Path(args.cache_dir), dtype, device).to(device)
-    pipeline.set_progress_bar_config(disable=True)
-
-    def call(seed: int) -> np.ndarray:
-        image = pipeline(prompt=PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps,
-                         generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (image * 255).round().clip(0, 255).astype(np.uint8)
-
-    latencies, images, elapsed = timed_calls(call, args)
-    np.savez(args.raw_child, latencies=latencies, elapsed=elapsed, peak_rss=peak_rss_bytes("self"),
-             **{str(s): im for s, im in images.items()})
-
-
-def bench_raw(args, logs: Path) -> dict:
-    out = logs / "raw.npz"
-    command = [sys.executable, __file__, "--raw-child", str(out), "--model", args.model, "--size", str(args.size),
-               "--steps", str(args.steps), "--device", args.device, "--requests", str(args.requests),
-               "--cache-dir", args.cache_dir]
-    with (logs / "raw.log").open("w") as log:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        cuda_memory = PeakCudaMemory(process.pid) if args.device == "cuda" else None
-        process.wait()
-    peak = cuda_memory.finish() if cuda_memory else 0
-    if process.returncode != 0:
-        raise RuntimeError(f"raw pipeline failed: {(logs / 'raw.log').read_text()[-2000:]}")
-    data = np.load(out)
-    images = {s: data[str(s)] for s in seeds(args)}
-    peak = peak or int(data["peak_rss"])
-    return summary("raw pipeline", list(data["latencies"]), float(data["elapsed"]), peak, images)
-
-
-
-
-def bench_imagegen(name: str, flags: list[str], args, logs: Path) -> dict:
-    port = free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model", args.model,
-               "--device", args.device, "--max-batch-size", "1", "--default-size", f"{args.size}x{args.size}",
-               "--default-num-inference-steps", str(args.steps), *flags]
-    process = start(command, port, logs / f"{name.replace(' ', '-').replace('+', 'and')}.log", timeout_s=1800)
-    try:
-        worker = worker_pid(process.pid)
-        cuda_memory = PeakCudaMemory(worker) if args.device == "cuda" else None
-        url = f"http://127.0.0.1:{port}/v1/images/generations"
-        with httpx.Client(timeout=1800) as http:
-            def post(seed: int) -> np.ndarray:
-                from PIL import Image
-
-                response = http.post(url, json={"prompt": PROMPT, "size": f"{args.size}x{args.size}",
-                                                "num_inference_steps": args.steps, "seed": seed})
-                response.raise_for_status()
-                data = base64.b64decode(response.json()["data"][0]["b64_json"])
-                return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-            latencies, images, elapsed = timed_calls(post, args)
-            levers = http.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0].get("levers") or {}
-        peak = cuda_memory.finish() if cuda_memory else peak_rss_bytes(worker)
-        row = summary(name, latencies, elapsed, peak, images)
-        row["warmup_s"] = levers.get("warmup_s")
-        return row
-    finally:
-        stop(process)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -198,6 +107,132 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def mean_psnr(images: dict, reference: dict) -> float:
     return float(np.mean([min(psnr(images[s], reference[s]), 99.0) for s in reference]))
+
+
+# -- rows: one process each, asked for one image at a time ------------------------------------------
+class Row:
+    """One configuration under test: ``start()`` its process, ``call(seed)`` for one image (timed here),
+    ``finish()`` for its peak memory, ``stop()``."""
+
+    cache_method: str | None = None
+
+    def __init__(self, name: str, args, logs: Path):
+        self.name, self.args, self.logs = name, args, logs
+        self.latencies: list[float] = []
+        self.images: dict[int, np.ndarray] = {}
+        self.elapsed = 0.0  # the sum of its timed calls
+        self.pid: int | None = None
+        self._cuda_memory: PeakCudaMemory | None = None
+        self.result: dict = {"name": name}
+
+    def start(self) -> None:
+        self.pid = self._start()
+        self._cuda_memory = PeakCudaMemory(self.pid) if self.args.device == "cuda" else None
+        self._image(0)  # warm-up, untimed
+
+    def call(self, seed: int) -> None:
+        started = time.perf_counter()
+        self.images[seed] = self._image(seed)
+        self.latencies.append(time.perf_counter() - started)
+        self.elapsed += self.latencies[-1]
+
+    def finish(self) -> dict:
+        peak = self._cuda_memory.finish() if self._cuda_memory else peak_rss_bytes(self.pid)
+        self.result.update(
+            images_per_s=len(self.latencies) / self.elapsed,
+            p50_s=statistics.median(self.latencies),
+            p99_s=percentile(self.latencies, 99),
+            peak_memory_gib=peak / 2**30,
+        )
+        return self.result
+
+
+class RawRow(Row):
+    """The diffusers pipeline, called directly in a process of its own (``--raw-child``), so that its
+    memory is measured like a worker's; seeds in on stdin, each image's file name back on stdout."""
+
+    def _start(self) -> int:
+        args = self.args
+        command = [sys.executable, __file__, "--raw-child", str(self.logs), "--model", args.model,
+                   "--size", str(args.size), "--steps", str(args.steps), "--device", args.device,
+                   "--cache-dir", args.cache_dir]
+        self.log = (self.logs / "raw.log").open("w")
+        self.process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.log, text=True)
+        return self.process.pid
+
+    def _image(self, seed: int) -> np.ndarray:
+        self.process.stdin.write(f"{seed}\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline().strip()
+        if not line:
+            raise RuntimeError(f"raw pipeline failed: {(self.logs / 'raw.log').read_text()[-2000:]}")
+        return np.load(line)
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(60)
+        self.log.close()
+
+
+class ServerRow(Row):
+    """`imagegen serve` with ``flags``, one request of one image at a time."""
+
+    def __init__(self, name: str, args, logs: Path, flags: list[str]):
+        super().__init__(name, args, logs)
+        self.flags = flags
+        if "--cache-method" in flags:
+            self.cache_method = flags[flags.index("--cache-method") + 1]
+
+    def _start(self) -> int:
+        args = self.args
+        self.port = free_port()
+        command = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--model", args.model,
+                   "--device", args.device, "--max-batch-size", "1", "--default-size", f"{args.size}x{args.size}",
+                   "--default-num-inference-steps", str(args.steps), *self.flags]
+        log = self.logs / f"{self.name.replace(' ', '-').replace('+', 'and')}.log"
+        self.process = start(command, self.port, log, timeout_s=1800)
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=1800)
+        levers = self.http.get("/v1/models").json()["data"][0].get("levers") or {}
+        self.result["warmup_s"] = levers.get("warmup_s")
+        return worker_pid(self.process.pid)
+
+    def _image(self, seed: int) -> np.ndarray:
+        from PIL import Image
+
+        response = self.http.post("/v1/images/generations", json={
+            "prompt": PROMPT, "size": f"{self.args.size}x{self.args.size}", "num_inference_steps": self.args.steps,
+            "seed": seed,
+        })
+        response.raise_for_status()
+        data = base64.b64decode(response.json()["data"][0]["b64_json"])
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    def stop(self) -> None:
+        self.http.close()
+        stop(self.process)
+
+
+def raw_child(args) -> None:
+    """The raw row's process: build the pipeline, then one image per seed read from stdin."""
+    import torch
+
+    from workers.models import load_pipeline
+    from workers.worker import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device, 0)
+    dtype = resolve_dtype("auto", device)
+    pipeline = load_pipeline(args.model, Path(args.cache_dir), dtype, device).to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    for line in sys.stdin:
+        seed = int(line)
+        image = pipeline(prompt=PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps,
+                         generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        path = Path(args.raw_child) / f"raw-{seed}.npy"
+        np.save(path, (image * 255).round().clip(0, 255).astype(np.uint8))
+        print(path, flush=True)
 
 
 # -- skip rates and quality, in this process ---------------------------------------------------------
@@ -280,81 +315,117 @@ def main() -> None:
     parser.add_argument("--quality-model", help="also: PSNR of each cache that hooks this model (e.g. demo)")
     parser.add_argument("--cache-dir", default=os.environ.get("IMAGEGEN_MODEL_CACHE_DIR") or tempfile.mkdtemp())
     parser.add_argument("--json", help="also write the rows (without images) to this file")
+    parser.add_argument("--interleave", action="store_true",
+                        help="start every row, then send each seed to each row in turn (not with compile+best)")
     parser.add_argument("--raw-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ["IMAGEGEN_MODEL_CACHE_DIR"] = args.cache_dir
     if args.raw_child:
         raw_child(args)
         return
+    wanted = [row.strip() for row in args.rows.split(",") if row.strip()]
+    if args.interleave and "compile+best" in wanted:
+        parser.error("--interleave cannot pick the best cache before measuring it: name it, as compile+taylorseer")
     logs = Path(tempfile.mkdtemp(prefix="imagegen-levers-"))
     load_before = os.getloadavg()
-    wanted = [row.strip() for row in args.rows.split(",") if row.strip()]
     methods = hooking_methods(args)
     # The header first and each row as soon as it is measured: a run cut short keeps what it measured.
     print(f"model={args.model} size={args.size}x{args.size} steps={args.steps} device={args.device} batch 1, "
-          f"{args.requests} requests per row, cpus={os.cpu_count()}; load average "
-          f"{' '.join(f'{x:.2f}' for x in load_before)} before; logs {logs}")
+          f"{args.requests} requests per row, {'interleaved' if args.interleave else 'one row after another'}, "
+          f"cpus={os.cpu_count()}; load average {' '.join(f'{x:.2f}' for x in load_before)} before; logs {logs}")
     print(f"cache methods that hook {args.model}: {', '.join(methods) or 'none'}")
     print(f"{'':40} {'images/s':>9} {'x raw':>6} {'p50 s':>8} {'x p50':>6} {'p99 s':>8} {'peak GiB':>9} "
           f"{'PSNR dB':>8}  notes", flush=True)
-    rows: list[dict] = []
+    results: list[dict] = []
     failed: list[str] = []
-    reference: dict[str, dict] = {}  # "raw" and "plain", as they are measured
+    reference: dict[str, Row] = {}  # the raw and plain rows, once measured
 
-    def run(name: str, flags: list[str] | None) -> dict | None:
-        try:
-            row = bench_raw(args, logs) if flags is None else bench_imagegen(name, flags, args, logs)
-        except Exception as error:  # noqa: BLE001 - report the other rows anyway; logs hold the details
-            failed.append(f"{name} failed: {(str(error).strip().splitlines() or [repr(error)])[-1]}")
-            print(failed[-1], flush=True)
-            return None
-        notes = []
-        if "raw" in reference or flags is None:
-            row["x_raw"] = row["images_per_s"] / reference.get("raw", row)["images_per_s"]
+    def report(row: Row) -> None:
+        result, notes = row.finish(), []
+        raw, plain = reference.get("raw", row if isinstance(row, RawRow) else None), reference.get("plain")
+        if raw is not None:
+            result["x_raw"] = result["images_per_s"] / raw.result["images_per_s"]
             # The median's speed-up too: a few requests slowed by other work on the machine move it less.
-            row["x_raw_p50"] = reference.get("raw", row)["p50_s"] / row["p50_s"]
-        if "plain" in reference:
-            row["psnr_vs_plain_db"] = mean_psnr(row["images"], reference["plain"]["images"])
-        elif flags == [] and "raw" in reference:
-            raw_images = reference["raw"]["images"]
-            differences = [np.abs(row["images"][seed].astype(int) - raw_images[seed]).max() for seed in raw_images]
-            row["max_diff_vs_raw"] = int(max(differences))
-            notes.append(f"max |diff| vs raw {row['max_diff_vs_raw']}")
-        if "--cache-method" in (flags or []) and flags[flags.index("--cache-method") + 1] in ADAPTIVE:
-            row["skip_rate"] = skip_rate(args, flags[flags.index("--cache-method") + 1])
-            notes.append(f"skip rate {row['skip_rate']:.2f} (random weights: means nothing)")
-        if row.get("warmup_s"):
-            notes.append(f"warm-up {row['warmup_s']:.0f} s")
-        psnr_text = f"{row['psnr_vs_plain_db']:8.1f}" if "psnr_vs_plain_db" in row else f"{'':8}"
-        x_raw = f"{row['x_raw']:6.2f}" if "x_raw" in row else f"{'':6}"
-        x_p50 = f"{row['x_raw_p50']:6.2f}" if "x_raw_p50" in row else f"{'':6}"
-        print(f"{name:40} {row['images_per_s']:9.3f} {x_raw} {row['p50_s']:8.2f} {x_p50} {row['p99_s']:8.2f} "
-              f"{row['peak_memory_gib']:9.2f} {psnr_text}  {'; '.join(notes)}".rstrip(), flush=True)
-        rows.append(row)
-        if args.json:
-            plain_rows = [{key: value for key, value in r.items() if key != "images"} for r in rows]
-            Path(args.json).write_text(json.dumps(plain_rows, indent=2))
-        return row
+            result["x_raw_p50"] = raw.result["p50_s"] / result["p50_s"]
+        if plain is not None:
+            result["psnr_vs_plain_db"] = mean_psnr(row.images, plain.images)
+        elif isinstance(row, ServerRow) and not row.flags and "raw" in reference:
+            result["max_diff_vs_raw"] = int(max(
+                np.abs(row.images[seed].astype(int) - image).max() for seed, image in reference["raw"].images.items()
+            ))
+            notes.append(f"max |diff| vs raw {result['max_diff_vs_raw']}")
+        if row.cache_method in ADAPTIVE:
+            result["skip_rate"] = skip_rate(args, row.cache_method)
+            notes.append(f"skip rate {result['skip_rate']:.2f} (random weights: means nothing)")
+        if result.get("warmup_s"):
+            notes.append(f"warm-up {result['warmup_s']:.0f} s")
+        def cell(key: str, width: int, digits: int) -> str:
+            return f"{result[key]:{width}.{digits}f}" if key in result else " " * width
 
-    if "raw" in wanted and (row := run("raw pipeline", None)):
-        reference["raw"] = row
-    if "plain" in wanted or any(r.startswith(("cache", "compile+")) for r in wanted):
-        if row := run("imagegen plain", []):
+        print(f"{row.name:40} {result['images_per_s']:9.3f} {cell('x_raw', 6, 2)} {result['p50_s']:8.2f} "
+              f"{cell('x_raw_p50', 6, 2)} {result['p99_s']:8.2f} {result['peak_memory_gib']:9.2f} "
+              f"{cell('psnr_vs_plain_db', 8, 1)}  {'; '.join(notes)}".rstrip(), flush=True)
+        if isinstance(row, RawRow):
+            reference["raw"] = row
+        elif not row.flags:
             reference["plain"] = row
+        results.append(result)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
+    def attempt(row: Row, step) -> bool:
+        try:
+            step()
+            return True
+        except Exception as error:  # noqa: BLE001 - report the other rows anyway; logs hold the details
+            failed.append(f"{row.name} failed: {(str(error).strip().splitlines() or [repr(error)])[-1]}")
+            print(failed[-1], flush=True)
+            with contextlib.suppress(Exception):
+                row.stop()
+            return False
+
+    def measure(rows: list[Row]) -> None:
+        """Start ``rows``, give each the same seeds (in turn when interleaved), report, stop."""
+        if args.interleave:
+            rows = [row for row in rows if attempt(row, row.start)]
+            for index, seed in enumerate(seeds(args)):
+                for row in rows[index % len(rows):] + rows[:index % len(rows)]:
+                    if row in rows and not attempt(row, lambda r=row, s=seed: r.call(s)):
+                        rows.remove(row)
+            for row in rows:
+                if attempt(row, lambda r=row: report(r)):
+                    row.stop()
+            return
+        for row in rows:
+            if attempt(row, row.start) and attempt(row, lambda r=row: [r.call(seed) for seed in seeds(args)]):
+                if attempt(row, lambda r=row: report(r)):
+                    row.stop()
+
+    rows: list[Row] = []
+    if "raw" in wanted:
+        rows.append(RawRow("raw pipeline", args, logs))
+    if "plain" in wanted or any(r.startswith(("cache", "compile+")) for r in wanted):
+        rows.append(ServerRow("imagegen plain", args, logs, []))
     cache_rows = methods if "caches" in wanted else [r.split(":", 1)[1] for r in wanted if r.startswith("cache:")]
-    for method in cache_rows:
-        run(f"imagegen {method}", ["--cache-method", method])
+    rows += [ServerRow(f"imagegen {method}", args, logs, ["--cache-method", method]) for method in cache_rows]
     if "compile" in wanted:
-        run(f"imagegen compile {args.compile}", ["--compile", args.compile])
-    for combination in [r for r in wanted if r.startswith("compile+")]:
-        method = combination.split("+", 1)[1]
+        rows.append(ServerRow(f"imagegen compile {args.compile}", args, logs, ["--compile", args.compile]))
+    combined = [r.split("+", 1)[1] for r in wanted if r.startswith("compile+")]
+    if args.interleave:
+        rows += [ServerRow(f"imagegen compile {args.compile} + {m}", args, logs, ["--compile", args.compile,
+                                                                                  "--cache-method", m])
+                 for m in combined]
+        combined = []
+    measure(rows)
+    for method in combined:  # one after another: "best" is known by now
         if method == "best":
-            cached = [r for r in rows if r["name"].removeprefix("imagegen ") in methods]
+            cached = [r for r in results if r["name"].removeprefix("imagegen ") in methods]
             if not cached:
                 failed.append("compile+best: no cache method hooks this model")
                 continue
             method = max(cached, key=lambda r: r["images_per_s"])["name"].removeprefix("imagegen ")
-        run(f"imagegen compile {args.compile} + {method}", ["--compile", args.compile, "--cache-method", method])
+        flags = ["--compile", args.compile, "--cache-method", method]
+        measure([ServerRow(f"imagegen compile {args.compile} + {method}", args, logs, flags)])
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} after the timed rows")
 
     if args.quality_model:
