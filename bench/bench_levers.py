@@ -164,10 +164,10 @@ class RawRow(Row):
     def _image(self, seed: int) -> np.ndarray:
         self.process.stdin.write(f"{seed}\n")
         self.process.stdin.flush()
-        line = self.process.stdout.readline().strip()
-        if not line:
-            raise RuntimeError(f"raw pipeline failed: {(self.logs / 'raw.log').read_text()[-2000:]}")
-        return np.load(line)
+        for line in iter(self.process.stdout.readline, ""):  # a library may print to stdout too: skip it
+            if line.strip().endswith(".npy"):
+                return np.load(line.strip())
+        raise RuntimeError(f"raw pipeline failed: {(self.logs / 'raw.log').read_text()[-2000:]}")
 
     def stop(self) -> None:
         self.process.stdin.close()
