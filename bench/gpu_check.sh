@@ -1,12 +1,35 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine (see docs/benchmarks.md): CUDA tests, then the benchmark
-# at 512x512. Expects the project's wheels (diffusers, fastapi, ...) in .whl/ and writes to $OUT.
+# One prepared run on a lent GPU machine (see docs/benchmarks.md). About 8.5 minutes of sections, each
+# under its own time budget (`timeout`): a section that runs out is cut, the next one still runs.
+#   1. the CUDA tests                                        (100 s)
+#   2. the serving benchmark, tiny model at 512x512           (45 s)
+#   3. random-flux-dev 1024x1024, 28 steps, bfloat16: raw diffusers, imagegen plain,
+#      imagegen compile regional + taylorseer                (240 s)
+#   4. random-sdxl 1024x1024, 20 steps: raw, plain, compile regional (120 s)
+# Issue 14's section (rank groups) goes after section 4 and must fit the ~30 s left of 9 minutes.
+# Expects the project's wheels (diffusers, transformers, accelerate, fastapi, ...) in .whl/ and writes
+# to $OUT. Sections 3-4 build the random-weight models on the GPU (34 GB and 7 GB in bfloat16).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 IMAGEGEN_MODEL_CACHE_DIR=/tmp/imagegen-models
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/integration/test_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" | tail -15
-timeout 240 python3 bench/bench_serving.py --backends mp --size 512 --steps 20 --device cuda --raw-calls 20 \
-    --single-requests 20 --requests-per-client 4 --json "$OUT/bench-512.json" 2>&1 | tee "$OUT/bench-512.log" | tail -12
+python3 -c "import torch, diffusers, transformers, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" | tee -a "$OUT/gpu.txt"
+uptime | tee -a "$OUT/gpu.txt"
+
+section() {  # section NAME SECONDS COMMAND...: run COMMAND under a budget, log to $OUT/NAME.log
+    local name=$1 budget=$2; shift 2
+    echo "== $name (budget ${budget}s)"
+    local started=$SECONDS
+    timeout --kill-after=10 "$budget" "$@" > "$OUT/$name.log" 2>&1
+    echo "   exit $? after $((SECONDS - started))s" | tee -a "$OUT/$name.log"
+    tail -14 "$OUT/$name.log"
+}
+
+section cuda-tests 100 python3 -m pytest -q -p no:cacheprovider -p no:randomly tests/integration/test_cuda.py
+section bench-tiny-512 45 python3 bench/bench_serving.py --backends mp --size 512 --steps 20 --device cuda \
+    --raw-calls 8 --single-requests 8 --requests-per-client 2 --skip-naive --json "$OUT/bench-512.json"
+section levers-flux-dev 240 python3 bench/bench_levers.py --model random-flux-dev --size 1024 --steps 28 \
+    --device cuda --requests 2 --rows raw,plain,compile+taylorseer --json "$OUT/levers-flux-dev.json"
+section levers-sdxl 120 python3 bench/bench_levers.py --model random-sdxl --size 1024 --steps 20 \
+    --device cuda --requests 2 --rows raw,plain,compile --json "$OUT/levers-sdxl.json"

@@ -126,6 +126,8 @@ class DiffusionEngine:
         self.defaults = defaults_in_force(od_config, self.model_info)
         for rank in range(od_config.num_gpus):
             metrics.WORKER_UP.labels(od_config.model_name, str(rank)).set(1)
+        if od_config.compile != "none":
+            metrics.RECOMPILES.labels(od_config.model_name)  # exported from the start, at 0
         logger.info("engine ready: %s", self.model_info)
         logger.info(
             "defaults in force: %s",
@@ -261,6 +263,8 @@ class DiffusionEngine:
             for reply in self._generate(list(runnable.values())):
                 for stage, seconds in reply.stage_seconds.items():
                     metrics.STAGE_TIME.labels(self.od_config.model_name, stage).observe(seconds)
+                if reply.compiled_graphs:
+                    metrics.RECOMPILES.labels(self.od_config.model_name).inc(reply.compiled_graphs)
                 for partial in reply.partial_images:  # from a backend that could not send them earlier
                     self._on_progress(partial)
                 outputs[reply.request_id] = DiffusionOutput(

@@ -35,3 +35,9 @@ STAGE_TIME = Histogram(
     ["model_name", "stage"],
     buckets=_LATENCY_BUCKETS,
 )
+RECOMPILES = Counter(
+    "imagegen_recompiles",
+    "Graphs torch.compile made while serving, after the start-up warm-up (--compile): a size, batch size or "
+    "cache switch the warm-up did not cover",
+    ["model_name"],
+)

@@ -89,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = OmniDiffusionConfig(**flags)
     except ValidationError as error:
-        print(f"imagegen: invalid configuration: {error}", file=sys.stderr)
+        # One line, as every start-up error: "--flag: what is wrong" for each bad setting.
+        problems = "; ".join(
+            (f"--{str(e['loc'][0]).replace('_', '-')}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+            for e in error.errors()
+        )
+        print(f"imagegen: invalid configuration: {problems}", file=sys.stderr)
         return 2
     if args.command == "worker":
         from workers.grpc_server import run_worker

@@ -33,6 +33,7 @@ class ImageOptions(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1, description="overrides the steps that quality maps to")
     guidance_scale: float | None = Field(None, ge=0)
     seed: Seed | list[Seed] | None = Field(None, description="image i uses seed + i, or one seed per image")
+    cache: bool = Field(True, description="false runs this request without the server's step cache (--cache-method)")
 
 
 class PromptedOptions(ImageOptions):
@@ -208,6 +209,7 @@ class ModelCard(BaseModel):
     default_guidance_scale: float | None = Field(description="guidance of a request that names none; null: the pipeline's own")
     max_num_inference_steps: int
     tasks: list[str] = Field(description="text2img, and img2img / inpaint where the model's pipelines allow edits")
+    levers: dict | None = Field(None, description="the speed levers in effect on its workers (cache, compile, ...)")
 
 
 class ModelList(BaseModel):

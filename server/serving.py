@@ -110,6 +110,7 @@ class ImageServing:
             "num_images": body.n,
             "partial_images": (getattr(body, "partial_images", None) or 0) if streamed else 0,
             "progress": streamed and getattr(body, "progress", False),
+            "cache": body.cache,
         }
 
     # -- 2. generate, 3. encode, 4. answer ---------------------------------------------------------

@@ -50,7 +50,9 @@ class OmniDiffusionConfig(BaseSettings):
     )
 
     model: str = Field(
-        "demo", description="built-in model (demo, tiny, tiny-flux), a diffusers folder, or a cached hub id"
+        "demo",
+        description="built-in model (demo, tiny, tiny-flux; random-sd15, random-sdxl, random-flux-dev: full-size "
+        "architectures with random weights), a diffusers folder, or a cached hub id",
     )
     served_model_name: str | None = Field(None, description="model id clients send and /v1/models lists (default: --model)")
     model_cache_dir: Path = Field(default_factory=default_cache_dir, description="where built-in models are written")
@@ -206,8 +208,41 @@ class OmniDiffusionConfig(BaseSettings):
     max_upload_image_pixels: int = Field(
         4096 * 4096, ge=1, description="most pixels an uploaded image may decode to (larger ones get 400)"
     )
+    # -- speed levers; see docs/benchmarks.md ("Speed levers") --------------------------------------
+    cache_method: Literal["none", "first-block", "taylorseer", "faster", "pab"] = Field(
+        "none",
+        description="step cache on the denoiser (diffusers hooks): none, first-block, taylorseer, faster, pab; "
+        "a request sends cache=false to go without it",
+    )
+    # NoDecode: the JSON is parsed below, the same way from flags, keywords and the environment.
+    cache_options: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict,
+        description='parameters of the cache method as a JSON object, e.g. {"cache_interval": 4} for taylorseer',
+    )
+    compile: Literal["none", "regional", "full"] = Field(
+        "none",
+        description="torch.compile the denoiser's repeated blocks (regional) or all of it (full), "
+        "warmed up before /ready",
+    )
+    # NoDecode: "512x512,1024x1024" from the environment is split below, as from the command line.
+    compile_warmup_sizes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="sizes compiled before /ready besides the default size (WxH, comma-separated)"
+    )
+    attention_backend: str | None = Field(
+        None,
+        description="diffusers attention backend of the denoiser: native, flash, sage, ... (default: diffusers' own)",
+    )
+    offload: Literal["none", "model", "sequential"] = Field(
+        "none", description="keep weights on the CPU and move each model (or each layer) to the GPU when it runs"
+    )
+    vae_tiling: bool = Field(
+        False, description="decode large images tile by tile (less memory, slightly different pixels)"
+    )
+    vae_slicing: bool = Field(False, description="decode a batch one image at a time (less memory)")
 
-    @field_validator("allowed_sizes", "worker_actor_names", "worker_addresses", "api_key", mode="before")
+    @field_validator(
+        "allowed_sizes", "worker_actor_names", "worker_addresses", "api_key", "compile_warmup_sizes", mode="before"
+    )
     @classmethod
     def _split_comma_lists(cls, value: Any, info: ValidationInfo) -> Any:
         """The environment and the flags give these lists as "a,b,c"."""
@@ -215,7 +250,7 @@ class OmniDiffusionConfig(BaseSettings):
             return value
         items = [item.strip() for item in value.split(",") if item.strip()]
         # No actor names, addresses or keys means the setting is unset; an empty size list stays a list.
-        return items if items or info.field_name == "allowed_sizes" else None
+        return items if items or info.field_name in ("allowed_sizes", "compile_warmup_sizes") else None
 
     @field_validator("ray_rank_resources", mode="before")
     @classmethod
@@ -226,6 +261,25 @@ class OmniDiffusionConfig(BaseSettings):
             except json.JSONDecodeError as error:
                 raise ValueError(f'must be JSON like [{{"node_a": 1}}, {{"node_b": 1}}]: {error}') from error
         return value
+
+    @field_validator("cache_options", mode="before")
+    @classmethod
+    def _parse_cache_options(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as error:
+                raise ValueError(f'must be a JSON object like {{"cache_interval": 4}}: {error}') from error
+            if not isinstance(value, dict):
+                raise ValueError(f'must be a JSON object like {{"cache_interval": 4}}, got {type(value).__name__}')
+        return value
+
+    @field_validator("compile_warmup_sizes")
+    @classmethod
+    def _check_warmup_sizes(cls, sizes: list[str]) -> list[str]:
+        for size in sizes:
+            parse_size(size)
+        return sizes
 
     @field_validator("allowed_sizes")
     @classmethod

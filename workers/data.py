@@ -41,6 +41,8 @@ class OmniDiffusionRequest:
     strength: float | None = None
     partial_images: int = 0
     progress: bool = False
+    # False runs it without the step cache (--cache-method); such requests never share a call with cached ones.
+    cache: bool = True
 
     @property
     def task(self) -> str:
@@ -66,6 +68,7 @@ class OmniDiffusionRequest:
             self.task,
             self.strength,
             self.partial_images,
+            self.cache,
         )
 
 
@@ -189,6 +192,9 @@ class RequestOutput:
     usage: Usage = field(default_factory=Usage)
     # Seconds of the pipeline call that served it, by stage: text_encode, denoise, vae_decode.
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # Graphs torch.compile made during that call (set on the call's first request only, so a sum over
+    # requests counts each call once); after the start-up warm-up, each one is a recompile.
+    compiled_graphs: int = 0
 
 
 def shard_requests(requests: list[OmniDiffusionRequest], num_shards: int) -> list[list[OmniDiffusionRequest]]:

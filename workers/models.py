@@ -1,15 +1,20 @@
-"""Model resolution: the shipped demo model, built-in tiny pipelines, local diffusers folders
-and cached hub ids.
+"""Model resolution: the shipped demo model, built-in tiny pipelines, full-size architectures with
+random weights, local diffusers folders and cached hub ids.
 
 The tiny models are built from configs with a fixed seed and written with
 ``save_pretrained`` once; the demo model is a trained diffusers folder that ships with
-the code. Every model, built-in or not, is loaded through the same
-``DiffusionPipeline.from_pretrained`` path.
+the code. Both, like every model from a folder or the hub, are loaded through the same
+``DiffusionPipeline.from_pretrained`` path. The random-weight models (random-sd15, random-sdxl,
+random-flux-dev) are the published architectures, built at load time from the config JSON in
+``model_configs/`` straight on the target device and dtype, and never written to disk: their
+compute and memory per step are the real models', their pixels mean nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import math
 import os
 import shutil
@@ -28,6 +33,9 @@ class ModelNotFoundError(RuntimeError):
 DEMO_MODEL_PATH = Path(__file__).parent / "demo_model"
 # Beside model_index.json, a model folder may say which defaults suit it (docs/models.md).
 MODEL_DEFAULTS_FILE = "imagegen.json"
+# The published component configs of each random-weight model, as diffusers folders hold them.
+RANDOM_WEIGHT_MODELS_PATH = Path(__file__).parent / "model_configs"
+RANDOM_WEIGHT_MODELS = ("random-sd15", "random-sdxl", "random-flux-dev")
 
 
 class ModelDefaults(BaseModel):
@@ -102,6 +110,105 @@ def clip_tokenizer(
         pad_token="<|endoftext|>",
         model_max_length=model_max_length,
     )
+
+
+def t5_tokenizer(model_max_length: int = 512):
+    """A T5 (unigram) tokenizer over the printable ASCII characters, built offline: T5's special-token
+    ids (pad 0, eos 1, unk 2), one token per character, anything else unknown."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581"] + [chr(code) for code in range(33, 127)]
+    tokenizer = Tokenizer(models.Unigram([(piece, 0.0) for piece in pieces], unk_id=2))
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+        model_max_length=model_max_length,
+    )
+
+
+_TOKENIZERS = {"CLIPTokenizer": clip_tokenizer, "T5TokenizerFast": t5_tokenizer}
+
+
+@contextlib.contextmanager
+def _new_tensors_on(device, dtype):
+    """Parameters created in this block are created on ``device`` in ``dtype``: no float32 copy first."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_random_weight_pipeline(name: str, device, dtype):
+    """The pipeline of random-weight model ``name``, every module created on ``device`` (``"meta"`` to
+    count parameters without memory) in ``dtype``, from the configs in model_configs/<name>. The weights
+    come from a fixed seed, so every process builds the same ones on the same kind of device."""
+    import torch
+
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        return _build_random_weight_pipeline(name, device, dtype)
+
+
+def _build_random_weight_pipeline(name: str, device, dtype):
+    import diffusers
+    import transformers
+
+    folder = RANDOM_WEIGHT_MODELS_PATH / name
+    index = json.loads((folder / "model_index.json").read_text())
+    pipeline_class = getattr(diffusers, index.pop("_class_name"))
+    components = {}
+    for component, spec in index.items():
+        if not isinstance(spec, list):  # a pipeline option, such as requires_safety_checker
+            components[component] = spec
+            continue
+        library, class_name = spec
+        if library is None:
+            components[component] = None
+        elif class_name in _TOKENIZERS:
+            components[component] = _TOKENIZERS[class_name]()
+        else:
+            module_class = getattr(diffusers if library == "diffusers" else transformers, class_name)
+            config_file = next((folder / component).glob("*config.json"))
+            config = json.loads(config_file.read_text())
+            if component == "scheduler":
+                components[component] = module_class.from_config(config)
+                continue
+            with _new_tensors_on(device, dtype):
+                if library == "diffusers":
+                    model = module_class.from_config(config)
+                else:
+                    model = module_class(module_class.config_class(**config))
+            components[component] = model.eval() if device.type == "meta" else model.to(dtype).eval()
+    return pipeline_class(**components)
+
+
+def model_folder(model: str, cache_dir: Path) -> Path:
+    """The folder of ``model``'s files: a random-weight model's committed configs, else its diffusers folder."""
+    if model in RANDOM_WEIGHT_MODELS:
+        return RANDOM_WEIGHT_MODELS_PATH / model
+    return resolve_model_path(model, cache_dir)
+
+
+def load_pipeline(model: str, cache_dir: Path, dtype, device):
+    """The pipeline of ``model`` in ``dtype``: random-weight models are built on ``device``; every other
+    model is loaded from its folder onto the CPU (the caller places it)."""
+    from diffusers import DiffusionPipeline
+
+    if model in RANDOM_WEIGHT_MODELS:
+        return build_random_weight_pipeline(model, device, dtype)
+    return DiffusionPipeline.from_pretrained(resolve_model_path(model, cache_dir), dtype=dtype)
 
 
 def _byte_pair_encode(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -252,7 +359,8 @@ def resolve_model_path(model: str, cache_dir: Path) -> Path:
         return path
     if path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
         raise ModelNotFoundError(
-            f"model '{model}' is not a built-in model (demo, {', '.join(BUILTIN_MODELS)}) and no such folder exists"
+            f"model '{model}' is not a built-in model (demo, {', '.join([*BUILTIN_MODELS, *RANDOM_WEIGHT_MODELS])}) "
+            "and no such folder exists"
         )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError

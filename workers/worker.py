@@ -20,11 +20,13 @@ from workers.data import (
     StepProgress,
     Usage,
     WorkerProgress,
+    defaults_in_force,
     shard_requests,
     with_defaults,
 )
+from workers.levers import Levers, apply_levers, load_device, warm_up
 from workers.logs import recent_log_buffer
-from workers.models import ModelDefaults, read_model_defaults, resolve_model_path
+from workers.models import ModelDefaults, load_pipeline, model_folder, read_model_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +75,13 @@ class WorkerWrapperBase:
         self._description: dict | None = None
         self._model_defaults = ModelDefaults()
         self._logs = recent_log_buffer()
+        # The speed levers in effect (workers/levers.py); none until initialize() applies them.
+        self.levers = Levers()
 
     # -- lifecycle -------------------------------------------------------------------------
     def initialize(self) -> dict:
         """Load the model onto this rank's device. Returns the model description."""
-        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
@@ -86,12 +90,13 @@ class WorkerWrapperBase:
             library_logging.disable_progress_bar()
         self.device = resolve_device(self.od_config.device, self.rank)
         self.dtype = resolve_dtype(self.od_config.dtype, self.device)
-        path = resolve_model_path(self.od_config.model, self.od_config.model_cache_dir)
+        config = self.od_config
         # Read first: a malformed imagegen.json fails start-up before minutes of loading.
-        self._model_defaults = read_model_defaults(path)
-        pipeline = DiffusionPipeline.from_pretrained(path, dtype=self.dtype)
+        self._model_defaults = read_model_defaults(model_folder(config.model, config.model_cache_dir))
+        pipeline = load_pipeline(config.model, config.model_cache_dir, self.dtype, load_device(config, self.device))
         pipeline.set_progress_bar_config(disable=True)
-        self.pipeline = pipeline.to(self.device)
+        self.levers = apply_levers(pipeline, config, self.device, self.dtype)
+        self.pipeline = pipeline
         self.pipelines = {"text2img": self.pipeline}
         for task, auto_class in (("img2img", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
             try:
@@ -104,8 +109,14 @@ class WorkerWrapperBase:
         self._call_parameters = {
             task: dict(inspect.signature(p.__call__).parameters) for task, p in self.pipelines.items()
         }
-        logger.info("rank %d loaded %s from %s on %s (%s)", self.rank, type(pipeline).__name__, path, self.device, self.dtype)
+        name = type(pipeline).__name__
+        logger.info("rank %d loaded %s (%s) on %s (%s)", self.rank, name, config.model, self.device, self.dtype)
         self._description = self._describe_model()
+        if config.compile != "none":
+            # Before the handshake, so /ready waits for it and no client pays the compile.
+            default_size = defaults_in_force(config, self._description)["size"].value
+            self.levers.description.update(warm_up(self.generate, config, default_size))
+        logger.info("rank %d levers: %s", self.rank, self.levers.description)
         return self.describe()
 
     def describe(self) -> dict:
@@ -138,6 +149,8 @@ class WorkerWrapperBase:
                 for task, parameters in self._call_parameters.items()
                 if "strength" in parameters
             },
+            # The speed levers in effect; the same dict object, so the warm-up's figures show up too.
+            "levers": self.levers.description,
         }
 
     def _size_multiple(self) -> int:
@@ -184,7 +197,7 @@ class WorkerWrapperBase:
         requests = [with_defaults(request, self.od_config, description) for request in requests]
         groups: dict[tuple, list[OmniDiffusionRequest]] = defaultdict(list)
         for request in requests:
-            groups[request.batch_key()].append(request)
+            groups[self.levers.call_key(request)].append(request)
         outputs: dict[str, RequestOutput] = {}
         for group in groups.values():
             try:
@@ -233,7 +246,7 @@ class WorkerWrapperBase:
         if "callback_on_step_end" in parameters:
             kwargs["callback_on_step_end"] = self._step_callback(group, self.progress_sink or progress.append)
         # 3. Denoise and decode.
-        with StageTimer(pipeline, self.device) as timer:
+        with self.levers.pipeline_call(pipeline, first.cache) as call, StageTimer(pipeline, self.device) as timer:
             images = pipeline(**kwargs).images
         request_ids = {r.request_id for r in group}
         cancelled = self._cancelled & request_ids
@@ -242,8 +255,12 @@ class WorkerWrapperBase:
         pixels = _to_uint8(images)
         outputs = {}
         for r, own in _image_slices(group):
+            compiled_graphs = call["compiled_graphs"] if r is first else 0  # counted once per call
             if r.request_id in cancelled:
-                outputs[r.request_id] = RequestOutput(r.request_id, [], r.seed, self.rank, "cancelled: the client went away")
+                outputs[r.request_id] = RequestOutput(
+                    r.request_id, [], r.seed, self.rank, "cancelled: the client went away",
+                    compiled_graphs=compiled_graphs,
+                )
                 continue
             outputs[r.request_id] = RequestOutput(
                 r.request_id,
@@ -255,6 +272,7 @@ class WorkerWrapperBase:
                 ],
                 usage=self._usage(pipeline, r),
                 stage_seconds=timer.seconds,
+                compiled_graphs=compiled_graphs,
             )
         return outputs
 

@@ -23,6 +23,7 @@ def _model_card(http_request: Request) -> ModelCard:
         default_guidance_scale=engine.defaults["guidance_scale"].value,
         max_num_inference_steps=config.max_num_inference_steps,
         tasks=engine.model_info["tasks"],
+        levers=engine.model_info.get("levers"),
     )
 
 

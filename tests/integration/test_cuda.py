@@ -1,4 +1,5 @@
-"""CUDA paths: device placement, half precision, two worker processes on one GPU. Skipped without CUDA."""
+"""CUDA paths: device placement, half precision, two worker processes on one GPU, offload, a full-size
+random-weight model. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -71,3 +72,24 @@ def test_edits_inpainting_and_partial_images_on_cuda():
         assert output.images[0].size == (64, 64)
         assert np.asarray(output.images[0]).std() > 1
     assert [(p.request_id, p.index) for p in partials] == [(streamed.request_id, 0), (streamed.request_id, 1)]
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_offload_keeps_weights_on_the_cpu_and_still_generates(offload):
+    config = OmniDiffusionConfig(model="tiny", device="cuda", dtype="float32", offload=offload)
+    with DiffusionEngine(config) as engine:
+        assert engine.model_info["levers"]["offload"] == offload
+        (output,) = engine.step(requests_for([5]))
+    assert output.error is None, output.error
+    with DiffusionEngine(OmniDiffusionConfig(model="tiny", device="cuda", dtype="float32")) as engine:
+        (plain,) = engine.step(requests_for([5]))
+    # The same modules run on the same GPU, only moved there when they run.
+    assert np.abs(np.asarray(output.images[0], dtype=np.int16) - np.asarray(plain.images[0], dtype=np.int16)).max() <= 1
+
+
+def test_random_sd15_runs_on_cuda_in_bfloat16_with_vae_tiling():
+    config = OmniDiffusionConfig(model="random-sd15", device="cuda", vae_tiling=True, vae_slicing=True)
+    with DiffusionEngine(config) as engine:
+        assert engine.model_info["dtype"] == "bfloat16"
+        (output,) = engine.step(requests_for([1], size=512))
+    assert output.error is None and output.images[0].size == (512, 512)
