@@ -14,6 +14,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -38,7 +39,7 @@ from workers.grpc_messages import (
 from workers.logs import configure_logging
 from workers.proto import worker_pb2 as pb
 from workers.proto import worker_pb2_grpc as pb_grpc
-from workers.streaming import stream_call
+from workers.streaming import pipeline_thread, stream_call
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,8 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
         self._health = health_servicer
         self._request_stop = request_stop
         self._description: dict | None = None  # set once the model is loaded
-        self._pipeline_thread = ThreadPoolExecutor(1, thread_name_prefix="imagegen-pipeline")
+        # Loading and every pipeline call run here, so that torch runs on one thread of this process.
+        self._pipeline_thread = pipeline_thread(od_config.cpu_threads_per_rank)
         # When the pipeline call now running started; read by the hang watch.
         self._running_since: float | None = None
         self.stopping = threading.Event()
@@ -284,11 +286,15 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
         self._request_stop()
         return pb.ShutdownReply()
 
+    def load(self) -> dict:
+        """Load the model on the pipeline thread; its description."""
+        return self._pipeline_thread.submit(self._worker.initialize).result()
+
     def close(self) -> None:
         """After the server stopped: wait for the pipeline call, then release the pipeline."""
         self.stopping.set()
+        self._pipeline_thread.submit(self._worker.shutdown)
         self._pipeline_thread.shutdown(wait=True)
-        self._worker.shutdown()
 
 
 # -- the program ----------------------------------------------------------------------------------
@@ -311,12 +317,8 @@ def run_worker(od_config: OmniDiffusionConfig) -> int:
         return 2
     configure_logging(od_config.log_format, f"worker{rank}")
 
-    import torch
-
     from workers.worker import WorkerWrapperBase
 
-    # Ranks on one machine split its cores, as the mp backend's do.
-    torch.set_num_threads(od_config.cpu_threads_per_rank)
     worker = WorkerWrapperBase(rank, od_config)
     health_servicer = health.HealthServicer()
     for name in HEALTH_SERVICE_NAMES:
@@ -368,7 +370,9 @@ def run_worker(od_config: OmniDiffusionConfig) -> int:
 
     def on_signal(signum: int, _frame: Any) -> None:
         if loading:
-            raise SystemExit(0)  # nothing in flight yet: stop loading and leave
+            # Nothing in flight yet: leave now, without waiting for the pipeline thread to finish loading.
+            logging.shutdown()
+            os._exit(0)
         # Not in the handler itself: stopping takes locks the interrupted thread may hold.
         threading.Thread(target=request_stop, name="imagegen-stop").start()
 
@@ -376,7 +380,7 @@ def run_worker(od_config: OmniDiffusionConfig) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         try:
-            description = worker.initialize()
+            description = servicer.load()
         except Exception as error:  # noqa: BLE001 - one clear line, then exit 1
             logger.exception("rank %d could not load its model", rank)
             print(

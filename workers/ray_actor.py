@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 try:
@@ -21,7 +20,7 @@ except ImportError as error:  # Ray is an optional extra
 from workers.config import OmniDiffusionConfig
 from workers.logs import configure_logging
 from workers.data import OmniDiffusionRequest, RequestOutput
-from workers.streaming import stream_call
+from workers.streaming import pipeline_thread, stream_call
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +50,12 @@ class RayDiffusionWorkerActor:
         self.od_config = od_config
         self._worker = WorkerWrapperBase(rank, od_config)
         self._description: dict | None = None
-        # execute_rpc_streaming's calls run here, one at a time, while the method yields their progress.
-        self._streamed_calls = ThreadPoolExecutor(1, thread_name_prefix="imagegen-rpc")
+        # One thread per CPU that Ray reserved for this actor; without a CPU reservation, the
+        # machine's cores split over the ranks, as the mp backend does.
+        reserved = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
+        # Every method that touches the pipeline runs its work here (execute_rpc_streaming while it
+        # yields the call's progress), so that torch runs on one thread of this process.
+        self._pipeline_thread = pipeline_thread(reserved or od_config.cpu_threads_per_rank)
 
     def initialize(self) -> dict:
         """Load the model. Idempotent: a second call reports the first one's result.
@@ -62,8 +65,7 @@ class RayDiffusionWorkerActor:
         """
         if self._description is None:
             try:
-                self._set_num_threads()
-                self._description = self._worker.initialize()
+                self._description = self._pipeline_thread.submit(self._worker.initialize).result()
             except Exception as error:  # noqa: BLE001 - the caller gets one clear line
                 logger.exception("rank %d failed to initialize", self.rank)
                 return {"status": "error", "error": _describe(error), "rank": self.rank}
@@ -80,6 +82,9 @@ class RayDiffusionWorkerActor:
         Returns its result, or ``{"status": "error", "error": ..., "rank": ...}`` when it raised:
         the actor lives on and the executor turns the dict into an exception.
         """
+        return self._pipeline_thread.submit(self._execute_rpc, method, args, kwargs).result()
+
+    def _execute_rpc(self, method: str, args: tuple, kwargs: dict | None) -> Any:
         try:
             if method.startswith("_"):
                 raise AttributeError(f"'{method}' is not a public worker method")
@@ -94,13 +99,13 @@ class RayDiffusionWorkerActor:
     def execute_rpc_streaming(self, method: str, args: tuple = (), kwargs: dict | None = None) -> Iterator[Any]:
         """execute_rpc as a Ray streaming generator: yields each PartialImageOutput and StepProgress
         the call makes, as soon as it is made, and the call's reply last."""
-        yield from stream_call(self._streamed_calls, self._worker, lambda: self.execute_rpc(method, args, kwargs))
+        yield from stream_call(self._pipeline_thread, self._worker, lambda: self._execute_rpc(method, args, kwargs))
 
     def generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
         """Generate every request on this rank (pipeline failures are reported per request)."""
         if self._description is None:
             raise RuntimeError(f"rank {self.rank} is not initialized: call initialize() first")
-        return self._worker.generate(requests)
+        return self._pipeline_thread.submit(self._worker.generate, requests).result()
 
     @ray.method(concurrency_group=HEALTH_CONCURRENCY_GROUP)
     def get_rank(self) -> int:
@@ -113,13 +118,5 @@ class RayDiffusionWorkerActor:
 
     def shutdown(self) -> None:
         """Release the pipeline (and GPU memory). The actor process stays until its owner kills it."""
-        self._worker.shutdown()
+        self._pipeline_thread.submit(self._worker.shutdown).result()
         self._description = None
-
-    def _set_num_threads(self) -> None:
-        import torch
-
-        # One thread per CPU that Ray reserved for this actor; without a CPU reservation, the
-        # machine's cores split over the ranks, as the mp backend does.
-        reserved = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
-        torch.set_num_threads(reserved or self.od_config.cpu_threads_per_rank)
