@@ -65,6 +65,7 @@ def full_request(**changes) -> OmniDiffusionRequest:
         strength=0.375,
         partial_images=2,
         progress=True,
+        cache=False,
     )
     fields.update(changes)
     return OmniDiffusionRequest(**fields)
