@@ -213,7 +213,7 @@ def test_runtime_loading_is_off_by_default(tiny_server):
 def test_unloading_refuses_new_requests_at_once_and_lets_running_ones_finish(client, server, lora_dir):
     assert admin(server, "load_lora_adapter", lora_name="doomed", lora_path="pastel").status_code == 200
     url = f"{server.base_url}/v1/images/generations"
-    long_stream = {"model": "doomed", "prompt": "a fox", "size": "64x64", "seed": 1, "num_inference_steps": 150,
+    long_stream = {"model": "doomed", "prompt": "a fox", "size": "64x64", "seed": 1, "num_inference_steps": 80,
                    "stream": True, "progress": True}
     with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {USER_KEY}"}) as http:
         with http.stream("POST", url, json=long_stream) as running:
