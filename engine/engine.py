@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from engine import metrics
-from engine.errors import EngineDeadError, GenerationFailedError, InvalidRequestError, RequestTimeoutError
+from engine.errors import EngineDeadError, InvalidRequestError, from_executor_error
 from engine.images import resize_pixels, to_pil
 from engine.lora import LoraRegistry
 from executors import (
@@ -319,11 +319,9 @@ class DiffusionEngine:
         except RpcTimeoutError as error:
             for rank in error.ranks:  # a hung worker is treated like a dead one
                 self._on_worker_death(rank, f"worker rank {rank} hung: {error}")
-            raise RequestTimeoutError(str(error)) from error
-        except WorkerDiedError as error:
-            raise EngineDeadError(str(error)) from error
-        except WorkerRpcError as error:
-            raise GenerationFailedError(str(error)) from error
+            raise from_executor_error(error) from error
+        except (WorkerDiedError, WorkerRpcError) as error:
+            raise from_executor_error(error) from error
         return [reply for shard in shards for reply in shard]
 
     # -- executor ------------------------------------------------------------------------------

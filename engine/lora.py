@@ -6,8 +6,8 @@ import logging
 import threading
 from typing import Any
 
-from engine.errors import InvalidRequestError, NotFoundError
-from executors import DiffusionExecutor
+from engine.errors import InvalidRequestError, NotFoundError, from_executor_error
+from executors import DiffusionExecutor, ExecutorError
 from workers.config import LoraModule, check_lora_name
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,6 @@ class LoraRegistry:
         self._executor = executor
         self._base_model_name = base_model_name
         self._adapters: dict[str, LoraModule] = {}
-        self.details: dict[str, dict] = {}  # name -> rank 0's load report (file, weights, memory)
         self._unloading: set[str] = set()
         self._lock = threading.Lock()  # loads and unloads one at a time
 
@@ -65,13 +64,12 @@ class LoraRegistry:
                     param="lora_name",
                 )
             call = (LOAD_METHOD, (adapter.name, adapter.path, adapter.scale))
-            replies: list[dict] = self._executor.collective_rpc(call[0], args=call[1])
+            replies: list[dict] = self._call(*call)
             refused = [reply["error"] for reply in replies if reply.get("error")]
             if refused:
-                self._executor.collective_rpc(UNLOAD_METHOD, args=(adapter.name,))  # from the ranks that took it
+                self._call(UNLOAD_METHOD, (adapter.name,))  # from the ranks that took it
                 raise InvalidRequestError(refused[0], param="lora_path")
             self._adapters[adapter.name] = adapter
-            self.details[adapter.name] = replies[0]
             self._executor.rank_setup_calls.append(call)
             return replies[0]
 
@@ -88,12 +86,14 @@ class LoraRegistry:
                 call for call in self._executor.rank_setup_calls if call[0] != LOAD_METHOD or call[1][0] != name
             ]
             self._adapters.pop(name, None)
-            self.details.pop(name, None)
             try:
-                self._executor.collective_rpc(UNLOAD_METHOD, args=(name,))
+                self._call(UNLOAD_METHOD, (name,))
             finally:
                 self._unloading.discard(name)
             logger.info("unloaded LoRA adapter %s from every rank", name)
 
-    def describe(self) -> dict[str, Any]:
-        return {adapter.name: {"path": adapter.path, "scale": adapter.scale} for adapter in self.served()}
+    def _call(self, method: str, args: tuple) -> Any:
+        try:
+            return self._executor.collective_rpc(method, args=args)
+        except ExecutorError as error:
+            raise from_executor_error(error) from error

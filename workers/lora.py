@@ -68,11 +68,14 @@ class LoraAdapters:
         """Load adapter ``name`` from ``path``; its description (file, weight count and bytes, seconds,
         memory). Raises LoraLoadError when the path is refused or holds no LoRA for this pipeline."""
         pipeline = self._pipeline
-        if name in self.loaded:
-            raise LoraLoadError(f"LoRA adapter '{name}' is already loaded")
         if not hasattr(pipeline, "load_lora_weights"):
             raise LoraLoadError(f"{type(pipeline).__name__} cannot load LoRA adapters")
         weights = resolve_lora_path(path, self._lora_dir)
+        if name in self.loaded:
+            # The same adapter again (a worker the server reconnects to without a restart): already there.
+            if (self.loaded[name]["lora_path"], self.loaded[name]["lora_scale"]) == (str(weights), scale):
+                return self.loaded[name]
+            raise LoraLoadError(f"LoRA adapter '{name}' is already loaded from {self.loaded[name]['lora_path']}")
         started, rss_before = time.perf_counter(), _peak_rss_bytes()
         cuda = getattr(pipeline, "device", torch.device("cpu")).type == "cuda"
         if cuda:

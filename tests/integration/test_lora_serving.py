@@ -237,3 +237,18 @@ def test_unloading_refuses_new_requests_at_once_and_lets_running_ones_finish(cli
         unloading.join(120)
     assert events[-1] == "image_generation.completed"
     assert unload["response"].status_code == 200
+
+
+def test_a_cancelled_adapter_request_does_not_hold_up_its_unload(server):
+    assert admin(server, "load_lora_adapter", lora_name="abandoned", lora_path="pastel").status_code == 200
+    endless = {"model": "abandoned", "prompt": "a fox", "size": "64x64", "num_inference_steps": 1000,
+               "stream": True, "progress": True}
+    cancelled_before = server.metric("imagegen_requests_cancelled_total")
+    with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {USER_KEY}"}) as http:
+        with http.stream("POST", f"{server.base_url}/v1/images/generations", json=endless) as running:
+            assert running.status_code == 200
+            assert next(line for line in running.iter_lines() if line.startswith("event:")) == "event: image_generation.progress"
+    # The client went away: the request is cancelled, and the unload need not wait for its 1000 steps.
+    poll(lambda: server.metric("imagegen_requests_cancelled_total") > cancelled_before, 30, "the cancellation")
+    unloaded = admin(server, "unload_lora_adapter", lora_name="abandoned")
+    assert unloaded.status_code == 200, unloaded.text

@@ -49,6 +49,9 @@ def test_adapters_share_the_base_weights_and_leave_base_pixels_bit_for_bit(worke
     assert sharp["components"] == ["text_encoder", "unet"] and sharp["weights_bytes"] > 0
     assert "loaded LoRA adapter sharp" in caplog.text and "peak memory" in caplog.text
     assert worker.describe()["lora_adapters"] == ["kohya", "sharp"]
+    # The same adapter again (a worker reconnected without a restart) is already there; another path is not.
+    assert worker.load_lora_adapter("sharp", str(folder)) == sharp
+    assert "already loaded" in worker.load_lora_adapter("sharp", str(kohya))["error"]
     # The base weights are the same tensors, in the same memory: nothing was copied or reloaded.
     after = _base_weights(worker)
     assert after.keys() == before.keys()
