@@ -183,9 +183,16 @@ class WorkerWrapperBase:
         """
         self._loaded_description()
         try:
-            return self.loras.load(lora_name, lora_path, lora_scale)
+            loaded = self.loras.load(lora_name, lora_path, lora_scale)
         except LoraLoadError as error:
             return {"lora_name": lora_name, "error": str(error)}
+        if self.od_config.compile != "none":
+            logger.warning(
+                "rank %d: with --compile, LoRA adapter %s recompiles the denoiser on its first request and first "
+                "change of scale, and past torch._dynamo's recompile_limit the blocks run uncompiled "
+                "(docs/benchmarks.md, 'LoRA adapters and compile')", self.rank, lora_name,
+            )
+        return loaded
 
     def unload_lora_adapter(self, lora_name: str) -> bool:
         """Remove a LoRA adapter and free its weights; False when it was not loaded here."""
