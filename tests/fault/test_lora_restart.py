@@ -128,3 +128,48 @@ def test_a_replaced_ray_actor_reloads_its_adapters(adapters):
         assert engine.collective_rpc("describe")[0]["lora_adapters"] == ["fresh", "sharp"]
         after = [output.images[0].tobytes() for output in engine.step(requests)]
     assert len(set(before)) == 3 and after == before
+
+
+def test_a_named_ray_actor_started_again_gets_the_engines_adapters(adapters):
+    import ray
+
+    from workers.ray_actor import RayDiffusionWorkerActor
+
+    sharp, fresh = adapters
+
+    def start_actor():
+        # Its owner knows nothing of the adapters; the engine initializes it and loads them.
+        return RayDiffusionWorkerActor.options(num_gpus=0, num_cpus=1, name="lora_rank_0").remote(
+            rank=0, od_config=OmniDiffusionConfig(model="tiny")
+        )
+
+    def reconnected() -> bool:
+        try:
+            engine.check_health()  # finds the new actor of that name
+        except EngineDeadError:
+            return False
+        return engine.is_ready()
+
+    config = OmniDiffusionConfig(
+        model="tiny", distributed_executor_backend="ray_external", worker_actor_names=["lora_rank_0"],
+        lora_modules=[f"sharp={sharp}"],
+    )
+    requests = [
+        OmniDiffusionRequest("a red fox", height=64, width=64, num_inference_steps=3, seed=3, lora_name=name)
+        for name in (None, "sharp", "fresh")
+    ]
+    with local_ray(num_cpus=2):
+        actor = start_actor()
+        try:
+            with DiffusionEngine(config) as engine:
+                engine.loras.load(LoraModule("fresh", str(fresh)))
+                before = [output.images[0].tobytes() for output in engine.step(requests)]
+                ray.kill(actor)
+                with pytest.raises(EngineDeadError):
+                    engine.step(requests)
+                actor = start_actor()
+                poll(reconnected, 120, "the engine to reconnect to the new actor")
+                after = [output.images[0].tobytes() for output in engine.step(requests)]
+        finally:
+            ray.kill(actor)
+    assert len(set(before)) == 3 and after == before
