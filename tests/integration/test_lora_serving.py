@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from helpers import ServerProcess, assert_pixels_close, decode, poll
+from helpers import ServerProcess, assert_pixels_close, decode, poll, run_cli
 from lora_adapters import make_kohya_lora, make_lora
 from PIL import Image
 
@@ -252,3 +252,15 @@ def test_a_cancelled_adapter_request_does_not_hold_up_its_unload(server):
     poll(lambda: server.metric("imagegen_requests_cancelled_total") > cancelled_before, 30, "the cancellation")
     unloaded = admin(server, "unload_lora_adapter", lora_name="abandoned")
     assert unloaded.status_code == 200, unloaded.text
+
+
+def test_a_start_up_adapter_that_cannot_load_stops_the_server_with_one_line(lora_dir):
+    result = run_cli(
+        "serve", "--model", "tiny", "--port", "0", "--lora-dir", str(lora_dir),
+        "--lora-modules", "ok=sharp", "broken=not-a-lora.safetensors", timeout=120,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("imagegen:")]
+    assert len(lines) == 1
+    assert "LoRA adapter 'broken'" in lines[0] and "is not a LoRA adapter for StableDiffusionPipeline" in lines[0]
