@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from engine import metrics
 from engine.engine import DiffusionEngine, DiffusionOutput, PartialImages
 from engine.errors import EngineDeadError, EngineOverloadedError, RequestTimeoutError
+from workers.config import LoraModule
 from workers.data import OmniDiffusionRequest, StepProgress
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class AsyncDiffusionEngine:
     while a worker restarts, requests wait in the queue.
 
     ``stream()`` is ``generate()`` that also yields the request's progress (partial images, steps) as it comes.
+
+    LoRA adapters load and unload here at run time: an adapter being unloaded is refused at once
+    (404), and leaves the workers once its queued and running requests are done.
     """
 
     def __init__(self, engine: DiffusionEngine):
@@ -65,6 +69,9 @@ class AsyncDiffusionEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         # request_id -> the queue of stream() waiting for that request's progress.
         self._progress: dict[str, asyncio.Queue[PartialImages | StepProgress | None]] = {}
+        # LoRA adapter name -> its requests queued or running; an unload waits for its count to reach 0.
+        self._lora_in_flight: Counter[str] = Counter()
+        self._lora_done = asyncio.Event()
         self._waiting = metrics.REQUESTS_WAITING.labels(self._model_name)
         self._running = metrics.REQUESTS_RUNNING.labels(self._model_name)
 
@@ -119,6 +126,9 @@ class AsyncDiffusionEngine:
         self._queue.append(queued)
         self._waiting.inc()
         self._changed.set()
+        lora_name = prepared.lora_name
+        if lora_name is not None:
+            self._lora_in_flight[lora_name] += 1
         try:
             return await queued.future
         except asyncio.CancelledError:
@@ -130,6 +140,23 @@ class AsyncDiffusionEngine:
             if queued in self._queue:  # cancelled while still queued: it must not run
                 self._queue.remove(queued)
                 self._waiting.dec()
+            if lora_name is not None:
+                self._lora_in_flight[lora_name] -= 1
+                self._lora_done.set()
+
+    async def load_lora_adapter(self, adapter: LoraModule) -> dict:
+        """Load ``adapter`` on every rank (see LoraRegistry.load); rank 0's report."""
+        return await asyncio.to_thread(self.engine.loras.load, adapter)
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        """Refuse new requests for adapter ``name`` now (NotFoundError when it is not served), let its queued
+        and running requests finish, then remove it from every rank."""
+        self.engine.loras.begin_unload(name)
+        while self._lora_in_flight[name] > 0:
+            self._lora_done.clear()
+            await self._lora_done.wait()
+        del self._lora_in_flight[name]
+        await asyncio.to_thread(self.engine.loras.unload, name)
 
     async def stream(
         self, request: OmniDiffusionRequest
@@ -259,6 +286,8 @@ class AsyncDiffusionEngine:
                 output.inference_time_s = elapsed
                 metrics.INFERENCE_TIME.labels(self._model_name).observe(elapsed)
                 metrics.IMAGES_GENERATED.labels(self._model_name).inc(len(output.images))
+                if queued.request.lora_name is not None:
+                    metrics.LORA_REQUESTS.labels(self._model_name, queued.request.lora_name).inc()
                 if not queued.future.done():
                     queued.future.set_result(output)
         finally:

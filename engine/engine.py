@@ -13,8 +13,9 @@ import numpy as np
 from PIL import Image
 
 from engine import metrics
-from engine.errors import EngineDeadError, GenerationFailedError, InvalidRequestError, RequestTimeoutError
+from engine.errors import EngineDeadError, InvalidRequestError, from_executor_error
 from engine.images import resize_pixels, to_pil
+from engine.lora import LoraRegistry
 from executors import (
     ExecutorError,
     RpcTimeoutError,
@@ -40,6 +41,7 @@ MAX_IMAGES_PER_REQUEST = 10  # OpenAI's limit on n
 MAX_GUIDANCE_SCALE = 50.0
 MAX_SEED = 2**63 - 1 - MAX_IMAGES_PER_REQUEST  # image i uses seed + i, which must stay a valid int64
 MAX_PARTIAL_IMAGES = 3  # OpenAI's limit on partial_images
+MAX_LORA_SCALE = 10.0  # far past any adapter's useful range; negative scales (the opposite effect) too
 # OpenAI quality -> multiple of default_num_inference_steps (capped at max_num_inference_steps).
 QUALITY_STEP_FACTORS = {
     "low": 0.5,
@@ -119,6 +121,13 @@ class DiffusionEngine:
             # Every rank's reply, then rank 0's: a custom executor that takes unique_reply_rank=0 for
             # "no rank" (the guide's `if unique_reply_rank` idiom) still gives the engine a good answer.
             self.model_info: dict[str, Any] = self.collective_rpc("describe")[0]
+            # The start-up adapters (--lora-modules), on every rank, before the first request.
+            self.loras = LoraRegistry(self.executor, od_config.model_name)
+            for adapter in od_config.lora_adapters:
+                try:
+                    self.loras.load(adapter)
+                except InvalidRequestError as error:
+                    raise RuntimeError(f"LoRA adapter '{adapter.name}': {error}") from None
         except BaseException:
             self.executor.shutdown()
             raise
@@ -164,6 +173,7 @@ class DiffusionEngine:
                 param="seed",
             )
         self._check_image(request)
+        request = self._check_lora(request)
         if request.image is not None and not self.size_allowed(request.image.shape[1], request.image.shape[0]):
             # An input image's own size is the default only where it is a size we serve.
             width, height = parse_size(self.defaults["size"].value)
@@ -236,6 +246,22 @@ class DiffusionEngine:
                 param="mask",
             )
 
+    def _check_lora(self, request: OmniDiffusionRequest) -> OmniDiffusionRequest:
+        """A served adapter (404 otherwise), its scale filled in and in range; no scale without an adapter."""
+        if request.lora_name is None:
+            if request.lora_scale is not None:
+                raise InvalidRequestError(
+                    "lora_scale needs a LoRA adapter: send its name as model", param="lora_scale"
+                )
+            return request
+        adapter = self.loras.get(request.lora_name)
+        scale = adapter.scale if request.lora_scale is None else request.lora_scale
+        if not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+            raise InvalidRequestError(
+                f"lora_scale must be between {-MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}, got {scale}", param="lora_scale"
+            )
+        return dataclasses.replace(request, lora_scale=float(scale))
+
     def size_allowed(self, width: int, height: int) -> bool:
         """A listed size, or any whose sides are multiples of the model's size multiple within max_output_pixels."""
         if f"{width}x{height}" in self.od_config.allowed_sizes:
@@ -293,11 +319,9 @@ class DiffusionEngine:
         except RpcTimeoutError as error:
             for rank in error.ranks:  # a hung worker is treated like a dead one
                 self._on_worker_death(rank, f"worker rank {rank} hung: {error}")
-            raise RequestTimeoutError(str(error)) from error
-        except WorkerDiedError as error:
-            raise EngineDeadError(str(error)) from error
-        except WorkerRpcError as error:
-            raise GenerationFailedError(str(error)) from error
+            raise from_executor_error(error) from error
+        except (WorkerDiedError, WorkerRpcError) as error:
+            raise from_executor_error(error) from error
         return [reply for shard in shards for reply in shard]
 
     # -- executor ------------------------------------------------------------------------------

@@ -34,3 +34,15 @@ class GenerationFailedError(EngineError):
 
 class NotFoundError(InvalidRequestError):
     """What the request names (a model, a stored image) does not exist or has expired."""
+
+
+def from_executor_error(error: Exception) -> EngineError:
+    """The engine's error for an executor's: a worker that did not answer in time (504), one that is
+    gone (503), or one that answered with an error (500)."""
+    from executors import RpcTimeoutError, WorkerDiedError
+
+    if isinstance(error, RpcTimeoutError):
+        return RequestTimeoutError(str(error))
+    if isinstance(error, WorkerDiedError):
+        return EngineDeadError(str(error))
+    return GenerationFailedError(str(error))

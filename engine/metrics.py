@@ -35,6 +35,10 @@ STAGE_TIME = Histogram(
     ["model_name", "stage"],
     buckets=_LATENCY_BUCKETS,
 )
+LORA_REQUESTS = Counter(
+    "imagegen_lora_requests", "Requests served with a LoRA adapter (--lora-modules, run-time loads), by adapter",
+    ["model_name", "lora_name"],
+)
 RECOMPILES = Counter(
     "imagegen_recompiles",
     "Graphs torch.compile made while serving, after the start-up warm-up (--compile): a size, batch size or "

@@ -53,6 +53,10 @@ class DiffusionExecutor(ABC):
         self.death_listeners: list[Callable[[int, str], None]] = []
         # Called as listener(progress) with each partial image or StepProgress a worker sends while its call runs.
         self.progress_listeners: list[Callable[[WorkerProgress], None]] = []
+        # (method, args) calls that a rank starting again (restarted, or a replaced worker reconnected)
+        # gets, in order, after loading its model and before it serves: the engine keeps its LoRA
+        # adapters here. Empty while the first workers start.
+        self.rank_setup_calls: list[tuple[str, tuple]] = []
         self._init_executor()
 
     @abstractmethod
@@ -94,6 +98,14 @@ class DiffusionExecutor(ABC):
     def restart_worker(self, rank: int) -> None:
         """Replace rank's worker (stopping it first if it still runs) and wait until it is ready."""
         raise NotImplementedError(f"{type(self).__name__} cannot restart its workers")
+
+    def _set_up_rank(self, rank: int, call: Callable[[str, tuple], Any]) -> None:
+        """Run ``rank_setup_calls`` on a rank that starts again, each through ``call(method, args)``
+        (the backend's way to reach that one rank); a call answered ``{"error": ...}`` fails its start."""
+        for method, args in list(self.rank_setup_calls):
+            reply = call(method, args)
+            if isinstance(reply, dict) and reply.get("error"):
+                raise WorkerStartupError(f"worker rank {rank}: {method}{args} failed: {reply['error']}")
 
     def _report_worker_death(self, rank: int, reason: str) -> None:
         for listener in self.death_listeners:

@@ -17,6 +17,7 @@ import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import grpc
@@ -195,7 +196,18 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
                 f"{where} (rank {rank}) runs {description['pipeline']} but rank {others[0]['rank']} runs "
                 f"{others[0]['pipeline']}"
             )
+        self._set_up_rank(rank, partial(self._call_one, worker, timeout=timeout))
         return description
+
+    def _call_one(self, worker: GrpcWorker, method: str, args: tuple, timeout: float) -> Any:
+        """A unary worker method on one rank, for its set-up before it serves."""
+        call, message, decode = self._unary_call(method, args, {})
+        try:
+            return decode(getattr(worker.stub, call)(message, timeout=timeout, metadata=self._metadata))
+        except grpc.RpcError as error:
+            raise WorkerStartupError(
+                f"the worker at {worker.address}: {method} failed: {error.code().name}: {error.details()}"
+            ) from None
 
     # -- transport ---------------------------------------------------------------------------------
     def _forward_rpc_to_workers(

@@ -150,10 +150,25 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
         except (EOFError, OSError):
             status = None
         if status is not None and status["status"] == "ready":
+            self._set_up_rank(worker.rank, lambda method, args: self._call_before_serving(worker, method, args, deadline))
             return
         if status is not None:
             raise WorkerStartupError(f"worker rank {worker.rank} failed to start: {status['error']}")
         raise WorkerStartupError(f"worker rank {worker.rank} exited while starting ({worker.wait_exit()})")
+
+    def _call_before_serving(self, worker: _WorkerProcess, method: str, args: tuple, deadline: float) -> Any:
+        """One call to a worker whose reader thread has not started yet: the reply is read here."""
+        worker.conn.send(RpcCall(next(self._call_ids), method, args, {}))
+        try:
+            while worker.conn.poll(max(0.0, deadline - time.monotonic())):
+                reply = worker.conn.recv()
+                if isinstance(reply, RpcReply):
+                    if not reply.ok:
+                        raise WorkerStartupError(f"worker rank {worker.rank}: {method} failed: {reply.value}")
+                    return reply.value
+        except (EOFError, OSError):
+            raise WorkerStartupError(f"worker rank {worker.rank} exited during {method} ({worker.wait_exit()})") from None
+        raise WorkerStartupError(f"worker rank {worker.rank} did not answer {method} in time")
 
     def _start_reader(self, worker: _WorkerProcess) -> None:
         threading.Thread(

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 try:
@@ -170,7 +171,12 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
                     f"{self.actor_labels[rank]} was configured for {reply['num_ranks']} ranks (num_gpus) "
                     f"but the executor has {len(self.worker_handles)} workers"
                 )
+        for rank, handle in handles.items():
+            self._set_up_rank(rank, partial(self._call_one, rank, handle, timeout=timeout))
         return [reply for _, reply in sorted(replies.items())]
+
+    def _call_one(self, rank: int, handle: ray.actor.ActorHandle, method: str, args: tuple, timeout: float) -> Any:
+        return self._call_ranks({rank: handle}, lambda h: h.execute_rpc.remote(method, args), method, timeout)[rank]
 
     # -- transport ---------------------------------------------------------------------------------
     def _forward_rpc_to_workers(

@@ -15,8 +15,8 @@ from pydantic import BaseModel
 
 from engine import AsyncDiffusionEngine, DiffusionEngine
 from server.errors import install_error_handlers
-from server.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, RequestLogMiddleware
-from server.routes import files, images, models, playground, probes
+from server.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, KeyRing, RequestLogMiddleware
+from server.routes import files, images, lora, models, playground, probes
 from server.serving import ImageServing
 from server.storage import ImageStore
 
@@ -25,7 +25,7 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
     """An app serving ``engine``. The caller owns the engine; the app owns its batching front and image store.
 
     ``app.state`` holds what the routes share: ``engine`` (the AsyncDiffusionEngine front, from
-    start-up on), ``serving`` (the ImageServing over it), ``store`` and ``created``.
+    start-up on), ``serving`` (the ImageServing over it), ``store``, ``created`` and ``admin_keys``.
     """
     config = engine.od_config
 
@@ -48,14 +48,21 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
     )
     app.state.store = ImageStore(config.image_storage_dir, config.image_ttl_s)
     app.state.created = int(time.time())
+    app.state.admin_keys = KeyRing([config.admin_api_key] if config.admin_api_key else [])
 
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_body_bytes)
     if config.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_keys=config.api_key, protect_metrics=config.metrics_require_api_key)
+        app.add_middleware(
+            ApiKeyMiddleware,
+            api_keys=config.api_key,
+            protect_metrics=config.metrics_require_api_key,
+            own_key_paths=lora.ADMIN_PATHS,
+        )
     app.add_middleware(RequestLogMiddleware, model_name=config.model_name)
 
-    for family in (images, files, models, probes, playground):
+    # The LoRA admin routes exist only when run-time loading is on.
+    for family in (images, files, models, probes, playground, *([lora] if config.allow_runtime_lora else [])):
         app.include_router(family.router)
     _add_schemas(app, *images.HAND_PARSED_BODIES)
     return app

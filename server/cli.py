@@ -41,8 +41,11 @@ def _add_setting_flags(parser: argparse.ArgumentParser, command: str) -> None:
         default = field.get_default(call_default_factory=True)
         if isinstance(default, list):
             default = ",".join(default)
-        # A bool flag alone means true; "--flag false" still works.
+        # A bool flag alone means true; "--flag false" still works. A list flag may take its items
+        # space-separated (--lora-modules a=/x b=/y) where its field says so.
         switch = {"nargs": "?", "const": "true"} if field.annotation is bool else {}
+        if "cli_nargs" in extras[name]:
+            switch = {"nargs": extras[name]["cli_nargs"]}
         parser.add_argument(
             flag,
             *aliases,

@@ -108,51 +108,70 @@ _NO_KEY_MESSAGE = (
 )
 
 
+class KeyRing:
+    """Bearer keys, checked in constant time: every key is compared (as a SHA-256 digest, so the time
+    says nothing of a key's length either), without stopping at a match."""
+
+    def __init__(self, keys: list[str]):
+        self._digests = [hashlib.sha256(key.encode()).digest() for key in keys]
+
+    def accepts(self, token: bytes) -> bool:
+        digest = hashlib.sha256(token).digest()
+        matches = [hmac.compare_digest(digest, key) for key in self._digests]
+        return any(matches)
+
+    def refusal(self, headers: list[tuple[bytes, bytes]]) -> tuple[str, str | None] | None:
+        """None when ``headers`` carry ``Authorization: Bearer <a key of the ring>``; else the 401's
+        message and code."""
+        authorization = next((value for name, value in headers if name == b"authorization"), b"")
+        scheme, _, token = authorization.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            return _NO_KEY_MESSAGE, None
+        if not self.accepts(token.strip()):
+            return "Incorrect API key provided.", "invalid_api_key"
+        return None
+
+
 class ApiKeyMiddleware:
     """Requires ``Authorization: Bearer <key>`` with one of ``api_keys`` on /v1/* (and on /metrics
     when ``protect_metrics``); anything else is answered 401 with an OpenAI error body.
 
-    /health and /ready stay open for probes. Stored images (/v1/images/files/) stay open too: like
+    /health and /ready stay open for probes, and ``own_key_paths`` check a key of their own (the LoRA
+    admin routes). Stored images (/v1/images/files/) stay open too: like
     OpenAI's signed URLs, their unguessable URL is the credential, so a browser can show them. So
     do the pages for people (the playground at / and its /static/ files, /docs, /redoc,
     /openapi.json): a browser loads them without a key, and the playground's API calls send one.
     """
 
-    def __init__(self, app: ASGIApp, api_keys: list[str], protect_metrics: bool):
+    def __init__(self, app: ASGIApp, api_keys: list[str], protect_metrics: bool, own_key_paths: frozenset[str]):
         self.app = app
-        # Digests have one length, so comparing them tells nothing about a key's length either.
-        self._digests = [hashlib.sha256(key.encode()).digest() for key in api_keys]
+        self._keys = KeyRing(api_keys)
         self._protect_metrics = protect_metrics
+        self._own_key_paths = own_key_paths
 
     def _protected(self, path: str) -> bool:
-        if path.startswith("/v1/images/files/"):
+        if path.startswith("/v1/images/files/") or path in self._own_key_paths:
             return False
         return path.startswith("/v1/") or (self._protect_metrics and path == "/metrics")
-
-    def _accepts(self, token: bytes) -> bool:
-        digest = hashlib.sha256(token).digest()
-        # Compare with every key, without stopping at a match: the time taken says nothing about which.
-        matches = [hmac.compare_digest(digest, key) for key in self._digests]
-        return any(matches)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self._protected(scope["path"]):
             await self.app(scope, receive, send)
             return
-        authorization = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
-        scheme, _, token = authorization.partition(b" ")
-        if scheme.lower() != b"bearer" or not token.strip():
-            message, code = _NO_KEY_MESSAGE, None
-        elif not self._accepts(token.strip()):
-            message, code = "Incorrect API key provided.", "invalid_api_key"
-        else:
+        refusal = self._keys.refusal(scope["headers"])
+        if refusal is None:
             await self.app(scope, receive, send)
             return
-        from server.errors import error_response
+        await unauthorized(*refusal)(scope, receive, send)
 
-        response = error_response(401, message, "invalid_request_error", code=code)
-        response.headers["WWW-Authenticate"] = "Bearer"
-        await response(scope, receive, send)
+
+def unauthorized(message: str, code: str | None):
+    """The 401 a missing or wrong key gets."""
+    from server.errors import error_response
+
+    response = error_response(401, message, "invalid_request_error", code=code)
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
 
 
 async def _send_error(scope: Scope, receive: Receive, send: Send, error: HTTPException) -> None:

@@ -34,6 +34,9 @@ class ImageOptions(BaseModel):
     guidance_scale: float | None = Field(None, ge=0)
     seed: Seed | list[Seed] | None = Field(None, description="image i uses seed + i, or one seed per image")
     cache: bool = Field(True, description="false runs this request without the server's step cache (--cache-method)")
+    lora_scale: float | None = Field(
+        None, description="with a LoRA adapter as model: its strength (default: the adapter's own, 1 unless set)"
+    )
 
 
 class PromptedOptions(ImageOptions):
@@ -210,6 +213,31 @@ class ModelCard(BaseModel):
     max_num_inference_steps: int
     tasks: list[str] = Field(description="text2img, and img2img / inpaint where the model's pipelines allow edits")
     levers: dict | None = Field(None, description="the speed levers in effect on its workers (cache, compile, ...)")
+    # vLLM's fields: a LoRA adapter names the base model it runs on as parent, and its weights as root.
+    parent: str | None = Field(None, description="for a LoRA adapter: the id of the base model it runs on")
+    root: str | None = Field(None, description="the model's weights: the base model, or a LoRA adapter's path")
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's route); ``lora_scale`` is an extension."""
+
+    lora_name: str = Field(description="the model id requests pick the adapter with")
+    lora_path: str = Field(description="a diffusers/PEFT folder or a .safetensors file on the workers' host")
+    lora_scale: float = Field(1.0, description="the scale of a request that names none")
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """POST /v1/unload_lora_adapter (vLLM's route)."""
+
+    lora_name: str
+
+
+class UnloadedModel(BaseModel):
+    """What an unload answers, shaped as OpenAI's answer to deleting a model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
 
 
 class ModelList(BaseModel):

@@ -72,13 +72,9 @@ class ImageServing:
 
     # -- 1. validate -------------------------------------------------------------------------------
     def check_options(self, body: ImageOptions, route: str) -> None:
-        """Refuse what this server cannot do for any request (another model, a transparent background)."""
-        if body.model is not None and body.model != self.model_name:
-            raise InvalidRequestError(
-                f"The model '{body.model}' does not exist; this server serves '{self.model_name}'.",
-                param="model",
-                code="model_not_found",
-            )
+        """Refuse what this server cannot do for any request (a model it does not serve, 404; a transparent
+        background)."""
+        self._lora_name(body)
         if getattr(body, "background", None) == "transparent":
             raise InvalidRequestError(
                 f"background 'transparent' is not supported by the model '{self.model_name}': its pipeline makes "
@@ -89,6 +85,12 @@ class ImageServing:
         for name in (body.model_extra or {}).keys() - self._logged_unknown_fields:
             self._logged_unknown_fields.add(name)
             logger.warning("ignoring unknown field '%s' (first sent to %s); not logged again", name, route)
+
+    def _lora_name(self, body: ImageOptions) -> str | None:
+        """The LoRA adapter ``model`` names (None: the base model); NotFoundError for a model not served."""
+        if body.model is None or body.model == self.model_name:
+            return None
+        return self.engine.loras.get(body.model).name
 
     def request_fields(self, body: ImageOptions) -> dict:
         """OmniDiffusionRequest fields from the options every route shares."""
@@ -111,6 +113,8 @@ class ImageServing:
             "partial_images": (getattr(body, "partial_images", None) or 0) if streamed else 0,
             "progress": streamed and getattr(body, "progress", False),
             "cache": body.cache,
+            "lora_name": self._lora_name(body),
+            "lora_scale": body.lora_scale,
         }
 
     # -- 2. generate, 3. encode, 4. answer ---------------------------------------------------------

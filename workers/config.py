@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,6 +34,44 @@ def parse_size(size: str) -> tuple[int, int]:
     if not sep or not width.isdigit() or not height.isdigit():
         raise ValueError(f"size must look like '512x512', got {size!r}")
     return int(width), int(height)
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """A LoRA adapter: the model id requests pick it by, its weights (a folder or a file, on the workers'
+    host), and the scale a request that names none runs it at."""
+
+    name: str
+    path: str
+    scale: float = 1.0
+
+
+# Adapter names are model ids in URLs (/v1/models/{id}) and metric labels: kept to a plain alphabet.
+_LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_lora_name(name: str) -> str:
+    """``name`` when it can be a LoRA adapter's model id; ValueError saying why not otherwise."""
+    if not _LORA_NAME.fullmatch(name):
+        raise ValueError(
+            f"LoRA adapter name {name!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def parse_lora_module(spec: str) -> LoraModule:
+    """'name=path' or 'name=path:scale' -> LoraModule; ValueError for anything else."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not rest:
+        raise ValueError(f"a LoRA module looks like name=path or name=path:scale, got {spec!r}")
+    check_lora_name(name)
+    path, colon, scale = rest.rpartition(":")
+    if colon and path:
+        try:
+            return LoraModule(name, path, float(scale))
+        except ValueError:
+            pass  # the colon is part of the path
+    return LoraModule(name, rest)
 
 
 class OmniDiffusionConfig(BaseSettings):
@@ -239,9 +279,33 @@ class OmniDiffusionConfig(BaseSettings):
         False, description="decode large images tile by tile (less memory, slightly different pixels)"
     )
     vae_slicing: bool = Field(False, description="decode a batch one image at a time (less memory)")
+    # -- LoRA adapters; see docs/lora.md -------------------------------------------------------------
+    # NoDecode: "a=/x,b=/y" from the environment is split below; the flag takes them space-separated.
+    lora_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="LoRA adapters loaded at start-up, as name=path or name=path:scale (a diffusers/PEFT folder "
+        "or a .safetensors file, kohya keys too); a request picks one with model=name",
+        json_schema_extra={"cli_nargs": "+"},
+    )
+    allow_runtime_lora: bool = Field(
+        False, description="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --admin-api-key)"
+    )
+    # repr=False: the key never reaches logs.
+    admin_api_key: str | None = Field(
+        None,
+        repr=False,
+        description="key ('Authorization: Bearer <key>') the LoRA load and unload routes require, compared in "
+        "constant time. Prefer IMAGEGEN_ADMIN_API_KEY to the flag, which other users can see in ps",
+    )
+    lora_dir: Path | None = Field(
+        None,
+        description="folder every LoRA path must lie in (checked on the workers' host); relative paths are "
+        "taken from it (default: any path)",
+    )
 
     @field_validator(
-        "allowed_sizes", "worker_actor_names", "worker_addresses", "api_key", "compile_warmup_sizes", mode="before"
+        "allowed_sizes", "worker_actor_names", "worker_addresses", "api_key", "compile_warmup_sizes", "lora_modules",
+        mode="before",
     )
     @classmethod
     def _split_comma_lists(cls, value: Any, info: ValidationInfo) -> Any:
@@ -250,7 +314,7 @@ class OmniDiffusionConfig(BaseSettings):
             return value
         items = [item.strip() for item in value.split(",") if item.strip()]
         # No actor names, addresses or keys means the setting is unset; an empty size list stays a list.
-        return items if items or info.field_name in ("allowed_sizes", "compile_warmup_sizes") else None
+        return items if items or info.field_name in ("allowed_sizes", "compile_warmup_sizes", "lora_modules") else None
 
     @field_validator("ray_rank_resources", mode="before")
     @classmethod
@@ -297,11 +361,36 @@ class OmniDiffusionConfig(BaseSettings):
             parse_size(size)
         return size
 
+    @field_validator("lora_modules")
+    @classmethod
+    def _check_lora_modules(cls, specs: list[str]) -> list[str]:
+        names = [parse_lora_module(spec).name for spec in specs]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"LoRA adapter name {', '.join(repeated)} is given more than once")
+        return specs
+
     @model_validator(mode="after")
     def _check_default_size_allowed(self) -> OmniDiffusionConfig:
         if self.default_size is not None and self.default_size not in self.allowed_sizes:
             raise ValueError(f"default_size {self.default_size} is not in allowed_sizes")
         return self
+
+    @model_validator(mode="after")
+    def _check_lora_settings(self) -> OmniDiffusionConfig:
+        if self.allow_runtime_lora and not self.admin_api_key:
+            raise ValueError(
+                "allow_runtime_lora needs admin_api_key (IMAGEGEN_ADMIN_API_KEY): loading adapters changes the models "
+                "every tenant sees"
+            )
+        if self.model_name in {parse_lora_module(spec).name for spec in self.lora_modules}:
+            raise ValueError(f"a LoRA adapter cannot be named '{self.model_name}', the base model's id")
+        return self
+
+    @property
+    def lora_adapters(self) -> list[LoraModule]:
+        """The start-up adapters of --lora-modules, parsed."""
+        return [parse_lora_module(spec) for spec in self.lora_modules]
 
     @property
     def cpu_threads_per_rank(self) -> int:

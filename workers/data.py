@@ -24,6 +24,7 @@ class OmniDiffusionRequest:
     ``image`` is a uint8 HxWx3 array of the request's size; ``mask`` (uint8 HxW, 255 = repaint)
     turns image-to-image into inpainting. ``partial_images`` asks for that many intermediate
     decodes at evenly spaced denoising steps; ``progress`` for a StepProgress after every step.
+    ``lora_name`` picks a loaded LoRA adapter, run at ``lora_scale``.
     """
 
     prompt: str
@@ -43,6 +44,9 @@ class OmniDiffusionRequest:
     progress: bool = False
     # False runs it without the step cache (--cache-method); such requests never share a call with cached ones.
     cache: bool = True
+    # The LoRA adapter it runs with (None: the base model) and at what scale (None: the adapter's own).
+    lora_name: str | None = None
+    lora_scale: float | None = None
 
     @property
     def task(self) -> str:
@@ -69,6 +73,9 @@ class OmniDiffusionRequest:
             self.strength,
             self.partial_images,
             self.cache,
+            # Adapters are switched per pipeline call: different adapters or scales never share one.
+            self.lora_name,
+            self.lora_scale,
         )
 
 

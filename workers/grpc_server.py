@@ -48,7 +48,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiffusionWorker"].full_name
 HEALTH_SERVICE_NAMES = ("", SERVICE_NAME)
 # The public worker methods ExecuteRpc may call; generation, cancellation, initialize and
 # shutdown have messages of their own.
-EXECUTE_RPC_METHODS = ("describe", "get_logs", "get_rank")
+EXECUTE_RPC_METHODS = ("describe", "get_logs", "get_rank", "load_lora_adapter", "unload_lora_adapter")
+# Those of them that change the pipeline: they run on its thread, between generations.
+_PIPELINE_METHODS = ("load_lora_adapter", "unload_lora_adapter")
 # Threads answering calls: one per generation waiting for the pipeline (the engine keeps two steps
 # in flight), and the rest for Cancel, GetRank and health checks, which must never wait behind them.
 _SERVER_THREADS = 16
@@ -276,7 +278,11 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "args_json must be a JSON array and kwargs_json an object")
         self._require_loaded(context)
         try:
-            result = getattr(self._worker, request.method)(*args, **kwargs)
+            call = getattr(self._worker, request.method)
+            if request.method in _PIPELINE_METHODS:
+                result = self._pipeline_thread.submit(call, *args, **kwargs).result()
+            else:
+                result = call(*args, **kwargs)
             return pb.ExecuteRpcReply(result_json=json.dumps(result))
         except Exception as error:  # noqa: BLE001 - the caller gets the message, the worker lives on
             context.abort(grpc.StatusCode.UNKNOWN, _describe(error))

@@ -26,6 +26,7 @@ from workers.data import (
 )
 from workers.levers import Levers, apply_levers, load_device, warm_up
 from workers.logs import recent_log_buffer
+from workers.lora import LoraAdapters, LoraLoadError
 from workers.models import ModelDefaults, load_pipeline, model_folder, read_model_defaults
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class WorkerWrapperBase:
         self._logs = recent_log_buffer()
         # The speed levers in effect (workers/levers.py); none until initialize() applies them.
         self.levers = Levers()
+        # The LoRA adapters on the pipeline; the engine loads them (load_lora_adapter) once the model is up.
+        self.loras: LoraAdapters | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def initialize(self) -> dict:
@@ -98,6 +101,7 @@ class WorkerWrapperBase:
         self.levers = apply_levers(pipeline, config, self.device, self.dtype)
         self.pipeline = pipeline
         self.pipelines = {"text2img": self.pipeline}
+        self.loras = LoraAdapters(pipeline, self.rank, config.lora_dir)
         for task, auto_class in (("img2img", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
             try:
                 # from_pipe reuses the loaded modules: no second copy of the weights.
@@ -121,8 +125,9 @@ class WorkerWrapperBase:
 
     def describe(self) -> dict:
         """What the engine needs to know of the loaded model: pipeline, native size, size multiple, tasks,
-        defaults. Like generate(), it loads the model first if initialize() was never called."""
-        return dict(self._loaded_description())
+        defaults, the LoRA adapters loaded. Like generate(), it loads the model first if initialize() was
+        never called."""
+        return {**self._loaded_description(), "lora_adapters": sorted(self.loras.loaded)}
 
     def _loaded_description(self) -> dict:
         # Hosts call initialize() first; a wrapper like the guide's MyWorkerWrapper only calls generate().
@@ -168,6 +173,31 @@ class WorkerWrapperBase:
         """This worker process's latest log lines (at most ``max_lines``, oldest first)."""
         lines = list(self._logs.lines)
         return lines[-max_lines:] if max_lines else lines
+
+    # -- LoRA adapters -----------------------------------------------------------------------
+    def load_lora_adapter(self, lora_name: str, lora_path: str, lora_scale: float = 1.0) -> dict:
+        """Load a LoRA adapter from ``lora_path`` on this rank's host (confined to ``lora_dir`` when set).
+
+        Returns its description (see LoraAdapters.load), or ``{"lora_name", "error"}`` when the path is
+        refused or holds no LoRA for this model: plain data, the same over every transport.
+        """
+        self._loaded_description()
+        try:
+            loaded = self.loras.load(lora_name, lora_path, lora_scale)
+        except LoraLoadError as error:
+            return {"lora_name": lora_name, "error": str(error)}
+        if self.od_config.compile != "none":
+            logger.warning(
+                "rank %d: with --compile, LoRA adapter %s recompiles the denoiser on its first request and first "
+                "change of scale, and past torch._dynamo's recompile_limit the blocks run uncompiled "
+                "(docs/benchmarks.md, 'LoRA adapters and compile')", self.rank, lora_name,
+            )
+        return loaded
+
+    def unload_lora_adapter(self, lora_name: str) -> bool:
+        """Remove a LoRA adapter and free its weights; False when it was not loaded here."""
+        self._loaded_description()
+        return self.loras.unload(lora_name)
 
     def shutdown(self) -> None:
         self._description = None
@@ -245,7 +275,8 @@ class WorkerWrapperBase:
         progress: list[WorkerProgress] = []
         if "callback_on_step_end" in parameters:
             kwargs["callback_on_step_end"] = self._step_callback(group, self.progress_sink or progress.append)
-        # 3. Denoise and decode.
+        # 3. Denoise and decode, with the group's LoRA adapter (or none) in effect.
+        self.loras.activate(first.lora_name, first.lora_scale)
         with self.levers.pipeline_call(pipeline, first.cache) as call, StageTimer(pipeline, self.device) as timer:
             images = pipeline(**kwargs).images
         request_ids = {r.request_id for r in group}

@@ -1,17 +1,17 @@
-"""GET /v1/models and /v1/models/{model_id}: the one model this server serves, with what it accepts."""
+"""GET /v1/models and /v1/models/{model_id}: the base model, and each LoRA adapter on it (with ``parent``
+set to the base model's id, as vLLM lists them), with what they accept."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from engine import NotFoundError
 from server.errors import ERROR_RESPONSES
 from server.protocol import ModelCard, ModelList
 
 router = APIRouter()
 
 
-def _model_card(http_request: Request) -> ModelCard:
+def base_model_card(http_request: Request) -> ModelCard:
     engine = http_request.app.state.engine.engine
     config = engine.od_config
     return ModelCard(
@@ -24,18 +24,27 @@ def _model_card(http_request: Request) -> ModelCard:
         max_num_inference_steps=config.max_num_inference_steps,
         tasks=engine.model_info["tasks"],
         levers=engine.model_info.get("levers"),
+        root=config.model,
     )
+
+
+def lora_card(base: ModelCard, name: str, path: str) -> ModelCard:
+    """An adapter's card: what its base model accepts, under its own id."""
+    return base.model_copy(update={"id": name, "parent": base.id, "root": path})
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
 async def list_models(http_request: Request) -> ModelList:
-    return ModelList(data=[_model_card(http_request)])
+    base = base_model_card(http_request)
+    adapters = http_request.app.state.engine.engine.loras.served()
+    return ModelList(data=[base, *(lora_card(base, adapter.name, adapter.path) for adapter in adapters)])
 
 
 # :path, because hub ids such as "org/model" hold a slash.
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
 async def retrieve_model(model_id: str, http_request: Request) -> ModelCard:
-    card = _model_card(http_request)
-    if model_id != card.id:
-        raise NotFoundError(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
-    return card
+    base = base_model_card(http_request)
+    if model_id == base.id:
+        return base
+    adapter = http_request.app.state.engine.engine.loras.get(model_id)  # 404 model_not_found for any other id
+    return lora_card(base, adapter.name, adapter.path)

@@ -126,7 +126,6 @@ BAD_REQUESTS = [
     ({"size": "64x64"}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": "   "}, "prompt"),
-    ({"prompt": "a", "model": "dall-e-3"}, "model"),
     ({"prompt": "a", "size": "100x100"}, "size"),
     ({"prompt": "a", "size": "big"}, "size"),
     ({"prompt": "a", "n": 0}, "n"),
@@ -151,6 +150,17 @@ def test_bad_input_gets_openai_400_naming_the_param(tiny_server, body, param):
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
     assert error["message"]
+
+
+def test_unknown_model_gets_openai_404_model_not_found(tiny_server):
+    response = httpx.post(f"{tiny_server.base_url}/v1/images/generations", json={"prompt": "a", "model": "dall-e-3"}, timeout=30)
+    assert response.status_code == 404, response.text
+    assert response.json()["error"] == {
+        "message": "The model 'dall-e-3' does not exist; this server serves 'tiny'.",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
 
 
 def test_unparseable_json_gets_openai_400(tiny_server):

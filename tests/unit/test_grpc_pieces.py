@@ -66,6 +66,8 @@ def full_request(**changes) -> OmniDiffusionRequest:
         partial_images=2,
         progress=True,
         cache=False,
+        lora_name="sharp",
+        lora_scale=0.3,
     )
     fields.update(changes)
     return OmniDiffusionRequest(**fields)

@@ -1,0 +1,99 @@
+"""LoraRegistry: the LoRA adapters an engine serves, loaded on every rank alike."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from engine.errors import InvalidRequestError, NotFoundError, from_executor_error
+from executors import DiffusionExecutor, ExecutorError
+from workers.config import LoraModule, check_lora_name
+
+logger = logging.getLogger(__name__)
+
+# The worker methods (workers.worker.WorkerWrapperBase) that load and unload an adapter on one rank.
+LOAD_METHOD, UNLOAD_METHOD = "load_lora_adapter", "unload_lora_adapter"
+
+
+class LoraRegistry:
+    """Which adapters every rank holds, by name (the model id a request picks one with).
+
+    Each load and unload goes to every rank through ``collective_rpc``, and each loaded adapter is
+    kept in the executor's ``rank_setup_calls``, so a rank that starts again (restarted, replaced,
+    reconnected) loads the same adapters before it serves. Paths are resolved and confined on the
+    workers' host (workers/lora.py), where the weights are. An adapter being unloaded is refused at
+    once (``get`` raises NotFoundError); the AsyncDiffusionEngine lets its running requests finish first.
+    """
+
+    def __init__(self, executor: DiffusionExecutor, base_model_name: str):
+        self._executor = executor
+        self._base_model_name = base_model_name
+        self._adapters: dict[str, LoraModule] = {}
+        self._unloading: set[str] = set()
+        self._lock = threading.Lock()  # loads and unloads one at a time
+
+    def get(self, name: str) -> LoraModule:
+        """The adapter served as ``name``; NotFoundError (404 model_not_found) for any other name."""
+        adapter = self._adapters.get(name)
+        if adapter is None or name in self._unloading:
+            raise NotFoundError(
+                f"The model '{name}' does not exist; this server serves '{self._base_model_name}'"
+                + "".join(f", '{served.name}'" for served in self.served())
+                + ".",
+                param="model",
+                code="model_not_found",
+            )
+        return adapter
+
+    def served(self) -> list[LoraModule]:
+        """The adapters requests may pick now, in load order."""
+        return [adapter for name, adapter in list(self._adapters.items()) if name not in self._unloading]
+
+    def load(self, adapter: LoraModule) -> dict:
+        """Load ``adapter`` on every rank; rank 0's report. InvalidRequestError (param ``lora_name`` or
+        ``lora_path``) when the name is taken or a rank refuses the path; then no rank keeps it."""
+        with self._lock:
+            try:
+                check_lora_name(adapter.name)
+            except ValueError as error:
+                raise InvalidRequestError(str(error), param="lora_name") from None
+            if adapter.name == self._base_model_name or adapter.name in self._adapters:
+                raise InvalidRequestError(
+                    f"The model '{adapter.name}' is already served; unload it first, or pick another name",
+                    param="lora_name",
+                )
+            call = (LOAD_METHOD, (adapter.name, adapter.path, adapter.scale))
+            replies: list[dict] = self._call(*call)
+            refused = [reply["error"] for reply in replies if reply.get("error")]
+            if refused:
+                self._call(UNLOAD_METHOD, (adapter.name,))  # from the ranks that took it
+                raise InvalidRequestError(refused[0], param="lora_path")
+            self._adapters[adapter.name] = adapter
+            self._executor.rank_setup_calls.append(call)
+            return replies[0]
+
+    def begin_unload(self, name: str) -> LoraModule:
+        """Refuse new requests for adapter ``name`` from now on (NotFoundError when it is not served)."""
+        adapter = self.get(name)
+        self._unloading.add(name)
+        return adapter
+
+    def unload(self, name: str) -> None:
+        """Remove adapter ``name`` from every rank (``begin_unload`` first; nothing may still run with it)."""
+        with self._lock:
+            self._executor.rank_setup_calls[:] = [
+                call for call in self._executor.rank_setup_calls if call[0] != LOAD_METHOD or call[1][0] != name
+            ]
+            self._adapters.pop(name, None)
+            try:
+                self._call(UNLOAD_METHOD, (name,))
+            finally:
+                self._unloading.discard(name)
+            logger.info("unloaded LoRA adapter %s from every rank", name)
+
+    def _call(self, method: str, args: tuple) -> Any:
+        try:
+            return self._executor.collective_rpc(method, args=args)
+        except ExecutorError as error:
+            raise from_executor_error(error) from error
