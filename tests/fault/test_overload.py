@@ -12,6 +12,9 @@ from helpers import ServerProcess, poll
 pytestmark = pytest.mark.slow
 
 SLOW = {"size": "128x128", "num_inference_steps": 40}
+# Seconds a few SLOW images may take: about 5 s each on an idle 2-core machine, six times that when
+# other processes compete for the cores (torch's two threads then wait for each other).
+SLOW_DEADLINE_S = 300
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +35,16 @@ def test_full_queue_gets_429_with_retry_after_at_once(small_queue_server):
     server = small_queue_server
     with ThreadPoolExecutor(3) as pool:
         # One step runs and one full step waits at the worker; then the queue takes two images.
-        busy = [pool.submit(server.post, **SLOW, seed=seed) for seed in (1, 2)]
+        busy = [pool.submit(server.post, **SLOW, seed=seed, timeout=SLOW_DEADLINE_S) for seed in (1, 2)]
         wait_until(server, "imagegen_num_requests_running", 2)
-        queued = pool.submit(server.post, **SLOW, n=2)
+        queued = pool.submit(server.post, **SLOW, n=2, timeout=SLOW_DEADLINE_S)
         wait_until(server, "imagegen_num_requests_waiting", 1)
         refused = server.post(num_inference_steps=2, timeout=5)
         assert refused.status_code == 429
         assert refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["type"] == "rate_limit_error"
         assert server.metric("imagegen_requests_rejected_total") >= 1
-        assert [f.result(timeout=120).status_code for f in busy + [queued]] == [200, 200, 200]
+        assert [f.result(timeout=SLOW_DEADLINE_S).status_code for f in busy + [queued]] == [200, 200, 200]
 
 
 def test_oversized_body_gets_413(small_queue_server):
@@ -80,12 +83,12 @@ def test_request_queued_past_its_deadline_gets_504_and_never_runs():
     server = ServerProcess("--max-batch-size", "1", "--request-timeout-s", "2")
     try:
         with ThreadPoolExecutor(3) as pool:
-            busy = [pool.submit(server.post, **SLOW, seed=seed) for seed in (1, 2)]
+            busy = [pool.submit(server.post, **SLOW, seed=seed, timeout=SLOW_DEADLINE_S) for seed in (1, 2)]
             wait_until(server, "imagegen_num_requests_running", 2)
             late = server.post(num_inference_steps=2, timeout=60)
             assert late.status_code == 504
             assert "queue" in late.json()["error"]["message"]
-            assert [f.result(timeout=120).status_code for f in busy] == [200, 200]
+            assert [f.result(timeout=SLOW_DEADLINE_S).status_code for f in busy] == [200, 200]
         assert server.metric("imagegen_images_generated_total") == 2
         assert server.metric("imagegen_requests_timed_out_total") == 1
     finally:
