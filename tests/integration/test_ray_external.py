@@ -211,7 +211,8 @@ def test_ray_backend_reserves_a_bundle_per_rank_and_kills_its_actors_on_close(ra
     for handle in handles:
         with pytest.raises(RayActorError):
             ray.get(handle.get_rank.remote(), timeout=30)
-    poll(lambda: ray.available_resources().get("CPU", 0) == free_cpus, 30, "the placement group's CPUs to return")
+    # At least as many as before: an actor of an earlier test may still have been giving its CPUs back then.
+    poll(lambda: ray.available_resources().get("CPU", 0) >= free_cpus, 30, "the placement group's CPUs to return")
     assert not [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "CREATED"]
 
 
