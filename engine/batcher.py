@@ -55,7 +55,7 @@ class AsyncDiffusionEngine:
         self.engine = engine
         self._model_name = engine.od_config.model_name
         config = engine.od_config
-        self._step_capacity = config.max_batch_size * config.num_gpus
+        self._step_capacity = config.max_batch_size * config.num_rank_groups
         self._max_queue_size = config.max_queue_size
         self._request_timeout_s = config.request_timeout_s
         self.draining = False

@@ -316,6 +316,8 @@ class DiffusionEngine:
         try:
             # Straight to the executor: step() prepared these requests already.
             shards: list[list[RequestOutput]] = self.executor.collective_rpc("generate_shard", args=(requests,))
+            # A rank group's leader answers for it; its other ranks made the same images with it.
+            shards = shards[:: self.od_config.rank_group_size]
         except RpcTimeoutError as error:
             for rank in error.ranks:  # a hung worker is treated like a dead one
                 self._on_worker_death(rank, f"worker rank {rank} hung: {error}")
@@ -377,28 +379,34 @@ class DiffusionEngine:
 
     # -- worker failures -------------------------------------------------------------------------
     def _on_worker_death(self, rank: int, reason: str) -> None:
-        """Apply ``on_worker_death``: replace the worker in the background, or turn fatal."""
-        metrics.WORKER_UP.labels(self.od_config.model_name, str(rank)).set(0)
+        """Apply ``on_worker_death``: replace the worker (its whole rank group) in the background, or turn fatal."""
+        ranks = self.od_config.rank_group_of(rank)
+        for member in ranks:
+            metrics.WORKER_UP.labels(self.od_config.model_name, str(member)).set(0)
         if self.od_config.on_worker_death == "exit":
             self._turn_fatal(reason)
             return
         with self._lock:
-            if self._closed or rank in self._restarting_ranks:
+            # One restart per group, however many of its ranks are reported.
+            if self._closed or self._restarting_ranks.intersection(ranks):
                 return
-            self._restarting_ranks.add(rank)
-        threading.Thread(target=self._restart, args=(rank,), name=f"imagegen-restart-{rank}", daemon=True).start()
+            self._restarting_ranks.update(ranks)
+        threading.Thread(
+            target=self._restart, args=(rank, ranks), name=f"imagegen-restart-{rank}", daemon=True
+        ).start()
 
-    def _restart(self, rank: int) -> None:
+    def _restart(self, rank: int, ranks: range) -> None:
         try:
             self.executor.restart_worker(rank)
         except Exception as error:  # noqa: BLE001 - a worker that cannot come back ends the engine
-            self._turn_fatal(f"worker rank {rank} could not be restarted: {error}")
+            self._turn_fatal(f"worker rank {', '.join(map(str, ranks))} could not be restarted: {error}")
         else:
-            metrics.WORKER_RESTARTS.labels(self.od_config.model_name).inc()
-            metrics.WORKER_UP.labels(self.od_config.model_name, str(rank)).set(1)
+            metrics.WORKER_RESTARTS.labels(self.od_config.model_name).inc(len(ranks))
+            for member in ranks:
+                metrics.WORKER_UP.labels(self.od_config.model_name, str(member)).set(1)
         finally:
             with self._lock:
-                self._restarting_ranks.discard(rank)
+                self._restarting_ranks.difference_update(ranks)
 
     def _turn_fatal(self, reason: str) -> None:
         if self._closed or self.fatal_error is not None:

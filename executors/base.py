@@ -37,6 +37,19 @@ class WorkerRpcError(ExecutorError):
     """A worker answered a call with an error."""
 
 
+def check_rank_group(od_config: OmniDiffusionConfig, description: dict, where: str) -> None:
+    """WorkerStartupError unless a worker someone else started (its ``describe()``) has this engine's rank groups."""
+    names = ("cfg_parallel_size", "ulysses_degree", "ring_degree")
+    expected = tuple(getattr(od_config, name) for name in names)
+    found = tuple(description.get("rank_group", {}).get(name, 1) for name in names)
+    if found != expected:
+        shape = " x ".join(names)
+        raise WorkerStartupError(
+            f"{where} was started with rank groups of {shape} = {' x '.join(map(str, found))} but this server has "
+            f"{' x '.join(map(str, expected))}: start every worker with the server's group settings"
+        )
+
+
 class DiffusionExecutor(ABC):
     """Starts or connects to workers and forwards calls to them.
 

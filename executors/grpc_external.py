@@ -23,7 +23,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from executors.base import ExecutorError, RpcTimeoutError, WorkerDiedError, WorkerRpcError, WorkerStartupError
+from executors.base import (
+    ExecutorError,
+    RpcTimeoutError,
+    WorkerDiedError,
+    WorkerRpcError,
+    WorkerStartupError,
+    check_rank_group,
+)
 from executors.external import HEALTH_CHECK_TIMEOUT_S, ExternalDiffusionExecutor
 from workers.data import OmniDiffusionRequest, RequestOutput, shard_requests
 from workers.grpc_messages import (
@@ -185,6 +192,7 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
                 f"{where} (rank {rank}) was started for {reply.num_ranks} ranks (--num-gpus) but this server has "
                 f"{config.num_gpus}"
             )
+        check_rank_group(config, description, f"{where} (rank {rank})")
         if reply.model_name != config.model_name:
             raise WorkerStartupError(
                 f"{where} (rank {rank}) serves model '{reply.model_name}' but this server serves '{config.model_name}' "
@@ -220,7 +228,12 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
             requests: list[OmniDiffusionRequest] = args[0] if args else kwargs["requests"]
             # generate_shard: each rank gets its own share; generate: every rank generates them all.
             whole = method == "generate"
-            shares = [requests] * len(workers) if whole else shard_requests(requests, len(workers))
+            # A rank group's ranks all get the group's share: they make its images together.
+            size = self.od_config.rank_group_size
+            shares = (
+                [requests] * len(workers) if whole
+                else [group for group in shard_requests(requests, len(workers) // size) for _ in range(size)]
+            )
             replies = self._generate(method, workers, shares, timeout)
         else:
             call, message, decode = self._unary_call(method, args, kwargs)

@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +33,13 @@ logger = logging.getLogger(__name__)
 _GRACEFUL_EXIT_S = 5.0
 # The folder that holds the workers package: the worker programs import the very code the engine runs.
 _CODE_ROOT = str(Path(workers.__file__).resolve().parent.parent)
+
+
+def free_local_address() -> str:
+    """127.0.0.1:<a port free now>, where a rank group's leader can meet its peers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -56,6 +64,7 @@ class _WorkerProcess:
     pending: dict[int, Future] = field(default_factory=dict)
     death: str | None = None  # set once the worker is gone, with the reason
     retired: bool = False  # stopped on purpose (shutdown or replacement): its death is no news
+    stop_reason: str | None = None  # why it was stopped, when that is not its own death (its group's restart)
 
     def wait_exit(self) -> str:
         try:
@@ -85,6 +94,9 @@ class _WorkerProcess:
 class MultiProcDiffusionExecutor(DiffusionExecutor):
     """Starts ``num_gpus`` worker programs (rank r uses ``cuda:r``, or its share of the CPU cores).
 
+    The ranks of each rank group meet at an address of their own (a free port on this host),
+    chosen anew whenever the group is started.
+
     Several threads may call ``collective_rpc`` at once: each reply carries its call id and a
     reader thread per worker hands it to the matching caller, after reporting the progress
     (partial images, steps) the call sent before it. A worker that dies fails the calls it held
@@ -99,8 +111,8 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
         self._restarting: set[int] = set()
         self._workers: list[_WorkerProcess] = []
         try:
-            for rank in range(self.od_config.num_gpus):
-                self._workers.append(self._spawn(rank))
+            for leader in range(0, self.od_config.num_gpus, self.od_config.rank_group_size):
+                self._workers += self._spawn_group(leader)
             deadline = time.monotonic() + self.od_config.worker_start_timeout_s
             for worker in self._workers:
                 self._wait_ready(worker, deadline)
@@ -110,7 +122,15 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
         for worker in self._workers:
             self._start_reader(worker)
 
-    def _spawn(self, rank: int) -> _WorkerProcess:
+    def _spawn_group(self, rank: int) -> list[_WorkerProcess]:
+        """Start every rank of ``rank``'s group, with a fresh meeting address when the group has several."""
+        ranks = self.od_config.rank_group_of(rank)
+        settings = self._settings
+        if len(ranks) > 1:
+            settings = {**settings, "rank_group_address": free_local_address()}
+        return [self._spawn(member, settings) for member in ranks]
+
+    def _spawn(self, rank: int, settings: dict) -> _WorkerProcess:
         if not sys.executable:
             raise WorkerStartupError(
                 "the mp backend starts workers with this Python interpreter, but sys.executable is empty "
@@ -134,7 +154,7 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
             cancellations_reader.close()
         worker = _WorkerProcess(rank, process, parent_conn, cancellations)
         try:
-            parent_conn.send(self._settings)
+            parent_conn.send(settings)
         except OSError:
             pass  # it died at once; _wait_ready says how
         return worker
@@ -196,7 +216,7 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
             else:
                 future.set_exception(WorkerRpcError(f"worker rank {worker.rank}: {reply.value}"))
         # The pipe closed: the worker died, or we stopped it.
-        death = f"worker rank {worker.rank} died ({worker.wait_exit()})"
+        death = worker.stop_reason or f"worker rank {worker.rank} died ({worker.wait_exit()})"
         if not (self.is_closed or worker.retired):
             logger.error(death)
             # Before the death is visible: listeners mark the rank as restarting, so nobody
@@ -242,6 +262,10 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
             raise RpcTimeoutError(
                 f"RPC '{method}' timed out after {timeout:g}s waiting for rank {', '.join(map(str, ranks))}", ranks
             )
+        errors = [future.exception() for future in futures if future.exception() is not None]
+        if errors:
+            # A dead rank's error first: in a rank group, its peers' errors only say that it went missing.
+            raise next((error for error in errors if isinstance(error, WorkerDiedError)), errors[0])
         replies = [future.result() for future in futures]
         return replies if unique_reply_rank is None else replies[unique_reply_rank]
 
@@ -271,35 +295,48 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
             return not self.is_closed and not self._restarting and all(w.death is None for w in self._workers)
 
     def restart_worker(self, rank: int) -> None:
+        """Replace rank's worker; in a rank group, the whole group, which meets anew."""
+        ranks = self.od_config.rank_group_of(rank)
         with self._lock:
-            if self.is_closed or rank in self._restarting:
+            if self.is_closed or self._restarting.intersection(ranks):
                 return
-            self._restarting.add(rank)
-            old = self._workers[rank]
-            old.retired = True
+            self._restarting.update(ranks)
+            olds = [self._workers[member] for member in ranks]
+            for old in olds:
+                old.retired = True
+                if old.rank != rank:
+                    old.stop_reason = f"worker rank {old.rank} stopped: rank {rank} of its rank group is gone"
         try:
-            # Dead or hung, it has nothing left to finish; a hung one must free the device first.
-            old.stop(graceful=False)
-            new = self._spawn(rank)
+            # Dead or hung, they have nothing left to finish; a hung one must free the device first.
+            # The group's survivors go too: their process group waits for a peer that is gone.
+            for old in olds:
+                old.stop(graceful=False)
+            news = self._spawn_group(rank)
             try:
-                self._wait_ready(new, time.monotonic() + self.od_config.worker_start_timeout_s)
+                deadline = time.monotonic() + self.od_config.worker_start_timeout_s
+                for new in news:
+                    self._wait_ready(new, deadline)
             except BaseException:
-                new.retired = True
-                new.stop(graceful=False)
+                for new in news:
+                    new.retired = True
+                    new.stop(graceful=False)
                 raise
             with self._lock:
-                if self.is_closed:
+                closed = self.is_closed
+                if not closed:
+                    for member, new in zip(ranks, news):
+                        self._workers[member] = new
+            for new in news:
+                if closed:
                     new.retired = True
+                    new.stop()
                 else:
-                    self._workers[rank] = new
-            if new.retired:
-                new.stop()
-            else:
-                self._start_reader(new)
-                logger.info("worker rank %d restarted", rank)
+                    self._start_reader(new)
+            if not closed:
+                logger.info("worker rank %s restarted", ", ".join(map(str, ranks)))
         finally:
             with self._lock:
-                self._restarting.discard(rank)
+                self._restarting.difference_update(ranks)
 
     def _shutdown_workers(self) -> None:
         with self._lock:

@@ -73,8 +73,9 @@ class RayDiffusionExecutor(RayExternalDiffusionExecutor):
         # 2. One actor per bundle, rank r in bundle r (and on the node that offers extra[r]).
         self.actor_labels = [f"Ray actor of rank {rank}" for rank in range(num_ranks)]
         self.worker_handles.extend(self._launch(rank) for rank in range(num_ranks))
-        # 3. Load the model everywhere.
-        self.worker_info = self._initialize(dict(enumerate(self.worker_handles)))
+        # 3. Load the model everywhere, each rank group meeting on its leader's node.
+        handles = dict(enumerate(self.worker_handles))
+        self.worker_info = self._initialize(handles, self._group_addresses(handles))
         logger.info("launched %d Ray worker actor(s) in bundles %s", num_ranks, bundles)
 
     def _launch(self, rank: int) -> ray.actor.ActorHandle:
@@ -86,6 +87,15 @@ class RayDiffusionExecutor(RayExternalDiffusionExecutor):
                 placement_group=self._placement_group, placement_group_bundle_index=rank
             ),
         ).remote(rank=rank, od_config=self.od_config)
+
+    def _group_addresses(self, handles: dict[int, ray.actor.ActorHandle]) -> dict[int, str]:
+        """rank -> where its rank group meets: a free port on the node of the group's leader (the first rank)."""
+        size = self.od_config.rank_group_size
+        if size == 1:
+            return {}
+        leaders = {rank: handle.free_address.remote() for rank, handle in handles.items() if rank % size == 0}
+        addresses = dict(zip(leaders, ray.get(list(leaders.values()), timeout=self.od_config.worker_start_timeout_s)))
+        return {rank: addresses[rank - rank % size] for rank in handles}
 
     def _wait_for_placement_group(self, timeout: float, bundles: list[dict[str, float]]) -> bool:
         deadline = time.monotonic() + timeout
@@ -135,29 +145,35 @@ class RayDiffusionExecutor(RayExternalDiffusionExecutor):
             return not self.is_closed and not self._restarting
 
     def restart_worker(self, rank: int) -> None:
-        """Kill rank's actor (dead or hung) and start a new one in the same bundle."""
+        """Kill rank's actor (dead or hung) and start a new one in the same bundle; in a rank group, the
+        whole group's, which meets anew (the survivors' process group waits for a peer that is gone)."""
+        ranks = self.od_config.rank_group_of(rank)
         with self._lock:
-            if self.is_closed or rank in self._restarting:
+            if self.is_closed or self._restarting.intersection(ranks):
                 return
-            self._restarting.add(rank)
+            self._restarting.update(ranks)
         try:
             # A hung actor still holds its bundle: it must go before the new one can start there.
-            ray.kill(self.worker_handles[rank], no_restart=True)
-            new = self._launch(rank)
+            for member in ranks:
+                ray.kill(self.worker_handles[member], no_restart=True)
+            news = {member: self._launch(member) for member in ranks}
             try:
-                (info,) = self._initialize({rank: new})
+                infos = self._initialize(news, self._group_addresses(news))
             except BaseException:
-                ray.kill(new, no_restart=True)
+                for new in news.values():
+                    ray.kill(new, no_restart=True)
                 raise
             if self.is_closed:
-                ray.kill(new, no_restart=True)
+                for new in news.values():
+                    ray.kill(new, no_restart=True)
                 return
-            self.worker_handles[rank] = new
-            self.worker_info[rank] = info
-            logger.info("worker rank %d restarted", rank)
+            for (member, new), info in zip(news.items(), infos):
+                self.worker_handles[member] = new
+                self.worker_info[member] = info
+            logger.info("worker rank %s restarted", ", ".join(map(str, ranks)))
         finally:
             with self._lock:
-                self._restarting.discard(rank)
+                self._restarting.difference_update(ranks)
 
     # -- shutdown ----------------------------------------------------------------------------------
     def _disconnect_from_workers(self) -> None:

@@ -23,7 +23,14 @@ try:
 except ImportError as error:  # Ray is an optional extra
     raise ImportError("the Ray backends need Ray: pip install 'imagegen[ray]'") from error
 
-from executors.base import ExecutorError, RpcTimeoutError, WorkerDiedError, WorkerRpcError, WorkerStartupError
+from executors.base import (
+    ExecutorError,
+    RpcTimeoutError,
+    WorkerDiedError,
+    WorkerRpcError,
+    WorkerStartupError,
+    check_rank_group,
+)
 from executors.external import HEALTH_CHECK_TIMEOUT_S, ExternalDiffusionExecutor
 from workers.config import OmniDiffusionConfig
 from workers.data import WorkerProgress
@@ -144,15 +151,23 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
                 "and --ray-namespace."
             ) from None
 
-    def _initialize(self, handles: dict[int, ray.actor.ActorHandle]) -> list[dict]:
-        """Load (or confirm) the model on each ``rank: actor`` and check the actors form one set of ranks.
+    def _initialize(
+        self, handles: dict[int, ray.actor.ActorHandle], group_addresses: dict[int, str] | None = None
+    ) -> list[dict]:
+        """Load (or confirm) the model on each ``rank: actor`` and check the actors form one set of ranks;
+        ``group_addresses`` (rank -> host:port) tells actors we launched where their rank group meets.
 
         Returns the actors' ready replies (model description, ``num_ranks``, ``node_id``) in rank order.
         """
         timeout = self.od_config.worker_start_timeout_s
+        addresses = group_addresses or {}
         try:
             replies = self._call_ranks(
-                handles, lambda handle: handle.initialize.remote(), "initialize", timeout, error_replies_raise=False
+                handles,
+                lambda rank, handle: handle.initialize.remote(addresses.get(rank)),
+                "initialize",
+                timeout,
+                error_replies_raise=False,
             )
         except RpcTimeoutError as error:
             raise WorkerStartupError(f"workers did not load their model within {timeout:g}s: {error}") from error
@@ -171,12 +186,13 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
                     f"{self.actor_labels[rank]} was configured for {reply['num_ranks']} ranks (num_gpus) "
                     f"but the executor has {len(self.worker_handles)} workers"
                 )
+            check_rank_group(self.od_config, reply, self.actor_labels[rank])
         for rank, handle in handles.items():
             self._set_up_rank(rank, partial(self._call_one, rank, handle, timeout=timeout))
         return [reply for _, reply in sorted(replies.items())]
 
     def _call_one(self, rank: int, handle: ray.actor.ActorHandle, method: str, args: tuple, timeout: float) -> Any:
-        return self._call_ranks({rank: handle}, lambda h: h.execute_rpc.remote(method, args), method, timeout)[rank]
+        return self._call_ranks({rank: handle}, lambda _, h: h.execute_rpc.remote(method, args), method, timeout)[rank]
 
     # -- transport ---------------------------------------------------------------------------------
     def _forward_rpc_to_workers(
@@ -187,7 +203,7 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
         # Streamed, so the partial images a step decodes arrive while it runs.
         replies = self._call_ranks(
             dict(enumerate(self.worker_handles)),
-            lambda handle: handle.execute_rpc_streaming.remote(method, args, kwargs),
+            lambda _, handle: handle.execute_rpc_streaming.remote(method, args, kwargs),
             method,
             timeout,
         )
@@ -198,7 +214,7 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
         # get_rank runs in the actor's own health thread, so a busy worker still answers at once.
         ranks = self._call_ranks(
             dict(enumerate(self.worker_handles)),
-            lambda handle: handle.get_rank.remote(),
+            lambda _, handle: handle.get_rank.remote(),
             "get_rank",
             HEALTH_CHECK_TIMEOUT_S,
         )
@@ -240,12 +256,12 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
     def _call_ranks(
         self,
         handles: dict[int, ray.actor.ActorHandle],
-        submit: Callable[[ray.actor.ActorHandle], ray.ObjectRef | ray.ObjectRefGenerator],
+        submit: Callable[[int, ray.actor.ActorHandle], ray.ObjectRef | ray.ObjectRefGenerator],
         method: str,
         timeout: float,
         error_replies_raise: bool = True,
     ) -> dict[int, Any]:
-        """Submit one call per ``rank: actor``, then collect ``rank: reply``.
+        """Submit one call per ``rank: actor`` (``submit(rank, actor)``), then collect ``rank: reply``.
 
         Raises at the first failure rather than waiting for every rank; an actor's error dict
         becomes WorkerRpcError unless ``error_replies_raise`` is False. Large replies travel
@@ -253,7 +269,7 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
         call's progress (partial images, steps) is reported as it comes; its last item is the reply.
         """
         deadline = time.monotonic() + timeout
-        pending = {submit(handle): (rank, handle) for rank, handle in handles.items()}
+        pending = {submit(rank, handle): (rank, handle) for rank, handle in handles.items()}
         replies: dict[int, Any] = {}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))

@@ -97,6 +97,25 @@ class OmniDiffusionConfig(BaseSettings):
     served_model_name: str | None = Field(None, description="model id clients send and /v1/models lists (default: --model)")
     model_cache_dir: Path = Field(default_factory=default_cache_dir, description="where built-in models are written")
     num_gpus: int = Field(1, ge=1, description="number of workers (ranks); each owns one device")
+    # -- rank groups (several devices on one image); see docs/parallelism.md ----------------------
+    cfg_parallel_size: int = Field(
+        1,
+        ge=1,
+        le=2,
+        description="ranks that share each denoiser call of classifier-free guidance: 2 runs the conditional "
+        "and the unconditional half on two ranks (SD, SDXL, SD3, PixArt and the like)",
+    )
+    ulysses_degree: int = Field(
+        1, ge=1, description="ranks that split a DiT's sequence by attention heads (Ulysses; diffusers' context parallel)"
+    )
+    ring_degree: int = Field(
+        1, ge=1, description="ranks that split a DiT's sequence into a ring of key/value blocks (ring attention)"
+    )
+    rank_group_address: str | None = Field(
+        None,
+        description="host:port where each rank group meets (torch.distributed rendezvous), {leader} standing for "
+        "the group's first rank; backends mp and ray pick one themselves, grpc and ray_external workers need it",
+    )
     distributed_executor_backend: str | type = Field(
         "mp",
         description="executor backend: mp, ray, ray_external, grpc, external_launcher, or package.module:Class",
@@ -371,6 +390,17 @@ class OmniDiffusionConfig(BaseSettings):
         return specs
 
     @model_validator(mode="after")
+    def _check_rank_groups(self) -> OmniDiffusionConfig:
+        size = self.rank_group_size
+        if self.num_gpus % size:
+            raise ValueError(
+                f"num_gpus must be data-parallel groups x cfg_parallel_size ({self.cfg_parallel_size}) x "
+                f"ulysses_degree ({self.ulysses_degree}) x ring_degree ({self.ring_degree}) = groups x {size}, "
+                f"but {self.num_gpus} is not a multiple of {size}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_default_size_allowed(self) -> OmniDiffusionConfig:
         if self.default_size is not None and self.default_size not in self.allowed_sizes:
             raise ValueError(f"default_size {self.default_size} is not in allowed_sizes")
@@ -391,6 +421,21 @@ class OmniDiffusionConfig(BaseSettings):
     def lora_adapters(self) -> list[LoraModule]:
         """The start-up adapters of --lora-modules, parsed."""
         return [parse_lora_module(spec) for spec in self.lora_modules]
+
+    @property
+    def rank_group_size(self) -> int:
+        """Ranks that make each image together: cfg_parallel_size x ulysses_degree x ring_degree."""
+        return self.cfg_parallel_size * self.ulysses_degree * self.ring_degree
+
+    def rank_group_of(self, rank: int) -> range:
+        """The ranks of ``rank``'s group, its leader first: rank r is rank r % size of group r // size."""
+        leader = rank - rank % self.rank_group_size
+        return range(leader, leader + self.rank_group_size)
+
+    @property
+    def num_rank_groups(self) -> int:
+        """Data-parallel groups: a step's requests are shared out among them."""
+        return self.num_gpus // self.rank_group_size
 
     @property
     def cpu_threads_per_rank(self) -> int:

@@ -38,6 +38,7 @@ from workers.grpc_messages import (
 )
 from workers.logs import configure_logging
 from workers.proto import worker_pb2 as pb
+from workers.rank_group import RankGroupError
 from workers.proto import worker_pb2_grpc as pb_grpc
 from workers.streaming import pipeline_thread, stream_call
 
@@ -174,6 +175,9 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
         # When the pipeline call now running started; read by the hang watch.
         self._running_since: float | None = None
         self.stopping = threading.Event()
+        # Set when this rank's group broke (a peer gone or hung): the worker leaves, exit code 1, so that
+        # its owner starts it again and the whole group forms anew.
+        self.group_broken = False
 
     # -- state -------------------------------------------------------------------------------------
     def mark_loaded(self, description: dict) -> None:
@@ -251,6 +255,11 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
                 else:
                     finished.set()
                     yield pb.GenerateEvent(reply=pb.GenerateReply(outputs=[output_to_proto(o) for o in item]))
+        except RankGroupError as error:
+            logger.error("rank %d leaves: %s", self._worker.rank, error)
+            self.group_broken = True
+            self._request_stop()
+            context.abort(grpc.StatusCode.UNAVAILABLE, _describe(error))
         except Exception as error:  # noqa: BLE001 - the caller gets the message, the worker lives on
             logger.exception("rank %d: Generate failed", self._worker.rank)
             context.abort(grpc.StatusCode.UNKNOWN, _describe(error))
@@ -403,4 +412,4 @@ def run_worker(od_config: OmniDiffusionConfig) -> int:
         request_stop()
         servicer.close()
     logger.info("rank %d stopped", rank)
-    return 0
+    return 1 if servicer.group_broken else 0

@@ -9,6 +9,8 @@ through its shared-memory object store without copying when they are large.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,13 +59,18 @@ class RayDiffusionWorkerActor:
         # yields the call's progress), so that torch runs on one thread of this process.
         self._pipeline_thread = pipeline_thread(reserved or od_config.cpu_threads_per_rank)
 
-    def initialize(self) -> dict:
+    def initialize(self, rank_group_address: str | None = None) -> dict:
         """Load the model. Idempotent: a second call reports the first one's result.
+
+        ``rank_group_address`` (host:port) is where this rank's group meets, when the caller chose it
+        (backend ray does, from the leader's ``free_address()``); else od_config's own.
 
         Returns ``{"status": "ready", ...}`` with the model description, the number of ranks this
         actor was configured for and its Ray node, or ``{"status": "error", "error": ..., "rank": ...}``.
         """
         if self._description is None:
+            if rank_group_address is not None:
+                self.od_config.rank_group_address = rank_group_address  # the worker reads this very object
             try:
                 self._description = self._pipeline_thread.submit(self._worker.initialize).result()
             except Exception as error:  # noqa: BLE001 - the caller gets one clear line
@@ -92,7 +99,15 @@ class RayDiffusionWorkerActor:
             if self._description is None and method not in ("get_rank", "get_logs", "initialize"):
                 raise RuntimeError(f"rank {self.rank} is not initialized: call initialize() first")
             return getattr(self._worker, method)(*args, **(kwargs or {}))
-        except Exception as error:  # noqa: BLE001 - reported to the caller, never kills the actor
+        except Exception as error:  # noqa: BLE001 - reported to the caller; only a broken rank group ends the actor
+            from workers.rank_group import RankGroupError  # torch: only inside the actor process
+
+            if isinstance(error, RankGroupError):
+                # The group is broken: leave, so that the actor's owner starts the group again (backend
+                # ray replaces the whole group when it sees this actor die).
+                logger.error("rank %d leaves: %s", self.rank, error)
+                logging.shutdown()
+                os._exit(1)
             return {"status": "error", "error": _describe(error), "rank": self.rank}
 
     @ray.method(num_returns="streaming")
@@ -106,6 +121,12 @@ class RayDiffusionWorkerActor:
         if self._description is None:
             raise RuntimeError(f"rank {self.rank} is not initialized: call initialize() first")
         return self._pipeline_thread.submit(self._worker.generate, requests).result()
+
+    def free_address(self) -> str:
+        """<this node's IP>:<a port free on it now>: where a rank group led by this actor can meet."""
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            return f"{ray.util.get_node_ip_address()}:{probe.getsockname()[1]}"
 
     @ray.method(concurrency_group=HEALTH_CONCURRENCY_GROUP)
     def get_rank(self) -> int:

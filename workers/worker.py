@@ -28,6 +28,7 @@ from workers.levers import Levers, apply_levers, load_device, warm_up
 from workers.logs import recent_log_buffer
 from workers.lora import LoraAdapters, LoraLoadError
 from workers.models import ModelDefaults, load_pipeline, model_folder, read_model_defaults
+from workers.rank_group import CfgParallelHooks, RankGroup, RankGroupError, check_cfg_parallel, check_context_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,10 @@ class WorkerWrapperBase:
         self.levers = Levers()
         # The LoRA adapters on the pipeline; the engine loads them (load_lora_adapter) once the model is up.
         self.loras: LoraAdapters | None = None
+        # The ranks this one makes each image with (None: it makes its images alone), and the hooks
+        # that give it half of each CFG call.
+        self.rank_group: RankGroup | None = None
+        self._cfg_hooks: CfgParallelHooks | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def initialize(self) -> dict:
@@ -96,8 +101,11 @@ class WorkerWrapperBase:
         config = self.od_config
         # Read first: a malformed imagegen.json fails start-up before minutes of loading.
         self._model_defaults = read_model_defaults(model_folder(config.model, config.model_cache_dir))
+        if config.ulysses_degree * config.ring_degree > 1:
+            check_context_parallel(config, self.device)
         pipeline = load_pipeline(config.model, config.model_cache_dir, self.dtype, load_device(config, self.device))
         pipeline.set_progress_bar_config(disable=True)
+        self._join_rank_group(pipeline)
         self.levers = apply_levers(pipeline, config, self.device, self.dtype)
         self.pipeline = pipeline
         self.pipelines = {"text2img": self.pipeline}
@@ -123,6 +131,42 @@ class WorkerWrapperBase:
         logger.info("rank %d levers: %s", self.rank, self.levers.description)
         return self.describe()
 
+    def _join_rank_group(self, pipeline) -> None:
+        """Check that the pipeline takes this rank group's kinds of parallelism, then form the group
+        with its peers and put the parallelism on the denoiser (before the levers, which wrap it)."""
+        config = self.od_config
+        if config.rank_group_size == 1:
+            return
+        if config.cfg_parallel_size > 1:
+            check_cfg_parallel(type(pipeline).__name__)
+            if config.compile == "full":
+                raise ValueError(
+                    "--cfg-parallel-size 2 with --compile full would trace the pair's collective into the graph; "
+                    "use --compile regional (the repeated blocks only)"
+                )
+        context_parallel = config.ulysses_degree * config.ring_degree > 1
+        if context_parallel and getattr(pipeline, "transformer", None) is None:
+            raise ValueError(
+                f"--ulysses-degree / --ring-degree split a DiT transformer's sequence; {type(pipeline).__name__} has none"
+            )
+        self.rank_group = RankGroup.join(self.rank, config, self.device)
+        if context_parallel:
+            from diffusers import ContextParallelConfig
+
+            pipeline.transformer.enable_parallelism(
+                config=ContextParallelConfig(
+                    ring_degree=config.ring_degree, ulysses_degree=config.ulysses_degree, mesh=self.rank_group.mesh
+                )
+            )
+        if config.cfg_parallel_size > 1:
+            denoiser = getattr(pipeline, "transformer", None) or pipeline.unet
+            self._cfg_hooks = CfgParallelHooks(denoiser, self.rank_group)
+
+    @property
+    def is_group_leader(self) -> bool:
+        """Whether this rank answers for its group (every rank answers for itself outside rank groups)."""
+        return self.rank_group is None or self.rank_group.is_leader
+
     def describe(self) -> dict:
         """What the engine needs to know of the loaded model: pipeline, native size, size multiple, tasks,
         defaults, the LoRA adapters loaded. Like generate(), it loads the model first if initialize() was
@@ -140,6 +184,14 @@ class WorkerWrapperBase:
         native = int(getattr(vae_config, "sample_size", None) or _FALLBACK_NATIVE_SIZE)
         return {
             "rank": self.rank,
+            # The shape of its rank group, which every rank and the engine must agree on.
+            "rank_group": {
+                "cfg_parallel_size": self.od_config.cfg_parallel_size,
+                "ulysses_degree": self.od_config.ulysses_degree,
+                "ring_degree": self.od_config.ring_degree,
+                "index": self.rank // self.od_config.rank_group_size,
+                "rank_in_group": self.rank % self.od_config.rank_group_size,
+            },
             "pipeline": type(self.pipeline).__name__,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -202,6 +254,9 @@ class WorkerWrapperBase:
     def shutdown(self) -> None:
         self._description = None
         self.pipeline = None
+        if self.rank_group is not None:
+            self.rank_group.leave()
+            self.rank_group = None
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -214,8 +269,9 @@ class WorkerWrapperBase:
         self._cancelled.update(request_ids)
 
     def generate_shard(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
-        """Generate this rank's share of a step (see shard_requests)."""
-        return self.generate(shard_requests(requests, self.od_config.num_gpus)[self.rank])
+        """Generate this rank's group's share of a step (see shard_requests)."""
+        config = self.od_config
+        return self.generate(shard_requests(requests, config.num_rank_groups)[self.rank // config.rank_group_size])
 
     def generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
         """Generate every request, one batched pipeline call per group of compatible requests.
@@ -232,6 +288,8 @@ class WorkerWrapperBase:
         for group in groups.values():
             try:
                 outputs.update(self._generate_group(group))
+            except RankGroupError:
+                raise  # the group is broken: no request of this call can be made until it is formed anew
             except Exception as error:  # noqa: BLE001 - reported per request, never kills the worker
                 if len(group) == 1:
                     logger.exception("rank %d: generation failed", self.rank)
@@ -272,9 +330,13 @@ class WorkerWrapperBase:
         if first.mask is not None:
             kwargs["mask_image"] = [Image.fromarray(r.mask) for r in group for _ in range(r.num_images)]
         # Progress goes to the host's sink at once; without one, partial images wait for the reply.
+        # A rank group's progress is its leader's.
         progress: list[WorkerProgress] = []
         if "callback_on_step_end" in parameters:
-            kwargs["callback_on_step_end"] = self._step_callback(group, self.progress_sink or progress.append)
+            sink = (self.progress_sink or progress.append) if self.is_group_leader else None
+            kwargs["callback_on_step_end"] = self._step_callback(group, sink)
+        if self._cfg_hooks is not None:
+            self._cfg_hooks.images_in_call = len(prompts)
         # 3. Denoise and decode, with the group's LoRA adapter (or none) in effect.
         self.loras.activate(first.lora_name, first.lora_scale)
         with self.levers.pipeline_call(pipeline, first.cache) as call, StageTimer(pipeline, self.device) as timer:
@@ -307,17 +369,26 @@ class WorkerWrapperBase:
             )
         return outputs
 
-    def _step_callback(self, group: list[OmniDiffusionRequest], sink: Callable[[WorkerProgress], None]):
+    def _step_callback(self, group: list[OmniDiffusionRequest], sink: Callable[[WorkerProgress], None] | None):
         """A callback_on_step_end that stops the call once every request in it is cancelled, hands
         a StepProgress of each request that asked for ``progress`` to ``sink``, and decodes the
         latents at the ``partial_images`` evenly spaced steps the group asked for, handing each
-        request its share to ``sink`` at once."""
+        request its share to ``sink`` at once (no ``sink``: no progress, no partial images).
+
+        In a rank group the ranks decide to stop as one, at the same step: one rank never stops
+        while its peer waits for it in a collective."""
         first = group[0]
         request_ids = {r.request_id for r in group}
 
         def on_step_end(pipeline, index: int, timestep, tensors: dict) -> dict:
-            if request_ids <= self._cancelled:
+            stop = request_ids <= self._cancelled
+            if self.rank_group is not None and self.rank_group.any(stop):
+                stop = True
+                self._cancelled.update(request_ids)  # a peer saw the cancellation first
+            if stop:
                 pipeline._interrupt = True  # diffusers skips the remaining denoising steps
+                return {}
+            if sink is None:
                 return {}
             # num_timesteps is the steps this call really runs (fewer than asked for img2img).
             total = pipeline.num_timesteps

@@ -1,0 +1,106 @@
+"""Rank groups on the mp backend: CFG pairs (two real worker processes meeting over gloo) beside data
+parallel, checked against one rank making the same images alone."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from helpers import assert_pixels_close
+
+from engine import DiffusionEngine, OmniDiffusionConfig, OmniDiffusionRequest
+from engine.engine import PartialImages
+from workers.data import StepProgress
+from workers.worker import WorkerWrapperBase
+
+pytestmark = pytest.mark.slow
+
+# Guidance above 1: the pipeline runs CFG, as a doubled batch the pair splits.
+GUIDED = {"num_inference_steps": 4, "guidance_scale": 6.0}
+
+
+def requests_for(seeds, **fields) -> list[OmniDiffusionRequest]:
+    return [OmniDiffusionRequest("a red fox", seed=seed, **{**GUIDED, **fields}) for seed in seeds]
+
+
+def pixels(output) -> list[np.ndarray]:
+    assert output.error is None, output.error
+    return [np.asarray(image) for image in output.images]
+
+
+@pytest.fixture(scope="module")
+def alone():
+    """One rank, no group: the images the groups must make."""
+    worker = WorkerWrapperBase(0, OmniDiffusionConfig(model="tiny", device="cpu"))
+    worker.initialize()
+    return worker
+
+
+@pytest.fixture(scope="module")
+def two_pairs():
+    """4 ranks = 2 data-parallel groups x a CFG pair each."""
+    with DiffusionEngine(OmniDiffusionConfig(model="tiny", num_gpus=4, cfg_parallel_size=2)) as engine:
+        yield engine
+
+
+def test_two_cfg_pairs_share_a_step_and_make_the_pixels_of_one_rank(two_pairs, alone):
+    requests = requests_for([1, 2, 3, 4])
+    outputs = two_pairs.step(requests)
+    # The leaders (ranks 0 and 2) answer, one group each half of the step.
+    assert sorted({output.rank for output in outputs}) == [0, 2]
+    for output, reference in zip(outputs, alone.generate([two_pairs.prepare(r) for r in requests])):
+        assert_pixels_close(pixels(output)[0], reference.images[0])
+
+
+def test_the_workers_report_their_place_in_their_group(two_pairs):
+    groups = [info["rank_group"] for info in two_pairs.collective_rpc("describe")]
+    assert [(g["index"], g["rank_in_group"]) for g in groups] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert {g["cfg_parallel_size"] for g in groups} == {2}
+
+
+def test_partial_images_and_progress_come_once_from_the_leader(two_pairs):
+    seen: list = []
+    two_pairs.progress_listeners.append(seen.append)
+    try:
+        (request,) = requests_for([5], num_inference_steps=6, partial_images=2, progress=True)
+        (output,) = two_pairs.step([request])
+    finally:
+        two_pairs.progress_listeners.remove(seen.append)
+    assert output.error is None
+    partials = [p for p in seen if isinstance(p, PartialImages) and p.request_id == request.request_id]
+    steps = [p.step for p in seen if isinstance(p, StepProgress) and p.request_id == request.request_id]
+    assert [p.index for p in partials] == [0, 1]
+    assert steps == list(range(1, 7))
+
+
+def test_a_pair_cancelled_mid_denoise_stops_as_one_and_serves_the_next_request(two_pairs, alone):
+    (long,) = requests_for([6], num_inference_steps=150, progress=True)
+    second_step = threading.Event()
+
+    def on_progress(progress) -> None:
+        if isinstance(progress, StepProgress) and progress.request_id == long.request_id and progress.step >= 2:
+            second_step.set()
+
+    two_pairs.progress_listeners.append(on_progress)
+    try:
+        with_cancel = threading.Thread(target=lambda: second_step.wait(120) and two_pairs.cancel([long.request_id]))
+        with_cancel.start()
+        (output,) = two_pairs.step([long])
+        with_cancel.join()
+    finally:
+        two_pairs.progress_listeners.remove(on_progress)
+    assert second_step.is_set()
+    assert output.images == [] and "cancelled" in output.error
+    (after,) = requests_for([7])
+    (served,) = two_pairs.step([after])
+    (reference,) = alone.generate([two_pairs.prepare(after)])
+    assert_pixels_close(pixels(served)[0], reference.images[0])
+
+
+def test_guidance_off_runs_the_whole_batch_on_both_ranks(two_pairs, alone):
+    # guidance_scale 1 leaves nothing to split: each rank runs the call as one rank would.
+    requests = requests_for([8], guidance_scale=1.0)
+    (output,) = two_pairs.step(requests)
+    (reference,) = alone.generate([two_pairs.prepare(requests[0])])
+    assert_pixels_close(pixels(output)[0], reference.images[0])
