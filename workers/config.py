@@ -91,7 +91,7 @@ class OmniDiffusionConfig(BaseSettings):
 
     model: str = Field(
         "demo",
-        description="built-in model (demo, tiny, tiny-flux; random-sd15, random-sdxl, random-flux-dev: full-size "
+        description="built-in model (demo, tiny, tiny-flux, tiny-sd3; random-sd15, random-sdxl, random-flux-dev: full-size "
         "architectures with random weights), a diffusers folder, or a cached hub id",
     )
     served_model_name: str | None = Field(None, description="model id clients send and /v1/models lists (default: --model)")

@@ -247,8 +247,8 @@ def _tiny_clip_text_encoder(vocab_size: int, with_projection: bool = False):
     return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
 
-def _tiny_vae(channels: int, **options):
-    """A two-level VAE (2x downscale, 4 latent channels) that says it works at 64x64."""
+def _tiny_vae(channels: int, latent_channels: int = 4, **options):
+    """A two-level VAE (2x downscale) that says it works at 64x64."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -257,7 +257,7 @@ def _tiny_vae(channels: int, **options):
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=channels,
         sample_size=64,
         **options,
@@ -336,9 +336,56 @@ def build_tiny_flux():
     )
 
 
+def build_tiny_sd3():
+    """A Stable Diffusion 3 (DiT, flow matching) pipeline of the same tiny size. Its guidance is true
+    classifier-free guidance: each step runs the transformer on the unconditional and the conditional
+    halves of a doubled batch."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer()
+    tokenizer_3 = t5_tokenizer()
+    # The prompt embedding is both CLIP encoders' hidden states side by side (2 x 32 wide) followed
+    # by T5's tokens (joint_attention_dim wide); the pooled one is both CLIP projections (2 x 32).
+    # A joint_attention_dim under 64 would crop the CLIP part.
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+    )
+    vae = _tiny_vae(
+        16, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5305,
+    )
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=_tiny_clip_text_encoder(len(tokenizer), with_projection=True),
+        tokenizer=tokenizer,
+        text_encoder_2=_tiny_clip_text_encoder(len(tokenizer), with_projection=True),
+        tokenizer_2=tokenizer,
+        # A pipeline saved without T5 loads only when from_pretrained is told text_encoder_3=None.
+        text_encoder_3=T5EncoderModel(
+            T5Config(vocab_size=len(tokenizer_3), d_model=64, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
+        ),
+        tokenizer_3=tokenizer_3,
+        transformer=transformer,
+    )
+
+
 BUILTIN_MODELS: dict[str, Callable[[], object]] = {
     "tiny": build_tiny_sd,
     "tiny-flux": build_tiny_flux,
+    "tiny-sd3": build_tiny_sd3,
 }
 
 

@@ -112,6 +112,21 @@ def test_tiny_flux_generates():
     assert np.abs(pixels(a)[0] - pixels(c)[0]).mean() > 1
 
 
+def test_tiny_sd3_generates_with_classifier_free_guidance():
+    with DiffusionEngine(OmniDiffusionConfig(model="tiny-sd3")) as engine:
+        assert engine.model_info["pipeline"] == "StableDiffusion3Pipeline"
+        # A guidance scale above 1 turns on the pipeline's doubled (unconditional + conditional) batch.
+        a, b, c = engine.step(requests_for([1, 1, 2], guidance_scale=4.0))
+        replayed_a, _, _ = engine.step(requests_for([1, 1, 2], guidance_scale=4.0))
+        (unguided,) = engine.step(requests_for([1], guidance_scale=1.0))
+    assert a.images[0].size == (64, 64)
+    assert np.array_equal(pixels(a)[0], pixels(replayed_a)[0])
+    # The same seed at two places of one batch.
+    assert_pixels_close(pixels(a)[0], pixels(b)[0])
+    assert np.abs(pixels(a)[0] - pixels(c)[0]).mean() > 1
+    assert np.abs(pixels(a)[0] - pixels(unguided)[0]).mean() > 1
+
+
 def test_missing_model_fails_construction_with_the_path(tmp_path):
     missing = tmp_path / "no-such-model"
     before = worker_pids()

@@ -48,7 +48,7 @@ def generate(model: str, cache_method: str, seeds, cache: bool = True) -> np.nda
     return np.stack([output.images[0] for output in outputs]).astype(np.int16)
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-flux"])
+@pytest.mark.parametrize("model", ["tiny", "tiny-flux", "tiny-sd3"])
 def test_no_levers_give_the_raw_pipelines_pixels_bit_for_bit(model, model_cache):
     pipeline = DiffusionPipeline.from_pretrained(resolve_model_path(model, model_cache), dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)

@@ -139,25 +139,32 @@ def test_inpainting_json_form_with_mask(tiny_server, client):
     assert np.array_equal(decode(as_json.json()["data"][0]["b64_json"]), pixels_of(as_form))
 
 
-def test_edit_pipelines_share_the_loaded_modules(model_cache):
+@pytest.mark.parametrize(
+    "model, modules",
+    [("tiny", ("unet", "vae", "text_encoder")), ("tiny-sd3", ("transformer", "vae", "text_encoder", "text_encoder_3"))],
+    ids=["tiny", "tiny-sd3"],
+)
+def test_edit_pipelines_share_the_loaded_modules(model_cache, model, modules):
     """img2img and inpaint come from from_pipe: the same module objects, not a second copy of the weights."""
-    worker = WorkerWrapperBase(0, OmniDiffusionConfig(model="tiny", device="cpu"))
+    worker = WorkerWrapperBase(0, OmniDiffusionConfig(model=model, device="cpu"))
     description = worker.initialize()
     assert description["tasks"] == ["img2img", "inpaint", "text2img"]
     base = worker.pipelines["text2img"]
     for task in ("img2img", "inpaint"):
         derived = worker.pipelines[task]
         assert derived is not base
-        for name in ("unet", "vae", "text_encoder"):
+        for name in modules:
             assert getattr(derived, name) is getattr(base, name), (task, name)
-    # And they run: a 4-channel UNet inpaints through diffusers' legacy masking.
+    # And they run: a denoiser with only the latent channels (4 in the UNet, 16 in SD3's transformer)
+    # inpaints through diffusers' legacy masking.
     mask = np.zeros((64, 64), np.uint8)
     mask[:, 32:] = 255
-    request = OmniDiffusionRequest(
-        "a fox", 64, 64, num_inference_steps=2, seed=1, image=noise(), mask=mask, strength=1.0
-    )
-    (output,) = worker.generate([request])
-    assert output.error is None and output.images[0].shape == (64, 64, 3)
+    requests = [
+        OmniDiffusionRequest("a fox", 64, 64, num_inference_steps=2, seed=1, image=noise(), mask=mask, strength=1.0),
+        OmniDiffusionRequest("a fox", 64, 64, num_inference_steps=2, seed=1, image=noise(), strength=0.5),
+    ]
+    for output in worker.generate(requests):
+        assert output.error is None and output.images[0].shape == (64, 64, 3)
     worker.shutdown()
 
 
