@@ -7,6 +7,7 @@ machines are never mixed. Loopback only; bounded counts. See docs/benchmarks.md.
     python bench/bench_serving.py                        # tiny model, 64x64, 4 steps, CPU
     python bench/bench_serving.py --size 512 --device cuda
     python bench/bench_serving.py --backends mp,grpc     # without the Ray backends
+    python bench/bench_serving.py --size 128 --backends mp,mp_cfg_parallel   # a CFG pair vs one rank
 """
 
 from __future__ import annotations
@@ -157,6 +158,9 @@ def bench_server(name: str, command: list[str], port: int, args, logs: Path) -> 
 
 # -- imagegen serve on each backend ---------------------------------------------------------------
 BACKENDS = ("mp", "ray", "ray_external", "grpc")
+# mp with every rank doubled into a CFG pair (--cfg-parallel-size 2): on CPU, 2 ranks x half the threads
+# each against mp's 1 rank x all of them.
+EXTRA_BACKENDS = ("mp_cfg_parallel",)
 
 
 def use_gpus(args) -> bool:
@@ -257,6 +261,10 @@ def bench_imagegen(backend: str, args, logs: Path) -> list[dict]:
                "--device", args.device, "--max-batch-size", str(args.max_batch_size), "--num-gpus", str(args.num_gpus),
                "--backend", backend]
     name = f"imagegen {backend}"
+    if backend == "mp_cfg_parallel":
+        command[command.index("--num-gpus") + 1] = str(2 * args.num_gpus)
+        command[command.index("--backend") + 1] = "mp"
+        return bench_server("imagegen cfg-parallel 2 (mp)", command + ["--cfg-parallel-size", "2"], port, args, logs)
     if backend == "ray":
         # No --ray-address: the server starts a private Ray and stops it when it closes.
         return bench_server(name, command + ["--ray-cpus-per-worker", str(cpus_per_rank(args))], port, args, logs)
@@ -271,9 +279,11 @@ def bench_imagegen(backend: str, args, logs: Path) -> list[dict]:
 
 def parse_backends(value: str) -> list[str]:
     backends = [name.strip() for name in value.split(",") if name.strip()]
-    unknown = [name for name in backends if name not in BACKENDS]
+    unknown = [name for name in backends if name not in BACKENDS + EXTRA_BACKENDS]
     if unknown or not backends:
-        raise argparse.ArgumentTypeError(f"backends are a comma-separated subset of {','.join(BACKENDS)}")
+        raise argparse.ArgumentTypeError(
+            f"backends are a comma-separated subset of {','.join(BACKENDS + EXTRA_BACKENDS)}"
+        )
     return backends
 
 

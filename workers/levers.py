@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,9 @@ CACHE_METHODS = {
 # Methods that decide from the activations whether to skip: FirstBlockCache compares a mean over
 # the whole batch with its threshold, so each request gets pipeline calls of its own.
 ADAPTIVE_CACHE_METHODS = frozenset({"first-block"})
+# Methods whose hook state lives in a cache context that the pipeline must open around each denoiser
+# call (``with denoiser.cache_context("cond"):``); Flux's pipelines do, SD3's and PixArt's do not.
+CONTEXT_CACHE_METHODS = frozenset({"first-block", "taylorseer"})
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -286,6 +290,11 @@ def apply_levers(pipeline, od_config, device: torch.device, dtype: torch.dtype) 
             raise LeverError(
                 f"--cache-method {method} hooks nothing in {type(denoiser).__name__}; "
                 + (f"methods that do: {', '.join(hooking)}" if hooking else "no cache method does")
+            )
+        if method in CONTEXT_CACHE_METHODS and "cache_context" not in inspect.getsource(type(pipeline).__call__):
+            raise LeverError(
+                f"--cache-method {method} needs a pipeline that opens a cache context around its denoiser calls, "
+                f"which {type(pipeline).__name__} does not; pab or faster need none"
             )
         # enable_cache would have cleared these cached lists of hooked children; apply_* does not.
         diffusers.hooks.HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()

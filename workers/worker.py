@@ -144,6 +144,11 @@ class WorkerWrapperBase:
                     "--cfg-parallel-size 2 with --compile full would trace the pair's collective into the graph; "
                     "use --compile regional (the repeated blocks only)"
                 )
+            if config.cache_method == "faster":
+                raise ValueError(
+                    "--cache-method faster splits the doubled CFG batch itself, which --cfg-parallel-size 2 has "
+                    "already split over the pair; use pab, or one rank per image"
+                )
         context_parallel = config.ulysses_degree * config.ring_degree > 1
         if context_parallel and getattr(pipeline, "transformer", None) is None:
             raise ValueError(

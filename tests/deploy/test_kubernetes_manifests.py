@@ -123,6 +123,10 @@ def test_workers_and_server_of_a_group_fit_together(first_group):
     assert expand_addresses(server_config.worker_addresses, server_config.num_gpus) == [
         f"{name}-{rank}.{service}.default.svc.cluster.local:{port}" for rank in range(workers["spec"]["replicas"])
     ]
+    # Rank groups meet at their first pod's rendezvous port, whose name resolves before any pod is ready.
+    rendezvous = next(p["containerPort"] for p in worker["ports"] if p["name"] == "rendezvous")
+    assert worker_config.rank_group_address == f"{name}-{{leader}}.{service}.default.svc.cluster.local:{rendezvous}"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
     assert front["livenessProbe"]["httpGet"]["path"] == "/health"
     assert front["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert server["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > server_config.shutdown_timeout_s
@@ -143,6 +147,9 @@ def test_a_second_group_has_its_own_names_and_workers_behind_the_same_service(fi
     assert expand_addresses(server_config.worker_addresses, server_config.num_gpus) == [
         f"imagegen-worker-b-{rank}.imagegen-worker-b.default.svc.cluster.local:50051" for rank in range(2)
     ]
+    (worker,) = workers["spec"]["template"]["spec"]["containers"]
+    worker_config = container_config(worker, settings, secrets, "worker")
+    assert worker_config.rank_group_address == "imagegen-worker-b-{leader}.imagegen-worker-b.default.svc.cluster.local:29500"
     # Each group's selectors see only its own pods ...
     selector = second_group["Service", "imagegen-worker-b"]["spec"]["selector"]
     first_pods = first_group["StatefulSet", "imagegen-worker"]["spec"]["template"]["metadata"]["labels"]

@@ -52,3 +52,21 @@ def test_killed_actor_under_exit_policy_makes_the_engine_fatal():
         assert "rank 0" in engine.fatal_error
         with pytest.raises(EngineDeadError):
             engine.step(one_request())
+
+
+def test_a_killed_actor_of_a_cfg_pair_brings_the_whole_pair_back_meeting_on_a_new_address():
+    config = OmniDiffusionConfig(
+        model="tiny", distributed_executor_backend="ray", num_gpus=2, cfg_parallel_size=2, on_worker_death="restart"
+    )
+    guided = [OmniDiffusionRequest("a red fox", num_inference_steps=3, guidance_scale=6.0, seed=2)]
+    with DiffusionEngine(config) as engine:
+        (before,) = engine.step(guided)
+        assert before.error is None and before.rank == 0
+        olds = list(engine.executor.worker_handles)
+        ray.kill(olds[1])
+        with pytest.raises(EngineDeadError, match="rank"):
+            engine.step(guided)
+        poll(engine.is_ready, 120, "the engine to replace the pair")
+        assert not set(engine.executor.worker_handles) & set(olds)  # both ranks, not only the killed one
+        (after,) = engine.step(guided)
+    assert after.error is None and after.images[0].tobytes() == before.images[0].tobytes()

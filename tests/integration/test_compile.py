@@ -21,8 +21,12 @@ def start(*flags: str) -> ServerProcess:
 
 @pytest.fixture(scope="module")
 def regional():
-    """Regional compile of the tiny UNet's transformer blocks, with PAB, batches of up to 2."""
-    server = start("--model", "tiny", "--compile", "regional", "--cache-method", "pab", "--max-batch-size", "2")
+    """Regional compile of the tiny UNet's transformer blocks, with PAB, batches of up to 2, on a CFG pair:
+    each rank compiles the blocks for its half of the doubled batch (docs/parallelism.md)."""
+    server = start(
+        "--model", "tiny", "--compile", "regional", "--cache-method", "pab", "--max-batch-size", "2",
+        "--num-gpus", "2", "--cfg-parallel-size", "2",
+    )
     yield server
     server.stop()
 

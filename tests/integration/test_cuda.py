@@ -93,3 +93,29 @@ def test_random_sd15_runs_on_cuda_in_bfloat16_with_vae_tiling():
         assert engine.model_info["dtype"] == "bfloat16"
         (output,) = engine.step(requests_for([1], size=512))
     assert output.error is None and output.images[0].size == (512, 512)
+
+
+def test_a_cfg_pair_on_one_gpu_meets_over_gloo_and_makes_the_pixels_of_one_rank():
+    # One GPU: NCCL refuses two ranks on one device, so the pair's collectives go over gloo on the CPU.
+    requests = [OmniDiffusionRequest("a red fox", 64, 64, num_inference_steps=4, guidance_scale=6.0, seed=s)
+                for s in (1, 2)]
+    with DiffusionEngine(OmniDiffusionConfig(model="tiny", device="cuda", dtype="float32")) as alone:
+        references = alone.step(requests)
+    config = OmniDiffusionConfig(model="tiny", device="cuda", dtype="float32", num_gpus=2, cfg_parallel_size=2)
+    with DiffusionEngine(config) as pair:
+        outputs = pair.step(requests)
+    for output, reference in zip(outputs, references):
+        difference = np.abs(np.asarray(output.images[0], np.int16) - np.asarray(reference.images[0], np.int16))
+        assert output.rank == 0 and difference.max() <= 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="context parallel over NCCL needs a GPU per rank")
+def test_ulysses_2_on_two_gpus_makes_the_pixels_of_one_rank():
+    requests = [OmniDiffusionRequest("a red fox", 128, 128, num_inference_steps=4, seed=3)]
+    with DiffusionEngine(OmniDiffusionConfig(model="tiny-flux", device="cuda", dtype="float32")) as alone:
+        (reference,) = alone.step(requests)
+    config = OmniDiffusionConfig(model="tiny-flux", device="cuda", dtype="float32", num_gpus=2, ulysses_degree=2)
+    with DiffusionEngine(config) as group:
+        (output,) = group.step(requests)
+    difference = np.abs(np.asarray(output.images[0], np.int16) - np.asarray(reference.images[0], np.int16))
+    assert difference.max() <= 2

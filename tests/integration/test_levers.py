@@ -124,6 +124,7 @@ def test_server_with_a_lever_serves_the_official_client_and_reports_it(flags, re
         (("--attention-backend", "flash_hub"), "flash_hub downloads kernels at run time"),
         (("--attention-backend", "native"), "cannot reach UNet2DConditionModel's attention processors"),
         (("--model", "tiny-flux", "--attention-backend", "flash"), "not usable because of missing package"),
+        (("--model", "tiny-sd3", "--cache-method", "taylorseer"), "StableDiffusion3Pipeline does not; pab or faster"),
         (("--model", "tiny-flux", "--cache-method", "pab", "--cache-options", '{"skip": 2}'),
          "--cache-options for pab has no skip; it takes"),
     ],

@@ -8,9 +8,11 @@ import threading
 import numpy as np
 import pytest
 from helpers import assert_pixels_close
+from lora_adapters import make_lora
 
 from engine import DiffusionEngine, OmniDiffusionConfig, OmniDiffusionRequest
 from engine.engine import PartialImages
+from workers.config import LoraModule
 from workers.data import StepProgress
 from workers.worker import WorkerWrapperBase
 
@@ -104,3 +106,35 @@ def test_guidance_off_runs_the_whole_batch_on_both_ranks(two_pairs, alone):
     (output,) = two_pairs.step(requests)
     (reference,) = alone.generate([two_pairs.prepare(requests[0])])
     assert_pixels_close(pixels(output)[0], reference.images[0])
+
+
+@pytest.mark.parametrize("cache_method", ["none", "pab"])
+def test_a_cfg_pair_of_a_dit_with_true_cfg_makes_the_pixels_of_one_rank(cache_method):
+    # tiny-sd3: its transformer takes the doubled batch by keyword (hidden_states, pooled_projections, a timestep
+    # each). PAB decides by the timestep, so each half of the pair skips the steps one rank would skip.
+    settings = {"model": "tiny-sd3", "cache_method": cache_method}
+    alone = WorkerWrapperBase(0, OmniDiffusionConfig(device="cpu", **settings))
+    requests = requests_for([9, 10], num_images=2)
+    with DiffusionEngine(OmniDiffusionConfig(num_gpus=2, cfg_parallel_size=2, **settings)) as pair:
+        assert pair.model_info["levers"]["cache_method"] == cache_method
+        outputs = pair.step(requests)
+        references = alone.generate([pair.prepare(r) for r in requests])
+    for output, reference in zip(outputs, references):
+        for image, expected in zip(pixels(output), reference.images, strict=True):
+            assert_pixels_close(image, expected)
+
+
+def test_a_lora_adapter_runs_on_both_ranks_of_a_pair(two_pairs, alone, model_cache, tmp_path):
+    folder = make_lora(tmp_path / "sharp", model_cache, seed=1)
+    two_pairs.loras.load(LoraModule("sharp", str(folder)))
+    alone.load_lora_adapter("sharp", str(folder))
+    try:
+        (request,) = requests_for([11], lora_name="sharp")
+        (output,) = two_pairs.step([request])
+        (reference,) = alone.generate([two_pairs.prepare(request)])
+        (base,) = alone.generate([two_pairs.prepare(requests_for([11])[0])])
+    finally:
+        two_pairs.loras.unload("sharp")
+        alone.unload_lora_adapter("sharp")
+    assert_pixels_close(pixels(output)[0], reference.images[0])
+    assert np.abs(pixels(output)[0].astype(int) - base.images[0]).max() > 8  # the adapter did something

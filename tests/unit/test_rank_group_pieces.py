@@ -41,6 +41,7 @@ def test_cfg_parallel_is_refused_for_pipelines_without_a_doubled_batch():
     [
         ({"model": "tiny-flux", "cfg_parallel_size": 2}, "guidance-distilled"),
         ({"model": "tiny", "cfg_parallel_size": 2, "compile": "full"}, "use --compile regional"),
+        ({"model": "tiny-sd3", "cfg_parallel_size": 2, "cache_method": "faster"}, "use pab"),
         ({"model": "tiny-flux", "ulysses_degree": 2}, "needs an accelerator"),
         ({"model": "tiny", "cfg_parallel_size": 2}, "need --rank-group-address"),
     ],
