@@ -64,8 +64,9 @@ class RankGroup:
     """This rank's place in its group and the group's collectives.
 
     ``cfg_rank`` is 0 for the rank that runs the unconditional half of a CFG pair, 1 for the
-    conditional one; ``cfg_group`` is the process group of the pair (the whole group without
-    context parallelism).
+    conditional one. ``process_group`` holds the whole group, ``cfg_group`` the pair (the whole
+    group too without context parallelism); both time out after ``rpc_timeout_s``, so a survivor
+    waits for a hung peer no longer than the engine does.
     """
 
     index: int
@@ -74,7 +75,7 @@ class RankGroup:
     cfg_size: int
     cfg_rank: int
     device: torch.device
-    timeout_s: float
+    process_group: Any = None
     cfg_group: Any = None
     mesh: Any = None  # the ("cfg", "ring", "ulysses") device mesh, with context parallelism
     _flag: torch.Tensor = field(init=False, repr=False)
@@ -118,8 +119,9 @@ class RankGroup:
             # Ranks are laid out (cfg, ring, ulysses): the CFG half is the slowest-moving index.
             cfg_rank=(rank % size) // (size // cfg_size),
             device=device,
-            timeout_s=od_config.rpc_timeout_s,
+            process_group=dist.new_group(list(range(size)), timeout=timedelta(seconds=od_config.rpc_timeout_s)),
         )
+        group.cfg_group = group.process_group
         if size > cfg_size:
             from torch.distributed.device_mesh import init_device_mesh
 
@@ -129,18 +131,16 @@ class RankGroup:
                 mesh_dim_names=("cfg", "ring", "ulysses"),
             )
             group.cfg_group = group.mesh["cfg"].get_group()
-        else:
-            group.cfg_group = dist.new_group(list(range(size)), timeout=timedelta(seconds=od_config.rpc_timeout_s))
         return group
 
     def __post_init__(self) -> None:
-        on_device = self.device.type == "cuda" and dist.is_initialized() and dist.get_backend() == "nccl"
+        on_device = self.device.type == "cuda" and dist.get_backend(self.process_group) == "nccl"
         self._flag = torch.zeros(1, dtype=torch.int32, device=self.device if on_device else "cpu")
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on any: how the group agrees at a step's end."""
         self._flag.fill_(int(flag))
-        self._collective(dist.all_reduce, self._flag, op=dist.ReduceOp.MAX)
+        self._collective(dist.all_reduce, self._flag, op=dist.ReduceOp.MAX, group=self.process_group)
         return bool(self._flag.item())
 
     def gather_cfg_halves(self, half: torch.Tensor) -> torch.Tensor:
@@ -154,7 +154,7 @@ class RankGroup:
     def _collective(self, operation, *args, **kwargs) -> None:
         try:
             operation(*args, **kwargs)
-        except (RuntimeError, dist.DistBackendError) as error:
+        except RuntimeError as error:  # gloo's and NCCL's errors (DistBackendError and the like) are RuntimeErrors
             raise RankGroupError(f"rank group {self.index}: a peer is gone or hung ({error})") from error
 
     def leave(self) -> None:

@@ -34,6 +34,9 @@ def test_a_pair_serves_the_client_and_a_killed_rank_restarts_the_whole_pair():
         alone = WorkerWrapperBase(0, OmniDiffusionConfig(model="tiny", device="cpu"))
         (reference,) = alone.generate([OmniDiffusionRequest("a red fox", 64, 64, **GUIDED)])
         assert_pixels_close(decode(answer.data[0].b64_json), reference.images[0])
+        # The leader times its pipeline call by stage, as a single rank does.
+        for stage in ("text_encode", "denoise", "vae_decode"):
+            assert server.metric("imagegen_request_stage_time_seconds_count", stage=stage) == 1, stage
 
         pids = {rank_of(pid): pid for pid in server.worker_pids()}
         assert sorted(pids) == [0, 1]

@@ -9,7 +9,7 @@ import numpy as np
 import openai
 import pytest
 import ray
-from helpers import ServerProcess, assert_pixels_close, decode, local_ray, poll
+from helpers import ServerProcess, assert_pixels_close, decode, free_port, local_ray, poll
 from ray.exceptions import RayActorError
 
 from engine import DiffusionEngine, EngineDeadError, OmniDiffusionConfig, OmniDiffusionRequest
@@ -272,3 +272,25 @@ def test_serve_through_named_actors_and_health_503_when_one_dies(ray_cluster):
         if server is not None:
             server.stop()
         kill(handles)
+
+
+def test_a_cfg_pair_of_named_actors_is_formed_by_their_owner_and_found_by_each_engine(ray_cluster):
+    # The owner gives both actors the pair's shape and meeting place; the pair forms when they initialize.
+    names = ["imagegen_pair_0", "imagegen_pair_1"]
+    config = OmniDiffusionConfig(
+        model="tiny", num_gpus=2, cfg_parallel_size=2, rank_group_address=f"127.0.0.1:{free_port()}"
+    )
+    pair = start_actors(names, config)
+    try:
+        assert [r["status"] for r in ray.get([a.initialize.remote() for a in pair], timeout=300)] == ["ready"] * 2
+        guided = requests_for([4], guidance_scale=6.0)
+        with engine_on(names, cfg_parallel_size=2) as first:
+            (served,) = first.step(guided)
+        with engine_on(names, cfg_parallel_size=2) as second:  # the group outlives the first engine
+            (again,) = second.step(guided)
+        assert served.error is None and served.rank == 0
+        assert served.images[0].tobytes() == again.images[0].tobytes()
+        with pytest.raises(WorkerStartupError, match="started with rank groups"):
+            engine_on(names)
+    finally:
+        kill(pair)
