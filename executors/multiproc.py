@@ -16,10 +16,12 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import Future, wait as wait_futures
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from multiprocessing import Pipe
-from multiprocessing.connection import Connection, wait as wait_ready
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_ready
 from pathlib import Path
 from typing import Any
 

@@ -33,13 +33,13 @@ from workers.grpc_messages import (
     MAX_MESSAGE_BYTES,
     output_to_proto,
     partial_to_proto,
-    step_progress_to_proto,
     request_from_proto,
+    step_progress_to_proto,
 )
 from workers.logs import configure_logging
 from workers.proto import worker_pb2 as pb
-from workers.rank_group import RankGroupError
 from workers.proto import worker_pb2_grpc as pb_grpc
+from workers.rank_group import RankGroupError
 from workers.streaming import pipeline_thread, stream_call
 
 logger = logging.getLogger(__name__)

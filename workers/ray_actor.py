@@ -20,8 +20,8 @@ except ImportError as error:  # Ray is an optional extra
     raise ImportError("the Ray backends need Ray: pip install 'imagegen[ray]'") from error
 
 from workers.config import OmniDiffusionConfig
-from workers.logs import configure_logging
 from workers.data import OmniDiffusionRequest, RequestOutput
+from workers.logs import configure_logging
 from workers.streaming import pipeline_thread, stream_call
 
 logger = logging.getLogger(__name__)
