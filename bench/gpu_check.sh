@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine (see docs/benchmarks.md). About 8.5 minutes of sections, each
+# One prepared run on a lent GPU machine (see docs/benchmarks.md). About 9 minutes of sections, each
 # under its own time budget (`timeout`): a section that runs out is cut, the next one still runs.
 #   1. the CUDA tests                                        (100 s)
 #   2. the serving benchmark, tiny model at 512x512           (45 s)
 #   3. random-flux-dev 1024x1024, 28 steps, bfloat16: raw diffusers, imagegen plain,
 #      imagegen compile regional + taylorseer                (240 s)
 #   4. random-sdxl 1024x1024, 20 steps: raw, plain, compile regional (120 s)
-# Issue 14's section (rank groups) goes after section 4 and must fit the ~30 s left of 9 minutes.
+#   5. a CFG pair on the one GPU (two ranks share it, gloo between them) against one rank,
+#      tiny model at 512x512, 20 steps                        (30 s)
 # Expects the project's wheels (diffusers, transformers, accelerate, fastapi, ...) in .whl/ and writes
 # to $OUT. Sections 3-4 build the random-weight models on the GPU (34 GB and 7 GB in bfloat16).
 set -uo pipefail
@@ -33,3 +34,5 @@ section levers-flux-dev 240 python3 bench/bench_levers.py --model random-flux-de
     --device cuda --requests 2 --rows raw,plain,compile+taylorseer --json "$OUT/levers-flux-dev.json"
 section levers-sdxl 120 python3 bench/bench_levers.py --model random-sdxl --size 1024 --steps 20 \
     --device cuda --requests 2 --rows raw,plain,compile --json "$OUT/levers-sdxl.json"
+section cfg-pair-512 30 python3 bench/bench_serving.py --backends mp,mp_cfg_parallel --size 512 --steps 20 \
+    --device cuda --raw-calls 4 --single-requests 4 --requests-per-client 1 --skip-naive --json "$OUT/cfg-pair-512.json"
