@@ -63,17 +63,20 @@ class OmniDiffusionRequest:
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call."""
+        return (*self.step_key(), self.num_inference_steps, self.partial_images)
+
+    def step_key(self) -> tuple:
+        """Requests with equal keys can share denoiser calls in step mode (workers/step_batching.py),
+        whatever their step counts and partial images: each has its own scheduler and decodes its own."""
         return (
             self.height,
             self.width,
-            self.num_inference_steps,
             self.guidance_scale,
             self.negative_prompt is not None,
             self.task,
             self.strength,
-            self.partial_images,
             self.cache,
-            # Adapters are switched per pipeline call: different adapters or scales never share one.
+            # Adapters are switched per denoiser call: different adapters or scales never share one.
             self.lora_name,
             self.lora_scale,
         )

@@ -6,7 +6,7 @@ import inspect
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -268,6 +268,12 @@ class WorkerWrapperBase:
             self._cancelled.clear()  # ids of requests that had already finished when cancelled
         self._cancelled.update(request_ids)
 
+    def _take_cancelled(self, request_ids: Iterable[str]) -> set[str]:
+        """Which of these requests were cancelled, forgetting them: they are done with here."""
+        cancelled = self._cancelled.intersection(request_ids)
+        self._cancelled -= cancelled  # in place: cancel() may be adding to this very set
+        return cancelled
+
     def generate_shard(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
         """Generate this rank's group's share of a step (see shard_requests)."""
         config = self.od_config
@@ -341,11 +347,9 @@ class WorkerWrapperBase:
         self.loras.activate(first.lora_name, first.lora_scale)
         with self.levers.pipeline_call(pipeline, first.cache) as call, StageTimer(pipeline, self.device) as timer:
             images = pipeline(**kwargs).images
-        request_ids = {r.request_id for r in group}
-        cancelled = self._cancelled & request_ids
-        self._cancelled -= request_ids  # in place: cancel() may be adding to this very set
+        cancelled = self._take_cancelled(r.request_id for r in group)
         # 4. float [0, 1] -> uint8, split back per request and image.
-        pixels = _to_uint8(images)
+        pixels = to_uint8(images)
         outputs = {}
         for r, own in _image_slices(group):
             compiled_graphs = call["compiled_graphs"] if r is first else 0  # counted once per call
@@ -396,11 +400,9 @@ class WorkerWrapperBase:
                 if r.progress and r.request_id not in self._cancelled:
                     sink(StepProgress(r.request_id, index + 1, total))
             if first.partial_images:
-                wanted = first.partial_images
-                # Steps after which partial j of k is taken; the last step is the final image itself.
-                steps = sorted({(j + 1) * total // (wanted + 1) for j in range(wanted)} - {0})
+                steps = partial_image_steps(first.partial_images, total)
                 if index + 1 in steps:
-                    pixels = _to_uint8(_decode_latents(pipeline, tensors["latents"], first.height, first.width))
+                    pixels = to_uint8(decode_latents(pipeline, tensors["latents"], first.height, first.width))
                     for r, own in _image_slices(group):
                         if r.request_id not in self._cancelled:
                             sink(PartialImageOutput(r.request_id, steps.index(index + 1), list(pixels[own])))
@@ -421,7 +423,13 @@ class WorkerWrapperBase:
         )
 
 
-def _decode_latents(pipeline, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
+def partial_image_steps(wanted: int, total_steps: int) -> list[int]:
+    """The steps after which each of ``wanted`` partial images is decoded, evenly spaced over
+    ``total_steps`` (the last step is the final image itself, never a partial one)."""
+    return sorted({(j + 1) * total_steps // (wanted + 1) for j in range(wanted)} - {0})
+
+
+def decode_latents(pipeline, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
     """The images that ``latents`` would decode to now (float HxWx3 in [0, 1], one per batch entry)."""
     vae = pipeline.vae
     if latents.ndim == 3:  # Flux-style pipelines pack 2x2 latent patches into a sequence
@@ -439,7 +447,7 @@ def _image_slices(group: list[OmniDiffusionRequest]) -> Iterator[tuple[OmniDiffu
         start += request.num_images
 
 
-def _to_uint8(images) -> np.ndarray:
+def to_uint8(images) -> np.ndarray:
     return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
 
 
