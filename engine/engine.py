@@ -133,6 +133,8 @@ class DiffusionEngine:
             raise
         # What a request that names nothing runs with (a setting, the model's imagegen.json, built-in).
         self.defaults = defaults_in_force(od_config, self.model_info)
+        # request or step (--scheduling): whether a step carries one request the workers run in their running set.
+        self.scheduling = self._scheduling_in_force()
         for rank in range(od_config.num_gpus):
             metrics.WORKER_UP.labels(od_config.model_name, str(rank)).set(1)
         if od_config.compile != "none":
@@ -142,6 +144,24 @@ class DiffusionEngine:
             "defaults in force: %s",
             ", ".join(f"{name}={default.value} ({default.source})" for name, default in self.defaults.items()),
         )
+
+    def _scheduling_in_force(self) -> str:
+        """--scheduling, or request with one line why when step mode cannot run here."""
+        config = self.od_config
+        if config.scheduling == "request":
+            return "request"
+        backend = config.distributed_executor_backend
+        if backend != "mp":
+            name = backend if isinstance(backend, str) else backend.__name__
+            refusal = f"backend {name} answers whole calls (step mode runs on backend mp)"
+        elif config.num_rank_groups > 1:
+            refusal = "data parallel ranks split each step, and step mode sends one request per step"
+        else:
+            refusal = self.model_info.get("step_mode_refusal")
+        if refusal is not None:
+            logger.warning("--scheduling step runs as request: %s", refusal)
+            return "request"
+        return "step"
 
     # -- requests ------------------------------------------------------------------------------
     def prepare(self, request: OmniDiffusionRequest) -> OmniDiffusionRequest:

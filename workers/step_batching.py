@@ -26,7 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.data import OmniDiffusionRequest, PartialImageOutput, RequestOutput, StepProgress, WorkerProgress
+from workers.data import (
+    OmniDiffusionRequest,
+    PartialImageOutput,
+    RequestOutput,
+    StepProgress,
+    WorkerProgress,
+    shard_requests,
+    with_defaults,
+)
 from workers.worker import StageTimer, WorkerWrapperBase, _describe, decode_latents, partial_image_steps, to_uint8
 
 logger = logging.getLogger(__name__)
@@ -374,3 +382,73 @@ class RunningSet:
         while not self.idle:
             outputs.update((o.request_id, o) for o in self.iterate(self.worker.progress_sink))
         return [outputs[r.request_id] for r in requests]
+
+
+@dataclass
+class _PendingCall:
+    """A generate call whose requests are running: answered once every one of them has left."""
+
+    request_ids: list[str]
+    outputs: dict[str, RequestOutput] = field(default_factory=dict)
+
+    @property
+    def answered(self) -> bool:
+        return len(self.outputs) == len(self.request_ids)
+
+    def reply(self) -> list[RequestOutput]:
+        return [self.outputs[request_id] for request_id in self.request_ids]
+
+
+class StepLoop:
+    """A RunningSet for a host that receives calls one at a time (the mp process loop): the requests of
+    each ``generate`` / ``generate_shard`` call join the running set, and the call is answered, with the
+    same reply request mode gives, once all of them have left it. Requests that cannot join (edits) run
+    at once in request mode, the loop waiting for them."""
+
+    # The worker methods whose requests join the running set; a host runs every other method as a call.
+    METHODS = frozenset({"generate", "generate_shard"})
+
+    def __init__(self, worker: WorkerWrapperBase):
+        self.worker = worker
+        self.running = RunningSet(worker)
+        self._calls: dict[Any, _PendingCall] = {}
+        self._call_of: dict[str, Any] = {}  # request id -> the call it came in
+
+    @property
+    def idle(self) -> bool:
+        """No call waits for an answer."""
+        return not self._calls
+
+    def submit(self, call_id: Any, method: str, requests: list[OmniDiffusionRequest],
+               send: Callable[[Any, WorkerProgress], None]) -> None:
+        """Take a ``method`` call's requests; ``send(call_id, progress)`` streams the progress of the
+        requests that run in request mode now."""
+        worker = self.worker
+        if method == "generate_shard":
+            config = worker.od_config
+            requests = shard_requests(requests, config.num_rank_groups)[worker.rank // config.rank_group_size]
+        description = worker.describe()
+        requests = [with_defaults(request, worker.od_config, description) for request in requests]
+        call = self._calls[call_id] = _PendingCall([request.request_id for request in requests])
+        apart = [request for request in requests if request_refusal(request) is not None]
+        if apart:
+            worker.progress_sink = lambda progress: send(call_id, progress)
+            try:
+                call.outputs.update((output.request_id, output) for output in worker.generate(apart))
+            finally:
+                worker.progress_sink = None
+        joining = [request for request in requests if request_refusal(request) is None]
+        self._call_of.update((request.request_id, call_id) for request in joining)
+        self.running.add(joining)
+
+    def iterate(self, send: Callable[[Any, WorkerProgress], None]) -> list[tuple[Any, list[RequestOutput]]]:
+        """One iteration of the running set (when it has anything); returns the calls answered now, with
+        their replies."""
+        if not self.running.idle:
+            sink = lambda progress: send(self._call_of[progress.request_id], progress)  # noqa: E731
+            for output in self.running.iterate(sink):
+                self._calls[self._call_of.pop(output.request_id)].outputs[output.request_id] = output
+        answered = [(call_id, call.reply()) for call_id, call in self._calls.items() if call.answered]
+        for call_id, _ in answered:
+            del self._calls[call_id]
+        return answered

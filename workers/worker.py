@@ -208,7 +208,14 @@ class WorkerWrapperBase:
             },
             # The speed levers in effect; the same dict object, so the warm-up's figures show up too.
             "levers": self.levers.description,
+            # Why --scheduling step would run as request here (None: it can run), for the engine to say.
+            "step_mode_refusal": self._step_mode_refusal(),
         }
+
+    def _step_mode_refusal(self) -> str | None:
+        from workers.step_batching import step_mode_refusal  # built on this class: imported when asked
+
+        return step_mode_refusal(self)
 
     def _size_multiple(self) -> int:
         """What an image's sides must be multiples of: the VAE's downscale, twice that for DiT
