@@ -161,6 +161,7 @@ class DiffusionEngine:
         if refusal is not None:
             logger.warning("--scheduling step runs as request: %s", refusal)
             return "request"
+        logger.info("--scheduling step: each worker runs a running set, requests join it at every denoising step")
         return "step"
 
     # -- requests ------------------------------------------------------------------------------

@@ -153,7 +153,7 @@ def _step_loop(worker: Any):
 
     refusal = step_mode_refusal(worker)
     if refusal is not None:
-        logger.warning("rank %d: --scheduling step runs as request: %s", worker.rank, refusal)
+        logger.info("rank %d: --scheduling step runs as request: %s", worker.rank, refusal)  # the engine warns
         return None
     return StepLoop(worker)
 

@@ -270,7 +270,8 @@ class WorkerWrapperBase:
     # -- generation ------------------------------------------------------------------------
     def cancel(self, request_ids: list[str]) -> None:
         """Drop these requests: a pipeline call whose requests are all dropped stops denoising at
-        the next step. Safe to call from another thread while generate() runs."""
+        the next step, and in a running set (step mode) each leaves at the next iteration. Safe to
+        call from another thread while generate() runs."""
         if len(self._cancelled) > _MAX_REMEMBERED_CANCELLATIONS:
             self._cancelled.clear()  # ids of requests that had already finished when cancelled
         self._cancelled.update(request_ids)

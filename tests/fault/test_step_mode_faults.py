@@ -16,6 +16,7 @@ def test_killed_worker_fails_its_whole_running_set_with_503_then_restarts():
     server = ServerProcess("--scheduling", "step", "--on-worker-death", "restart")
     try:
         (worker,) = server.worker_pids()
+        assert "--scheduling step: each worker runs a running set" in server.output()
         with ThreadPoolExecutor(2) as pool:
             long_ones = [
                 pool.submit(server.post, size="128x128", num_inference_steps=steps, seed=seed)

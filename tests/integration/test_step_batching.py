@@ -18,25 +18,22 @@ from workers.worker import WorkerWrapperBase
 
 pytestmark = pytest.mark.slow
 
-_workers: dict[str, WorkerWrapperBase] = {}
-
 
 @pytest.fixture(scope="module")
 def worker_of(model_cache):
-    """The loaded worker of a model, loaded once per module."""
+    """The loaded worker of a model and settings, loaded once per module."""
+    workers: dict[str, WorkerWrapperBase] = {}
 
     def load(model: str, **settings) -> WorkerWrapperBase:
         key = f"{model}{sorted(settings.items())}"
-        if key not in _workers:
-            worker = WorkerWrapperBase(0, OmniDiffusionConfig(model=model, **settings))
-            worker.initialize()
-            _workers[key] = worker
-        return _workers[key]
+        if key not in workers:
+            workers[key] = WorkerWrapperBase(0, OmniDiffusionConfig(model=model, **settings))
+            workers[key].initialize()
+        return workers[key]
 
     yield load
-    for worker in _workers.values():
+    for worker in workers.values():
         worker.shutdown()
-    _workers.clear()
 
 
 def filled(worker, steps: int, seed: int, **fields) -> OmniDiffusionRequest:
