@@ -28,6 +28,7 @@ from workers.data import (
     OmniDiffusionRequest,
     PartialImageOutput,
     RequestOutput,
+    RunningSetIteration,
     StepProgress,
     Usage,
     WorkerProgress,
@@ -325,7 +326,12 @@ class DiffusionEngine:
                 )
         return [outputs[request.request_id] for request in requests]
 
-    def _on_progress(self, progress: WorkerProgress) -> None:
+    def _on_progress(self, progress: WorkerProgress | RunningSetIteration) -> None:
+        if isinstance(progress, RunningSetIteration):  # a metric, not a request's progress
+            model_name = self.od_config.model_name
+            metrics.RUNNING_SET_SIZE.labels(model_name, str(progress.rank)).set(progress.running)
+            metrics.RUNNING_SET_ADMISSIONS.labels(model_name).observe(progress.admitted)
+            return
         if isinstance(progress, PartialImageOutput):
             images = [to_pil(pixels) for pixels in progress.images]
             progress = PartialImages(progress.request_id, progress.index, images)

@@ -184,6 +184,16 @@ class StepProgress:
 WorkerProgress = PartialImageOutput | StepProgress
 
 
+@dataclass(frozen=True)
+class RunningSetIteration:
+    """One iteration of a worker's running set (step mode): the requests left in it, and how many joined.
+    The mp worker sends it like progress, on a call still running; the engine turns it into metrics."""
+
+    rank: int
+    running: int
+    admitted: int
+
+
 @dataclass
 class RequestOutput:
     """A worker's answer for one request: uint8 HxWx3 arrays (not PIL objects, which pickle badly).

@@ -30,6 +30,7 @@ from workers.data import (
     OmniDiffusionRequest,
     PartialImageOutput,
     RequestOutput,
+    RunningSetIteration,
     StepProgress,
     WorkerProgress,
     shard_requests,
@@ -441,13 +442,18 @@ class StepLoop:
         self._call_of.update((request.request_id, call_id) for request in joining)
         self.running.add(joining)
 
-    def iterate(self, send: Callable[[Any, WorkerProgress], None]) -> list[tuple[Any, list[RequestOutput]]]:
-        """One iteration of the running set (when it has anything); returns the calls answered now, with
-        their replies."""
+    def iterate(
+        self, send: Callable[[Any, WorkerProgress | RunningSetIteration], None]
+    ) -> list[tuple[Any, list[RequestOutput]]]:
+        """One iteration of the running set (when it has anything), its RunningSetIteration sent on; returns
+        the calls answered now, with their replies."""
         if not self.running.idle:
             sink = lambda progress: send(self._call_of[progress.request_id], progress)  # noqa: E731
             for output in self.running.iterate(sink):
                 self._calls[self._call_of.pop(output.request_id)].outputs[output.request_id] = output
+            # On a call not yet answered: the host sends its reply after it.
+            iteration = RunningSetIteration(self.worker.rank, self.running.size, self.running.admitted)
+            send(next(iter(self._calls)), iteration)
         answered = [(call_id, call.reply()) for call_id, call in self._calls.items() if call.answered]
         for call_id, _ in answered:
             del self._calls[call_id]

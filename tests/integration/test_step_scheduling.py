@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from helpers import assert_pixels_close
+from helpers import assert_pixels_close, poll
+from prometheus_client import REGISTRY
 
 from engine import AsyncDiffusionEngine, DiffusionEngine, OmniDiffusionConfig, OmniDiffusionRequest
 from workers.data import StepProgress
+from workers.step_batching import CANCELLED
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +90,25 @@ async def _progress_of(front: AsyncDiffusionEngine, request: OmniDiffusionReques
             yield await asyncio.wait_for(queue.get(), 60)
     finally:
         front.engine.progress_listeners.remove(listen)
+
+
+def running_set_size(engine: DiffusionEngine) -> float | None:
+    labels = {"model_name": engine.od_config.model_name, "rank": "0"}
+    return REGISTRY.get_sample_value("imagegen_running_set_size", labels)
+
+
+def test_a_cancelled_request_leaves_the_running_set_at_the_next_iteration_as_its_metric_shows(step_engine):
+    doomed, kept = fox(150, 41), fox(50, 42)
+    with ThreadPoolExecutor(2) as pool:
+        outputs = [pool.submit(step_engine.step, [request]) for request in (doomed, kept)]
+        poll(lambda: running_set_size(step_engine) == 2, 60, "both requests in the running set")
+        step_engine.cancel([doomed.request_id])
+        # Its next iteration drops it: the set holds the other one alone while that one still denoises.
+        poll(lambda: running_set_size(step_engine) == 1, 30, "the cancelled request to leave")
+        (cancelled,), (finished,) = (future.result(timeout=120) for future in outputs)
+    assert cancelled.error == CANCELLED and cancelled.images == []
+    assert finished.error is None and len(finished.images) == 1
+    assert running_set_size(step_engine) == 0
 
 
 def test_the_guides_generate_call_keeps_its_reply_in_step_mode(step_engine, request_engine):
