@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 # Steps in flight at once. A second step is sent only when it is full, so it waits at the workers
 # while the first runs and they never idle between steps; a partial batch waits for the first to end.
+# In step mode each step is one request, sent at once, up to the running sets' room for them.
 PIPELINE_DEPTH = 2
 # While a worker restarts, how often the scheduler looks whether the engine is ready again.
 _READINESS_POLL_S = 0.1
@@ -39,7 +40,10 @@ class AsyncDiffusionEngine:
     With the workers idle, a step leaves when it is full or when its oldest request has waited
     ``batch_timeout_ms``; while a step runs, the next leaves only when full or when the running
     step ends. A step holds only requests that can share pipeline calls (same size, steps, ...).
-    ``step()`` runs in a thread, so the event loop never blocks on generation.
+    ``step()`` runs in a thread, so the event loop never blocks on generation. With ``--scheduling
+    step`` (engine.scheduling) each request is a step of its own, sent as soon as one of
+    ``max_batch_size`` slots per worker is free: the workers' running sets batch them at every
+    denoising step, and each returns when it is done.
 
     Admission: more than ``max_queue_size`` queued images is EngineOverloadedError (429); a
     request still queued after ``request_timeout_s`` is RequestTimeoutError (504) and never runs;
@@ -56,14 +60,16 @@ class AsyncDiffusionEngine:
         self._model_name = engine.od_config.model_name
         config = engine.od_config
         self._step_capacity = config.max_batch_size * config.num_rank_groups
+        self._step_mode = engine.scheduling == "step"
+        depth = self._step_capacity if self._step_mode else PIPELINE_DEPTH
         self._max_queue_size = config.max_queue_size
         self._request_timeout_s = config.request_timeout_s
         self.draining = False
         self._batch_timeout_s = engine.od_config.batch_timeout_ms / 1000
         self._queue: deque[_Queued] = deque()
         self._changed = asyncio.Event()  # a request arrived or a step ended
-        self._free_slots = asyncio.Semaphore(PIPELINE_DEPTH)
-        self._threads = ThreadPoolExecutor(PIPELINE_DEPTH, thread_name_prefix="imagegen-step")
+        self._free_slots = asyncio.Semaphore(depth)
+        self._threads = ThreadPoolExecutor(depth, thread_name_prefix="imagegen-step")
         self._steps: set[asyncio.Task] = set()
         self._scheduler: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -232,7 +238,7 @@ class AsyncDiffusionEngine:
                 except EngineDeadError as error:
                     self._fail_queued(error)
             if self._queue:
-                if ready and self._queued_images() >= self._step_capacity:
+                if ready and (self._step_mode or self._queued_images() >= self._step_capacity):
                     return
                 if not ready:
                     timeout = _READINESS_POLL_S
@@ -251,6 +257,8 @@ class AsyncDiffusionEngine:
     def _take_batch(self) -> list[_Queued]:
         """The oldest request, then the next compatible ones in arrival order, up to the step's capacity."""
         oldest = self._queue.popleft()
+        if self._step_mode:  # its own call, answered as soon as it leaves the running set
+            return [oldest]
         batch, images = [oldest], oldest.request.num_images
         key = oldest.request.batch_key()
         for queued in list(self._queue):

@@ -28,6 +28,7 @@ from workers.data import (
     OmniDiffusionRequest,
     PartialImageOutput,
     RequestOutput,
+    RunningSetIteration,
     StepProgress,
     Usage,
     WorkerProgress,
@@ -133,6 +134,8 @@ class DiffusionEngine:
             raise
         # What a request that names nothing runs with (a setting, the model's imagegen.json, built-in).
         self.defaults = defaults_in_force(od_config, self.model_info)
+        # request or step (--scheduling): whether a step carries one request the workers run in their running set.
+        self.scheduling = self._scheduling_in_force()
         for rank in range(od_config.num_gpus):
             metrics.WORKER_UP.labels(od_config.model_name, str(rank)).set(1)
         if od_config.compile != "none":
@@ -142,6 +145,25 @@ class DiffusionEngine:
             "defaults in force: %s",
             ", ".join(f"{name}={default.value} ({default.source})" for name, default in self.defaults.items()),
         )
+
+    def _scheduling_in_force(self) -> str:
+        """--scheduling, or request with one line why when step mode cannot run here."""
+        config = self.od_config
+        if config.scheduling == "request":
+            return "request"
+        backend = config.distributed_executor_backend
+        if backend != "mp":
+            name = backend if isinstance(backend, str) else backend.__name__
+            refusal = f"backend {name} answers whole calls (step mode runs on backend mp)"
+        elif config.num_rank_groups > 1:
+            refusal = "data parallel ranks split each step, and step mode sends one request per step"
+        else:
+            refusal = self.model_info.get("step_mode_refusal")
+        if refusal is not None:
+            logger.warning("--scheduling step runs as request: %s", refusal)
+            return "request"
+        logger.info("--scheduling step: each worker runs a running set, requests join it at every denoising step")
+        return "step"
 
     # -- requests ------------------------------------------------------------------------------
     def prepare(self, request: OmniDiffusionRequest) -> OmniDiffusionRequest:
@@ -304,7 +326,12 @@ class DiffusionEngine:
                 )
         return [outputs[request.request_id] for request in requests]
 
-    def _on_progress(self, progress: WorkerProgress) -> None:
+    def _on_progress(self, progress: WorkerProgress | RunningSetIteration) -> None:
+        if isinstance(progress, RunningSetIteration):  # a metric, not a request's progress
+            model_name = self.od_config.model_name
+            metrics.RUNNING_SET_SIZE.labels(model_name, str(progress.rank)).set(progress.running)
+            metrics.RUNNING_SET_ADMISSIONS.labels(model_name).observe(progress.admitted)
+            return
         if isinstance(progress, PartialImageOutput):
             images = [to_pil(pixels) for pixels in progress.images]
             progress = PartialImages(progress.request_id, progress.index, images)

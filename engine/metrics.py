@@ -45,3 +45,14 @@ RECOMPILES = Counter(
     "cache switch the warm-up did not cover",
     ["model_name"],
 )
+RUNNING_SET_SIZE = Gauge(
+    "imagegen_running_set_size",
+    "Requests in a worker's running set after its latest denoising iteration (--scheduling step)",
+    ["model_name", "rank"],
+)
+RUNNING_SET_ADMISSIONS = Histogram(
+    "imagegen_running_set_admissions",
+    "Requests that joined a worker's running set per denoising iteration (--scheduling step)",
+    ["model_name"],
+    buckets=(0, 1, 2, 4, 8, 16, 32),
+)

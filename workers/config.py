@@ -127,6 +127,11 @@ class OmniDiffusionConfig(BaseSettings):
     )
     max_batch_size: int = Field(8, ge=1, description="most images one worker generates in one step")
     batch_timeout_ms: float = Field(5.0, ge=0, description="how long a step waits to fill its batch")
+    scheduling: Literal["request", "step"] = Field(
+        "request",
+        description="request: a step is whole generations; step: requests join and leave a worker's running set "
+        "at every denoising step (mp backend, SD and Flux text-to-image; the rest runs as request)",
+    )
     rpc_timeout_s: float = Field(300.0, gt=0, description="longest a worker may take for one call")
     worker_start_timeout_s: float = Field(600.0, gt=0, description="longest a worker may take to load its model")
     default_size: str | None = Field(

@@ -63,17 +63,20 @@ class OmniDiffusionRequest:
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call."""
+        return (*self.step_key(), self.num_inference_steps, self.partial_images)
+
+    def step_key(self) -> tuple:
+        """Requests with equal keys can share denoiser calls in step mode (workers/step_batching.py),
+        whatever their step counts and partial images: each has its own scheduler and decodes its own."""
         return (
             self.height,
             self.width,
-            self.num_inference_steps,
             self.guidance_scale,
             self.negative_prompt is not None,
             self.task,
             self.strength,
-            self.partial_images,
             self.cache,
-            # Adapters are switched per pipeline call: different adapters or scales never share one.
+            # Adapters are switched per denoiser call: different adapters or scales never share one.
             self.lora_name,
             self.lora_scale,
         )
@@ -179,6 +182,16 @@ class StepProgress:
 
 # What a worker hands its host's progress sink while a call runs, ahead of the call's reply.
 WorkerProgress = PartialImageOutput | StepProgress
+
+
+@dataclass(frozen=True)
+class RunningSetIteration:
+    """One iteration of a worker's running set (step mode): the requests left in it, and how many joined.
+    The mp worker sends it like progress, on a call still running; the engine turns it into metrics."""
+
+    rank: int
+    running: int
+    admitted: int
 
 
 @dataclass

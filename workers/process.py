@@ -19,6 +19,7 @@ Both pipes stay on this machine, between a parent and the child it started.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -30,6 +31,8 @@ from typing import Any
 from workers.config import OmniDiffusionConfig
 from workers.data import WorkerProgress
 from workers.logs import configure_logging
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -104,22 +107,55 @@ def _read_cancellations(worker: Any, cancellations: Connection) -> None:
 
 
 def _serve(worker: Any, conn: Connection) -> None:
+    """Answer calls in order; in step mode, between the running set's iterations, and generate calls
+    are answered as their requests finish (see workers.step_batching.StepLoop)."""
+    step_loop = _step_loop(worker)
+
+    def send_progress(call_id: int, progress: WorkerProgress) -> None:
+        conn.send(RpcProgress(call_id, progress))  # only this thread sends on conn
+
     while True:
-        try:
-            call = conn.recv()
-        except (EOFError, OSError):
-            return  # the engine closed its end
-        if call is None:
-            return
-        # The call's progress goes out at once, tagged with it; only this thread sends on conn.
-        worker.progress_sink = lambda progress, call_id=call.call_id: conn.send(RpcProgress(call_id, progress))
-        try:
-            if call.method.startswith("_"):
-                raise AttributeError(f"'{call.method}' is not a public worker method")
-            reply = RpcReply(call.call_id, True, getattr(worker, call.method)(*call.args, **call.kwargs))
-        except Exception as error:  # noqa: BLE001 - the caller gets the message, the worker lives on
-            reply = RpcReply(call.call_id, False, f"{type(error).__name__}: {error}")
-        conn.send(reply)
+        # Block for the next call when nothing runs; else take only the calls already there.
+        while step_loop is None or step_loop.idle or conn.poll():
+            try:
+                call = conn.recv()
+            except (EOFError, OSError):
+                return  # the engine closed its end
+            if call is None:
+                return
+            if step_loop is not None and call.method in step_loop.METHODS:
+                try:
+                    step_loop.submit(call.call_id, call.method, *call.args, send=send_progress, **call.kwargs)
+                except Exception as error:  # noqa: BLE001 - the caller gets the message, the worker lives on
+                    conn.send(RpcReply(call.call_id, False, f"{type(error).__name__}: {error}"))
+                continue
+            # The call's progress goes out at once, tagged with it.
+            worker.progress_sink = lambda progress, call_id=call.call_id: send_progress(call_id, progress)
+            conn.send(_answer(worker, call))
+        for call_id, outputs in step_loop.iterate(send_progress):
+            conn.send(RpcReply(call_id, True, outputs))
+
+
+def _answer(worker: Any, call: RpcCall) -> RpcReply:
+    try:
+        if call.method.startswith("_"):
+            raise AttributeError(f"'{call.method}' is not a public worker method")
+        return RpcReply(call.call_id, True, getattr(worker, call.method)(*call.args, **call.kwargs))
+    except Exception as error:  # noqa: BLE001 - the caller gets the message, the worker lives on
+        return RpcReply(call.call_id, False, f"{type(error).__name__}: {error}")
+
+
+def _step_loop(worker: Any):
+    """The worker's StepLoop when --scheduling step and its pipeline can (else None, with one line why)."""
+    if worker.od_config.scheduling != "step":
+        return None
+    from workers.step_batching import StepLoop, step_mode_refusal
+
+    refusal = step_mode_refusal(worker)
+    if refusal is not None:
+        logger.info("rank %d: --scheduling step runs as request: %s", worker.rank, refusal)  # the engine warns
+        return None
+    return StepLoop(worker)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ import inspect
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -213,7 +213,14 @@ class WorkerWrapperBase:
             },
             # The speed levers in effect; the same dict object, so the warm-up's figures show up too.
             "levers": self.levers.description,
+            # Why --scheduling step would run as request here (None: it can run), for the engine to say.
+            "step_mode_refusal": self._step_mode_refusal(),
         }
+
+    def _step_mode_refusal(self) -> str | None:
+        from workers.step_batching import step_mode_refusal  # built on this class: imported when asked
+
+        return step_mode_refusal(self)
 
     def _size_multiple(self) -> int:
         """What an image's sides must be multiples of: the VAE's downscale, twice that for DiT
@@ -268,10 +275,17 @@ class WorkerWrapperBase:
     # -- generation ------------------------------------------------------------------------
     def cancel(self, request_ids: list[str]) -> None:
         """Drop these requests: a pipeline call whose requests are all dropped stops denoising at
-        the next step. Safe to call from another thread while generate() runs."""
+        the next step, and in a running set (step mode) each leaves at the next iteration. Safe to
+        call from another thread while generate() runs."""
         if len(self._cancelled) > _MAX_REMEMBERED_CANCELLATIONS:
             self._cancelled.clear()  # ids of requests that had already finished when cancelled
         self._cancelled.update(request_ids)
+
+    def _take_cancelled(self, request_ids: Iterable[str]) -> set[str]:
+        """Which of these requests were cancelled, forgetting them: they are done with here."""
+        cancelled = self._cancelled.intersection(request_ids)
+        self._cancelled -= cancelled  # in place: cancel() may be adding to this very set
+        return cancelled
 
     def generate_shard(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
         """Generate this rank's group's share of a step (see shard_requests)."""
@@ -346,11 +360,9 @@ class WorkerWrapperBase:
         self.loras.activate(first.lora_name, first.lora_scale)
         with self.levers.pipeline_call(pipeline, first.cache) as call, StageTimer(pipeline, self.device) as timer:
             images = pipeline(**kwargs).images
-        request_ids = {r.request_id for r in group}
-        cancelled = self._cancelled & request_ids
-        self._cancelled -= request_ids  # in place: cancel() may be adding to this very set
+        cancelled = self._take_cancelled(r.request_id for r in group)
         # 4. float [0, 1] -> uint8, split back per request and image.
-        pixels = _to_uint8(images)
+        pixels = to_uint8(images)
         outputs = {}
         for r, own in _image_slices(group):
             compiled_graphs = call["compiled_graphs"] if r is first else 0  # counted once per call
@@ -401,11 +413,9 @@ class WorkerWrapperBase:
                 if r.progress and r.request_id not in self._cancelled:
                     sink(StepProgress(r.request_id, index + 1, total))
             if first.partial_images:
-                wanted = first.partial_images
-                # Steps after which partial j of k is taken; the last step is the final image itself.
-                steps = sorted({(j + 1) * total // (wanted + 1) for j in range(wanted)} - {0})
+                steps = partial_image_steps(first.partial_images, total)
                 if index + 1 in steps:
-                    pixels = _to_uint8(_decode_latents(pipeline, tensors["latents"], first.height, first.width))
+                    pixels = to_uint8(decode_latents(pipeline, tensors["latents"], first.height, first.width))
                     for r, own in _image_slices(group):
                         if r.request_id not in self._cancelled:
                             sink(PartialImageOutput(r.request_id, steps.index(index + 1), list(pixels[own])))
@@ -426,7 +436,13 @@ class WorkerWrapperBase:
         )
 
 
-def _decode_latents(pipeline, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
+def partial_image_steps(wanted: int, total_steps: int) -> list[int]:
+    """The steps after which each of ``wanted`` partial images is decoded, evenly spaced over
+    ``total_steps`` (the last step is the final image itself, never a partial one)."""
+    return sorted({(j + 1) * total_steps // (wanted + 1) for j in range(wanted)} - {0})
+
+
+def decode_latents(pipeline, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
     """The images that ``latents`` would decode to now (float HxWx3 in [0, 1], one per batch entry)."""
     vae = pipeline.vae
     if latents.ndim == 3:  # Flux-style pipelines pack 2x2 latent patches into a sequence
@@ -444,7 +460,7 @@ def _image_slices(group: list[OmniDiffusionRequest]) -> Iterator[tuple[OmniDiffu
         start += request.num_images
 
 
-def _to_uint8(images) -> np.ndarray:
+def to_uint8(images) -> np.ndarray:
     return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
 
 

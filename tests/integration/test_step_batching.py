@@ -1,0 +1,202 @@
+"""Step-level continuous batching (workers/step_batching.py): a RunningSet on one worker in this
+process, with the real tiny SD (Euler), the demo model (DPM-Solver++ multistep, v-prediction) and
+tiny-flux (flow matching). Pixels are compared with request mode (WorkerWrapperBase.generate) of the
+same request alone: a different batch, so within the cross-batch tolerance; a replay of the same
+running set is the same computation, so bit for bit."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from helpers import assert_pixels_close
+
+from workers.config import OmniDiffusionConfig
+from workers.data import OmniDiffusionRequest, PartialImageOutput, StepProgress, with_defaults
+from workers.step_batching import CANCELLED, RunningSet, request_refusal, step_mode_refusal
+from workers.worker import WorkerWrapperBase
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def worker_of(model_cache):
+    """The loaded worker of a model and settings, loaded once per module."""
+    workers: dict[str, WorkerWrapperBase] = {}
+
+    def load(model: str, **settings) -> WorkerWrapperBase:
+        key = f"{model}{sorted(settings.items())}"
+        if key not in workers:
+            workers[key] = WorkerWrapperBase(0, OmniDiffusionConfig(model=model, **settings))
+            workers[key].initialize()
+        return workers[key]
+
+    yield load
+    for worker in workers.values():
+        worker.shutdown()
+
+
+def filled(worker, steps: int, seed: int, **fields) -> OmniDiffusionRequest:
+    request = OmniDiffusionRequest("a red fox", height=64, width=64, num_inference_steps=steps, seed=seed, **fields)
+    return with_defaults(request, worker.od_config, worker.describe())
+
+
+def alone(worker, request: OmniDiffusionRequest):
+    """The request in request mode, by itself."""
+    (output,) = worker.generate([dataclasses.replace(request)])
+    assert output.error is None, output.error
+    return output
+
+
+def run_to_the_end(running: RunningSet, sink=None) -> tuple[dict, list[str]]:
+    """Iterate until idle (a bounded loop); returns the outputs by id and the ids in the order they left."""
+    outputs, order = {}, []
+    for _ in range(1000):
+        if running.idle:
+            return outputs, order
+        for output in running.iterate(sink):
+            outputs[output.request_id] = output
+            order.append(output.request_id)
+    raise AssertionError("the running set never drained")
+
+
+def assert_same_pixels_as_alone(worker, requests, outputs) -> None:
+    for request in requests:
+        output = outputs[request.request_id]
+        assert output.error is None, output.error
+        expected = alone(worker, request)
+        assert len(output.images) == request.num_images
+        for made, wanted in zip(output.images, expected.images, strict=True):
+            assert_pixels_close(made, wanted)
+
+
+@pytest.mark.parametrize("model", ["tiny", "demo", "tiny-flux"])
+def test_mixed_step_counts_share_a_running_set_and_match_request_mode_within_tolerance(worker_of, model):
+    worker = worker_of(model)
+    # Three step counts, two images in one request; with the demo model's DPM-Solver++ (order 2) each
+    # request must keep its own history of model outputs.
+    requests = [filled(worker, 7, 1), filled(worker, 3, 2, num_images=2), filled(worker, 5, 3)]
+    running = RunningSet(worker)
+    running.add(requests)
+    first = running.iterate()
+    assert first == [] and running.size == 3 and running.admitted == 3
+    outputs, order = run_to_the_end(running)
+    assert order == [requests[1].request_id, requests[2].request_id, requests[0].request_id]
+    assert_same_pixels_as_alone(worker, requests, outputs)
+
+
+def test_short_request_joining_mid_flight_finishes_first_with_its_alone_pixels(worker_of):
+    worker = worker_of("tiny")
+    long, short = filled(worker, 12, 11), filled(worker, 3, 12, negative_prompt="blurry")
+    long = dataclasses.replace(long, negative_prompt="dark")  # the same step key as the short one
+    running = RunningSet(worker)
+    running.add([long])
+    for _ in range(4):
+        assert running.iterate() == []
+    running.add([short])
+    assert running.iterate() == [] and running.size == 2 and running.admitted == 1
+    outputs, order = run_to_the_end(running)
+    assert order == [short.request_id, long.request_id]
+    assert_same_pixels_as_alone(worker, [long, short], outputs)
+
+
+def test_replaying_a_running_set_gives_the_same_pixels_bit_for_bit(worker_of):
+    worker = worker_of("demo")
+    made = []
+    for _ in range(2):
+        requests = [filled(worker, 6, 21), filled(worker, 2, 22, num_images=2)]
+        running = RunningSet(worker)
+        running.add(requests[:1])
+        running.iterate()
+        running.add(requests[1:])
+        outputs, _ = run_to_the_end(running)
+        made.append([image for request in requests for image in outputs[request.request_id].images])
+    for first, again in zip(*made, strict=True):
+        assert (first == again).all()
+
+
+def test_cancelled_request_leaves_the_running_set_at_the_next_iteration(worker_of):
+    worker = worker_of("tiny")
+    doomed, kept, queued = filled(worker, 20, 31), filled(worker, 4, 32), filled(worker, 4, 33)
+    running = RunningSet(worker)
+    running.add([doomed, kept])
+    running.iterate()
+    assert running.size == 2
+    running.add([queued])
+    worker.cancel([doomed.request_id, queued.request_id])  # one running, one not yet admitted
+    left = {output.request_id: output for output in running.iterate()}
+    assert running.size == 1 and running.admitted == 0
+    assert {left[doomed.request_id].error, left[queued.request_id].error} == {CANCELLED}
+    assert left[doomed.request_id].images == []
+    outputs, _ = run_to_the_end(running)
+    assert_same_pixels_as_alone(worker, [kept], outputs)
+
+
+def test_an_incompatible_request_waits_for_the_running_set_to_drain_and_blocks_later_ones(worker_of):
+    worker = worker_of("tiny")
+    first = filled(worker, 3, 41)
+    other_size = dataclasses.replace(filled(worker, 2, 42), height=32, width=32)
+    compatible_but_later = filled(worker, 2, 43)
+    running = RunningSet(worker)
+    running.add([first, other_size, compatible_but_later])
+    sizes = []
+    outputs, order = {}, []
+    while not running.idle:
+        for output in running.iterate():
+            outputs[output.request_id] = output
+            order.append(output.request_id)
+        sizes.append(running.size)
+    # Arrival order holds: the later compatible request never overtakes the waiting 32x32 one.
+    assert order == [first.request_id, other_size.request_id, compatible_but_later.request_id]
+    assert max(sizes) == 1
+    assert outputs[other_size.request_id].images[0].shape == (32, 32, 3)
+    assert_same_pixels_as_alone(worker, [first, other_size, compatible_but_later], outputs)
+
+
+def test_max_batch_size_caps_the_images_in_the_running_set(worker_of):
+    worker = worker_of("tiny", max_batch_size=3)
+    requests = [filled(worker, 2, 51, num_images=2), filled(worker, 2, 52, num_images=2), filled(worker, 2, 53)]
+    running = RunningSet(worker)
+    running.add(requests)
+    left = running.iterate()
+    assert running.size == 1 and len(running.waiting) == 2  # 2 + 2 images would be over 3
+    left += running.iterate()  # the first leaves after its second step; the next two fit then
+    assert running.size == 0 and [output.request_id for output in left] == [requests[0].request_id]
+    left += running.iterate()
+    assert running.size == 2 and running.admitted == 2
+    outputs, _ = run_to_the_end(running)
+    assert_same_pixels_as_alone(worker, requests, {**outputs, left[0].request_id: left[0]})
+
+
+def test_partial_images_and_progress_are_each_requests_own(worker_of):
+    worker = worker_of("tiny")
+    with_partials = filled(worker, 6, 61, partial_images=2, progress=True)
+    plain = filled(worker, 3, 62, progress=True)
+    sent = []
+    running = RunningSet(worker)
+    running.add([with_partials, plain])
+    outputs, _ = run_to_the_end(running, sent.append)
+    progress = [(p.request_id, p.step, p.total_steps) for p in sent if isinstance(p, StepProgress)]
+    assert [p for p in progress if p[0] == plain.request_id] == [(plain.request_id, s, 3) for s in (1, 2, 3)]
+    assert [p[1:] for p in progress if p[0] == with_partials.request_id] == [(s, 6) for s in range(1, 7)]
+    partials = [p for p in sent if isinstance(p, PartialImageOutput)]
+    assert [(p.request_id, p.index) for p in partials] == [(with_partials.request_id, 0), (with_partials.request_id, 1)]
+    # Without a sink, request mode hands partial images back in the output: compare them so.
+    expected = alone(worker, with_partials).partial_images
+    assert [p.index for p in expected] == [0, 1]
+    for made, wanted in zip(partials, expected, strict=True):
+        assert_pixels_close(made.images[0], wanted.images[0])
+    assert outputs[with_partials.request_id].partial_images == []  # they went to the sink
+
+
+def test_unsupported_pipelines_and_edits_are_refused_with_the_reason(worker_of, model_cache):
+    sd3 = worker_of("tiny-sd3")
+    assert "StableDiffusion3Pipeline has no step loop" in step_mode_refusal(sd3)
+    with pytest.raises(ValueError, match="step mode: StableDiffusion3Pipeline"):
+        RunningSet(sd3)
+    tiny = worker_of("tiny")
+    assert step_mode_refusal(tiny) is None
+    edit = OmniDiffusionRequest("a red fox", image=tiny.generate([filled(tiny, 1, 0)])[0].images[0])
+    assert request_refusal(edit) == "img2img runs in request mode (its pipeline starts from an image)"
+    with pytest.raises(ValueError, match="img2img"):
+        RunningSet(tiny).add([edit])

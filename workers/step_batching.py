@@ -1,0 +1,312 @@
+"""Step-level continuous batching: a worker's running set of requests that share one denoiser call per
+iteration, each request with its own scheduler, so requests join and leave between denoising steps.
+
+A pipeline's ``__call__`` denoises one batch from the first step to the last. Here the loop is ours:
+every ``RunningSet.iterate()`` admits the compatible requests that have arrived, calls the UNet or
+transformer once over every running request with per-sample timesteps, advances each request's own
+scheduler on its slice, and decodes the requests that have had all their steps. A request's initial
+noise is drawn from its own generators exactly as request mode draws it, so a seed gives the same
+pixels (within the cross-batch tolerance, docs/benchmarks.md) whatever it ran beside.
+
+Each pipeline family's loop (prompt encoding, initial noise, the batched denoiser call) is in
+workers/denoise_loops.py.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from workers.data import (
+    OmniDiffusionRequest,
+    PartialImageOutput,
+    RequestOutput,
+    RunningSetIteration,
+    StepProgress,
+    WorkerProgress,
+    shard_requests,
+    with_defaults,
+)
+from workers.denoise_loops import STEP_LOOPS, RunningRequest
+from workers.worker import StageTimer, WorkerWrapperBase, _describe, decode_latents, partial_image_steps, to_uint8
+
+logger = logging.getLogger(__name__)
+
+CANCELLED = "cancelled: the client went away"
+
+
+def step_mode_refusal(worker: WorkerWrapperBase) -> str | None:
+    """Why ``worker`` cannot run step mode (None: it can). The caller logs it and runs request mode."""
+    pipeline = worker.pipeline
+    name = type(pipeline).__name__
+    if name not in STEP_LOOPS:
+        return f"{name} has no step loop (step mode runs {', '.join(STEP_LOOPS)})"
+    if worker.rank_group is not None:
+        return "rank groups split each denoiser call between ranks, which a running set does not do"
+    if worker.levers.cache_method != "none":
+        # Cache hooks keep activations of the previous call for the batch it had; a running set
+        # changes its batch at every iteration.
+        return f"--cache-method {worker.levers.cache_method} keeps state per batch, and a running set's batch changes"
+    if getattr(getattr(pipeline, "unet", None), "config", {}).get("time_cond_proj_dim") is not None:
+        return "a UNet with a guidance embedding (time_cond_proj_dim) is not supported"
+    return None
+
+
+def request_refusal(request: OmniDiffusionRequest) -> str | None:
+    """Why a request cannot join a running set (None: it can); it runs in request mode instead."""
+    if request.task != "text2img":
+        return f"{request.task} runs in request mode (its pipeline starts from an image)"
+    return None
+
+
+class RunningSet:
+    """The requests one worker is denoising, advanced together one step per ``iterate()``.
+
+    ``add()`` queues requests (filled in, see workers.data.with_defaults, and admissible:
+    ``request_refusal`` is None). Each iteration admits queued requests in arrival order while they
+    share the running set's ``step_key`` and fit in ``max_batch_size`` images; the first that does not
+    waits, and everything behind it, so no request starves. A request's text is encoded when it joins.
+    Cancelled requests (WorkerWrapperBase.cancel) leave at the next iteration.
+
+    It is part of its worker: it reads the worker's cancellations and usage counting directly.
+    """
+
+    def __init__(self, worker: WorkerWrapperBase):
+        if (refusal := step_mode_refusal(worker)) is not None:
+            raise ValueError(f"step mode: {refusal}")
+        self.worker = worker
+        self.pipeline = worker.pipelines["text2img"]
+        self.max_images = worker.od_config.max_batch_size
+        self.running: list[RunningRequest] = []
+        self.waiting: deque[OmniDiffusionRequest] = deque()
+        self._loop = None  # the family's loop, made for the running set's key
+        self._key: tuple | None = None
+        # Requests admitted by the latest iteration (a metric: admissions per iteration).
+        self.admitted = 0
+        self._default_guidance = inspect.signature(type(self.pipeline).__call__).parameters["guidance_scale"].default
+
+    @property
+    def size(self) -> int:
+        """Requests in the running set now (the running-set metric)."""
+        return len(self.running)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running and nothing waiting."""
+        return not self.running and not self.waiting
+
+    def add(self, requests: list[OmniDiffusionRequest]) -> None:
+        """Queue filled-in requests; they join at the next iteration that has room for them."""
+        for request in requests:
+            if (refusal := request_refusal(request)) is not None:
+                raise ValueError(refusal)
+        self.waiting.extend(requests)
+
+    @torch.inference_mode()
+    def iterate(self, sink: Callable[[WorkerProgress], None] | None = None) -> list[RequestOutput]:
+        """One iteration: drop cancelled requests, admit waiting ones, one denoiser call, each request's
+        scheduler step, and decode those that had their last step. Returns the requests that left the
+        set (finished, cancelled or failed). ``sink`` gets StepProgress and partial images as they are
+        made; without one, partial images go in the request's output."""
+        worker = self.worker
+        outputs = self._drop_cancelled()
+        leaving: list[RunningRequest] = []
+        timer = StageTimer(self.pipeline, worker.device)
+        with worker.levers.pipeline_call(self.pipeline, False) as call, timer:
+            outputs += self._admit()
+            if self.running:
+                leaving = self._step(sink)
+        # Each request counts the seconds of every iteration it was in; the graphs compiled, once.
+        served = self.running + leaving
+        for r in served:
+            for stage, seconds in timer.seconds.items():
+                r.stage_seconds[stage] += seconds
+        if served:
+            served[0].compiled_graphs += call["compiled_graphs"]
+        outputs += [self._output(r) for r in leaving]
+        if not self.running:
+            self._key = self._loop = None
+            self.pipeline.maybe_free_model_hooks()  # offload hooks re-armed, as at the end of a pipeline call
+        return outputs
+
+    def _drop_cancelled(self) -> list[RequestOutput]:
+        ids = [r.request.request_id for r in self.running] + [r.request_id for r in self.waiting]
+        cancelled = self.worker._take_cancelled(ids)
+        if not cancelled:
+            return []
+        left = [r.request for r in self.running if r.request.request_id in cancelled]
+        left += [r for r in self.waiting if r.request_id in cancelled]
+        self.running = [r for r in self.running if r.request.request_id not in cancelled]
+        self.waiting = deque(r for r in self.waiting if r.request_id not in cancelled)
+        return [RequestOutput(r.request_id, [], r.seed, self.worker.rank, CANCELLED) for r in left]
+
+    def _admit(self) -> list[RequestOutput]:
+        """Start the waiting requests that may join now; returns those that failed to start."""
+        failed = []
+        images = sum(r.request.num_images for r in self.running)
+        self.admitted = 0
+        while self.waiting:
+            request = self.waiting[0]
+            if self.running and (request.step_key() != self._key or images + request.num_images > self.max_images):
+                break
+            self.waiting.popleft()
+            if not self.running:  # the first request sets what the running set runs
+                guidance = request.guidance_scale if request.guidance_scale is not None else self._default_guidance
+                self._key, self._loop = request.step_key(), STEP_LOOPS[type(self.pipeline).__name__](
+                    self.pipeline, guidance
+                )
+            try:
+                # The adapter changes the text encoder too: in effect before the prompt is encoded.
+                self.worker.loras.activate(request.lora_name, request.lora_scale)
+                scheduler = type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
+                generators = [torch.Generator().manual_seed(seed) for seed in request.image_seeds()]
+                self.running.append(self._loop.start(request, scheduler, generators))
+            except Exception as error:  # noqa: BLE001 - reported for this request, the others go on
+                logger.exception("rank %d: request %s failed to start", self.worker.rank, request.request_id)
+                failed.append(RequestOutput(request.request_id, [], request.seed, self.worker.rank, _describe(error)))
+                continue
+            images += request.num_images
+            self.admitted += 1
+        return failed
+
+    def _step(self, sink: Callable[[WorkerProgress], None] | None) -> list[RunningRequest]:
+        """One denoiser call over the running set and each request's scheduler step on its slice;
+        returns the requests that leave (decoded, or failed), removed from the running set."""
+        first = self.running[0].request
+        try:
+            self.worker.loras.activate(first.lora_name, first.lora_scale)
+            prediction = self._loop.predict(self.running)
+        except Exception as error:  # noqa: BLE001 - the call was shared: every request in it failed
+            logger.exception("rank %d: a step over %d requests failed", self.worker.rank, len(self.running))
+            for r in self.running:
+                r.error = _describe(error)
+            leaving, self.running = self.running, []
+            return leaving
+        start = 0
+        for r in self.running:
+            own = prediction[start : start + r.request.num_images]
+            start += r.request.num_images
+            r.latents = r.scheduler.step(own, r.timestep, r.latents, **r.extra_step_kwargs, return_dict=False)[0]
+            r.step += 1
+            self._report(r, sink)
+        leaving = [r for r in self.running if r.finished]
+        self.running = [r for r in self.running if not r.finished]
+        for r in leaving:
+            r.images = list(to_uint8(decode_latents(self.pipeline, r.latents, r.request.height, r.request.width)))
+        return leaving
+
+    def _report(self, r: RunningRequest, sink: Callable[[WorkerProgress], None] | None) -> None:
+        """Its StepProgress (to ``sink`` only) and, at its own steps, its partial images, decoded alone."""
+        request = r.request
+        if request.progress and sink is not None:
+            sink(StepProgress(request.request_id, r.step, r.total_steps))
+        if request.partial_images and not r.finished:
+            steps = partial_image_steps(request.partial_images, r.total_steps)
+            if r.step in steps:
+                pixels = to_uint8(decode_latents(self.pipeline, r.latents, request.height, request.width))
+                partial = PartialImageOutput(request.request_id, steps.index(r.step), list(pixels))
+                (sink or r.partial_images.append)(partial)
+
+    def _output(self, r: RunningRequest) -> RequestOutput:
+        request, rank = r.request, self.worker.rank
+        if r.error is not None:
+            return RequestOutput(request.request_id, [], request.seed, rank, r.error)
+        return RequestOutput(
+            request.request_id,
+            r.images,
+            request.seed,
+            rank,
+            partial_images=r.partial_images,
+            usage=self.worker._usage(self.pipeline, request),
+            stage_seconds=r.stage_seconds,
+            compiled_graphs=r.compiled_graphs,
+        )
+
+    def generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
+        """Every request to its end, through this running set (admissible, filled-in requests), in order."""
+        self.add(requests)
+        outputs: dict[str, RequestOutput] = {}
+        while not self.idle:
+            outputs.update((o.request_id, o) for o in self.iterate(self.worker.progress_sink))
+        return [outputs[r.request_id] for r in requests]
+
+
+@dataclass
+class _PendingCall:
+    """A generate call whose requests are running: answered once every one of them has left."""
+
+    request_ids: list[str]
+    outputs: dict[str, RequestOutput] = field(default_factory=dict)
+
+    @property
+    def answered(self) -> bool:
+        return len(self.outputs) == len(self.request_ids)
+
+    def reply(self) -> list[RequestOutput]:
+        return [self.outputs[request_id] for request_id in self.request_ids]
+
+
+class StepLoop:
+    """A RunningSet for a host that receives calls one at a time (the mp process loop): the requests of
+    each ``generate`` / ``generate_shard`` call join the running set, and the call is answered, with the
+    same reply request mode gives, once all of them have left it. Requests that cannot join (edits) run
+    at once in request mode, the loop waiting for them."""
+
+    # The worker methods whose requests join the running set; a host runs every other method as a call.
+    METHODS = frozenset({"generate", "generate_shard"})
+
+    def __init__(self, worker: WorkerWrapperBase):
+        self.worker = worker
+        self.running = RunningSet(worker)
+        self._calls: dict[Any, _PendingCall] = {}
+        self._call_of: dict[str, Any] = {}  # request id -> the call it came in
+
+    @property
+    def idle(self) -> bool:
+        """No call waits for an answer."""
+        return not self._calls
+
+    def submit(self, call_id: Any, method: str, requests: list[OmniDiffusionRequest],
+               send: Callable[[Any, WorkerProgress], None]) -> None:
+        """Take a ``method`` call's requests; ``send(call_id, progress)`` streams the progress of the
+        requests that run in request mode now."""
+        worker = self.worker
+        if method == "generate_shard":
+            config = worker.od_config
+            requests = shard_requests(requests, config.num_rank_groups)[worker.rank // config.rank_group_size]
+        description = worker.describe()
+        requests = [with_defaults(request, worker.od_config, description) for request in requests]
+        call = self._calls[call_id] = _PendingCall([request.request_id for request in requests])
+        apart = [request for request in requests if request_refusal(request) is not None]
+        if apart:
+            worker.progress_sink = lambda progress: send(call_id, progress)
+            try:
+                call.outputs.update((output.request_id, output) for output in worker.generate(apart))
+            finally:
+                worker.progress_sink = None
+        joining = [request for request in requests if request_refusal(request) is None]
+        self._call_of.update((request.request_id, call_id) for request in joining)
+        self.running.add(joining)
+
+    def iterate(
+        self, send: Callable[[Any, WorkerProgress | RunningSetIteration], None]
+    ) -> list[tuple[Any, list[RequestOutput]]]:
+        """One iteration of the running set (when it has anything), its RunningSetIteration sent on; returns
+        the calls answered now, with their replies."""
+        if not self.running.idle:
+            sink = lambda progress: send(self._call_of[progress.request_id], progress)  # noqa: E731
+            for output in self.running.iterate(sink):
+                self._calls[self._call_of.pop(output.request_id)].outputs[output.request_id] = output
+            # On a call not yet answered: the host sends its reply after it.
+            iteration = RunningSetIteration(self.worker.rank, self.running.size, self.running.admitted)
+            send(next(iter(self._calls)), iteration)
+        answered = [(call_id, call.reply()) for call_id, call in self._calls.items() if call.answered]
+        for call_id, _ in answered:
+            del self._calls[call_id]
+        return answered
