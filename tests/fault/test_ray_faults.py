@@ -22,6 +22,14 @@ def ray_engine(policy: str) -> DiffusionEngine:
     )
 
 
+def healthy(engine: DiffusionEngine) -> bool:
+    try:
+        engine.check_health()
+    except EngineDeadError:
+        return False
+    return True
+
+
 def one_request(seed: int = 1) -> list[OmniDiffusionRequest]:
     return [OmniDiffusionRequest("a red fox", num_inference_steps=2, seed=seed)]
 
@@ -47,6 +55,8 @@ def test_killed_actor_fails_the_step_then_is_replaced_in_its_bundle():
 def test_killed_actor_under_exit_policy_makes_the_engine_fatal():
     with ray_engine("exit") as engine:
         ray.kill(engine.executor.worker_handles[0])
+        # ray.kill is asynchronous: a health check sent at once may still reach the actor before the kill.
+        poll(lambda: not healthy(engine), 30, "a health check to find the killed actor")
         with pytest.raises(EngineDeadError, match="rank 0"):
             engine.check_health()
         assert "rank 0" in engine.fatal_error
