@@ -30,7 +30,6 @@ from workers.data import (
     RunningSetIteration,
     StepProgress,
     WorkerProgress,
-    shard_requests,
     with_defaults,
 )
 from workers.denoise_loops import STEP_LOOPS, RunningRequest
@@ -278,8 +277,7 @@ class StepLoop:
         requests that run in request mode now."""
         worker = self.worker
         if method == "generate_shard":
-            config = worker.od_config
-            requests = shard_requests(requests, config.num_rank_groups)[worker.rank // config.rank_group_size]
+            requests = worker._group_share(requests)
         description = worker.describe()
         requests = [with_defaults(request, worker.od_config, description) for request in requests]
         call = self._calls[call_id] = _PendingCall([request.request_id for request in requests])

@@ -289,8 +289,12 @@ class WorkerWrapperBase:
 
     def generate_shard(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
         """Generate this rank's group's share of a step (see shard_requests)."""
+        return self.generate(self._group_share(requests))
+
+    def _group_share(self, requests: list[OmniDiffusionRequest]) -> list[OmniDiffusionRequest]:
+        """The requests of a step that this rank's group makes: every rank computes the same split."""
         config = self.od_config
-        return self.generate(shard_requests(requests, config.num_rank_groups)[self.rank // config.rank_group_size])
+        return shard_requests(requests, config.num_rank_groups)[self.rank // config.rank_group_size]
 
     def generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
         """Generate every request, one batched pipeline call per group of compatible requests.
