@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 # Steps in flight at once. A second step is sent only when it is full, so it waits at the workers
 # while the first runs and they never idle between steps; a partial batch waits for the first to end.
-# In step mode each step is one request, sent at once, up to the running sets' room for them.
+# In step mode each step is one request, sent at once, up to step_mode_room per rank group.
 PIPELINE_DEPTH = 2
 # While a worker restarts, how often the scheduler looks whether the engine is ready again.
 _READINESS_POLL_S = 0.1
@@ -42,7 +42,7 @@ class AsyncDiffusionEngine:
     step ends. A step holds only requests that can share pipeline calls (same size, steps, ...).
     ``step()`` runs in a thread, so the event loop never blocks on generation. With ``--scheduling
     step`` (engine.scheduling) each request is a step of its own, sent as soon as one of
-    ``max_batch_size`` slots per worker is free: the workers' running sets batch them at every
+    ``step_mode_room`` slots per rank group is free: the workers' running sets batch them at every
     denoising step, and each returns when it is done.
 
     Admission: more than ``max_queue_size`` queued images is EngineOverloadedError (429); a
@@ -61,7 +61,7 @@ class AsyncDiffusionEngine:
         config = engine.od_config
         self._step_capacity = config.max_batch_size * config.num_rank_groups
         self._step_mode = engine.scheduling == "step"
-        depth = self._step_capacity if self._step_mode else PIPELINE_DEPTH
+        depth = config.step_mode_room * config.num_rank_groups if self._step_mode else PIPELINE_DEPTH
         self._max_queue_size = config.max_queue_size
         self._request_timeout_s = config.request_timeout_s
         self.draining = False

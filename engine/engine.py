@@ -136,6 +136,8 @@ class DiffusionEngine:
         self.defaults = defaults_in_force(od_config, self.model_info)
         # request or step (--scheduling): whether a step carries one request the workers run in their running set.
         self.scheduling = self._scheduling_in_force()
+        # Step mode: images sent to each rank group and not answered yet (see _route).
+        self._images_in_flight = [0] * od_config.num_rank_groups
         for rank in range(od_config.num_gpus):
             metrics.WORKER_UP.labels(od_config.model_name, str(rank)).set(1)
         if od_config.compile != "none":
@@ -148,17 +150,9 @@ class DiffusionEngine:
 
     def _scheduling_in_force(self) -> str:
         """--scheduling, or request with one line why when step mode cannot run here."""
-        config = self.od_config
-        if config.scheduling == "request":
+        if self.od_config.scheduling == "request":
             return "request"
-        backend = config.distributed_executor_backend
-        if backend != "mp":
-            name = backend if isinstance(backend, str) else backend.__name__
-            refusal = f"backend {name} answers whole calls (step mode runs on backend mp)"
-        elif config.num_rank_groups > 1:
-            refusal = "data parallel ranks split each step, and step mode sends one request per step"
-        else:
-            refusal = self.model_info.get("step_mode_refusal")
+        refusal = self.model_info.get("step_mode_refusal")
         if refusal is not None:
             logger.warning("--scheduling step runs as request: %s", refusal)
             return "request"
@@ -326,7 +320,7 @@ class DiffusionEngine:
                 )
         return [outputs[request.request_id] for request in requests]
 
-    def _on_progress(self, progress: WorkerProgress | RunningSetIteration) -> None:
+    def _on_progress(self, progress: WorkerProgress) -> None:
         if isinstance(progress, RunningSetIteration):  # a metric, not a request's progress
             model_name = self.od_config.model_name
             metrics.RUNNING_SET_SIZE.labels(model_name, str(progress.rank)).set(progress.running)
@@ -340,9 +334,13 @@ class DiffusionEngine:
 
     def _generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
         self._raise_if_dead()
+        group = self._route(requests)
         try:
             # Straight to the executor: step() prepared these requests already.
-            shards: list[list[RequestOutput]] = self.executor.collective_rpc("generate_shard", args=(requests,))
+            kwargs = {} if group is None else {"group": group}
+            shards: list[list[RequestOutput]] = self.executor.collective_rpc(
+                "generate_shard", args=(requests,), kwargs=kwargs
+            )
             # A rank group's leader answers for it; its other ranks made the same images with it.
             shards = shards[:: self.od_config.rank_group_size]
         except RpcTimeoutError as error:
@@ -351,7 +349,21 @@ class DiffusionEngine:
             raise from_executor_error(error) from error
         except (WorkerDiedError, WorkerRpcError) as error:
             raise from_executor_error(error) from error
+        finally:
+            if group is not None:
+                with self._lock:
+                    self._images_in_flight[group] -= sum(request.num_images for request in requests)
         return [reply for shard in shards for reply in shard]
+
+    def _route(self, requests: list[OmniDiffusionRequest]) -> int | None:
+        """Step mode with data parallel: the rank group with the most free room (the fewest images sent
+        and not answered yet) takes the whole step. None: every group takes its share (group_shares)."""
+        if self.scheduling != "step" or self.od_config.num_rank_groups == 1:
+            return None
+        with self._lock:
+            group = min(range(len(self._images_in_flight)), key=self._images_in_flight.__getitem__)
+            self._images_in_flight[group] += sum(request.num_images for request in requests)
+        return group
 
     # -- executor ------------------------------------------------------------------------------
     def collective_rpc(

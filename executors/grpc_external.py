@@ -32,12 +32,13 @@ from executors.base import (
     check_rank_group,
 )
 from executors.external import HEALTH_CHECK_TIMEOUT_S, ExternalDiffusionExecutor
-from workers.data import OmniDiffusionRequest, RequestOutput, shard_requests
+from workers.data import OmniDiffusionRequest, RequestOutput, group_shares
 from workers.grpc_messages import (
     MAX_MESSAGE_BYTES,
     output_from_proto,
     partial_from_proto,
     request_to_proto,
+    running_set_iteration_from_proto,
     step_progress_from_proto,
 )
 from workers.proto import worker_pb2 as pb
@@ -120,7 +121,10 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
         self._dead: dict[int, str] = {}  # rank -> why it cannot be used
         self._cancels: set[grpc.Future] = set()  # fire-and-forget Cancel calls, held until they end
         # One thread per rank reads its Generate stream; PIPELINE_DEPTH steps may be in flight.
-        self._streams = ThreadPoolExecutor(max(4, 4 * config.num_gpus), thread_name_prefix="imagegen-grpc")
+        # A thread reads each open Generate stream: in step mode up to step_mode_room per rank.
+        self._streams = ThreadPoolExecutor(
+            config.num_gpus * max(4, config.step_mode_room), thread_name_prefix="imagegen-grpc"
+        )
         super()._init_executor()
 
     # -- connecting --------------------------------------------------------------------------------
@@ -232,7 +236,11 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
             size = self.od_config.rank_group_size
             shares = (
                 [requests] * len(workers) if whole
-                else [group for group in shard_requests(requests, len(workers) // size) for _ in range(size)]
+                else [
+                    share
+                    for share in group_shares(requests, len(workers) // size, kwargs.get("group"))
+                    for _ in range(size)
+                ]
             )
             replies = self._generate(method, workers, shares, timeout)
         else:
@@ -286,6 +294,8 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
                     self._report_progress(partial_from_proto(event.partial_image))
                 elif event.HasField("step_progress"):
                     self._report_progress(step_progress_from_proto(event.step_progress))
+                elif event.HasField("running_set_iteration"):
+                    self._report_progress(running_set_iteration_from_proto(event.running_set_iteration))
                 else:
                     return [output_from_proto(output) for output in event.reply.outputs]
             raise WorkerRpcError(f"the worker at {worker.address} ended Generate without a reply")

@@ -23,6 +23,7 @@ except ImportError as error:  # Ray is an optional extra
 
 from executors.base import WorkerStartupError
 from executors.ray_external import RayDiffusionWorkerActor, RayExternalDiffusionExecutor, connect_ray, release_ray
+from workers.ray_actor import MAX_CONCURRENT_CALLS
 
 __all__ = ["RayDiffusionExecutor"]
 
@@ -83,6 +84,7 @@ class RayDiffusionExecutor(RayExternalDiffusionExecutor):
             num_gpus=self._num_gpus,
             num_cpus=self._num_cpus,
             resources=self._rank_resources[rank],
+            max_concurrency=max(MAX_CONCURRENT_CALLS, self.od_config.step_mode_room + 4),
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self._placement_group, placement_group_bundle_index=rank
             ),

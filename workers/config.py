@@ -130,7 +130,7 @@ class OmniDiffusionConfig(BaseSettings):
     scheduling: Literal["request", "step"] = Field(
         "request",
         description="request: a step is whole generations; step: requests join and leave a worker's running set "
-        "at every denoising step (mp backend, SD and Flux text-to-image; the rest runs as request)",
+        "at every denoising step (SD and Flux text-to-image; the rest runs as request)",
     )
     rpc_timeout_s: float = Field(300.0, gt=0, description="longest a worker may take for one call")
     worker_start_timeout_s: float = Field(600.0, gt=0, description="longest a worker may take to load its model")
@@ -431,6 +431,12 @@ class OmniDiffusionConfig(BaseSettings):
     def rank_group_size(self) -> int:
         """Ranks that make each image together: cfg_parallel_size x ulysses_degree x ring_degree."""
         return self.cfg_parallel_size * self.ulysses_degree * self.ring_degree
+
+    @property
+    def step_mode_room(self) -> int:
+        """Requests step mode keeps sent to each rank group at once: twice what its running set takes,
+        so that the worker chooses each iteration's batch among them (workers.step_batching.RunningSet)."""
+        return 2 * self.max_batch_size
 
     def rank_group_of(self, rank: int) -> range:
         """The ranks of ``rank``'s group, its leader first: rank r is rank r % size of group r // size."""

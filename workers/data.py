@@ -180,18 +180,18 @@ class StepProgress:
     total_steps: int
 
 
-# What a worker hands its host's progress sink while a call runs, ahead of the call's reply.
-WorkerProgress = PartialImageOutput | StepProgress
-
-
 @dataclass(frozen=True)
 class RunningSetIteration:
     """One iteration of a worker's running set (step mode): the requests left in it, and how many joined.
-    The mp worker sends it like progress, on a call still running; the engine turns it into metrics."""
+    A worker host sends it like progress, on a call still running; the engine turns it into metrics."""
 
     rank: int
     running: int
     admitted: int
+
+
+# What a worker's host sends on while a call runs, ahead of the call's reply.
+WorkerProgress = PartialImageOutput | StepProgress | RunningSetIteration
 
 
 @dataclass
@@ -237,3 +237,15 @@ def shard_requests(requests: list[OmniDiffusionRequest], num_shards: int) -> lis
             shards[min(num_shards - 1, int(middle * num_shards / total))].append(request)
             done += request.num_images
     return shards
+
+
+def group_shares(
+    requests: list[OmniDiffusionRequest], num_groups: int, group: int | None = None
+) -> list[list[OmniDiffusionRequest]]:
+    """Each rank group's share of a step: shard_requests's split, or every request for ``group`` when the
+    caller chose one (step mode sends each request to the group with the most free room)."""
+    if group is None:
+        return shard_requests(requests, num_groups)
+    if not 0 <= group < num_groups:
+        raise ValueError(f"group must be between 0 and {num_groups - 1}, got {group}")
+    return [requests if index == group else [] for index in range(num_groups)]

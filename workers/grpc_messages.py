@@ -12,7 +12,14 @@ import math
 
 import numpy as np
 
-from workers.data import OmniDiffusionRequest, PartialImageOutput, RequestOutput, StepProgress, Usage
+from workers.data import (
+    OmniDiffusionRequest,
+    PartialImageOutput,
+    RequestOutput,
+    RunningSetIteration,
+    StepProgress,
+    Usage,
+)
 from workers.proto import worker_pb2 as pb
 
 # Both ends raise gRPC's 4 MiB default to this, each way. A step of max_batch_size (8) edits at
@@ -98,6 +105,14 @@ def step_progress_to_proto(progress: StepProgress) -> pb.StepProgress:
 
 def step_progress_from_proto(message: pb.StepProgress) -> StepProgress:
     return StepProgress(message.request_id, message.step, message.total_steps)
+
+
+def running_set_iteration_to_proto(iteration: RunningSetIteration) -> pb.RunningSetIteration:
+    return pb.RunningSetIteration(rank=iteration.rank, running=iteration.running, admitted=iteration.admitted)
+
+
+def running_set_iteration_from_proto(message: pb.RunningSetIteration) -> RunningSetIteration:
+    return RunningSetIteration(message.rank, message.running, message.admitted)
 
 
 def output_to_proto(output: RequestOutput) -> pb.RequestOutput:

@@ -28,19 +28,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from workers.config import OmniDiffusionConfig
-from workers.data import PartialImageOutput, StepProgress
+from workers.data import PartialImageOutput, RunningSetIteration, StepProgress
 from workers.grpc_messages import (
     MAX_MESSAGE_BYTES,
     output_to_proto,
     partial_to_proto,
     request_from_proto,
+    running_set_iteration_to_proto,
     step_progress_to_proto,
 )
 from workers.logs import configure_logging
 from workers.proto import worker_pb2 as pb
 from workers.proto import worker_pb2_grpc as pb_grpc
 from workers.rank_group import RankGroupError
-from workers.streaming import pipeline_thread, stream_call
+from workers.streaming import PipelineThread
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,8 @@ HEALTH_SERVICE_NAMES = ("", SERVICE_NAME)
 EXECUTE_RPC_METHODS = ("describe", "get_logs", "get_rank", "load_lora_adapter", "unload_lora_adapter")
 # Those of them that change the pipeline: they run on its thread, between generations.
 _PIPELINE_METHODS = ("load_lora_adapter", "unload_lora_adapter")
-# Threads answering calls: one per generation waiting for the pipeline (the engine keeps two steps
-# in flight), and the rest for Cancel, GetRank and health checks, which must never wait behind them.
+# Threads answering calls beside step mode's step_mode_room open generations: the engine's two steps
+# in flight in request mode, and Cancel, GetRank and health checks, which must never wait behind them.
 _SERVER_THREADS = 16
 SERVER_OPTIONS = [
     # gRPC shares ports by default (SO_REUSEPORT): a second worker on a port in use must fail, not split its calls.
@@ -153,7 +154,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
 class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
     """The DiffusionWorker service over one WorkerWrapperBase.
 
-    Generate and Shutdown run on the pipeline thread, one at a time in arrival order (the
+    Generate and the adapter calls run on the pipeline thread, one at a time in arrival order (the
     pipeline is not thread-safe); the other calls run on the server's threads at once, so a
     cancellation reaches a generation while it denoises.
     """
@@ -171,9 +172,7 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
         self._request_stop = request_stop
         self._description: dict | None = None  # set once the model is loaded
         # Loading and every pipeline call run here, so that torch runs on one thread of this process.
-        self._pipeline_thread = pipeline_thread(od_config.cpu_threads_per_rank)
-        # When the pipeline call now running started; read by the hang watch.
-        self._running_since: float | None = None
+        self._pipeline = PipelineThread(worker, od_config.cpu_threads_per_rank).start()
         self.stopping = threading.Event()
         # Set when this rank's group broke (a peer gone or hung): the worker leaves, exit code 1, so that
         # its owner starts it again and the whole group forms anew.
@@ -194,7 +193,7 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
         (504), so an orchestrator's liveness probe should replace this worker; SERVING again if it ends."""
         hung = False
         while not self.stopping.wait(_HANG_CHECK_INTERVAL_S):
-            started = self._running_since
+            started = self._pipeline.busy_since
             now_hung = started is not None and time.monotonic() - started > self._od_config.rpc_timeout_s
             if now_hung != hung:
                 hung = now_hung
@@ -211,16 +210,6 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
     def _require_loaded(self, context: grpc.ServicerContext) -> None:
         if self._description is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"rank {self._worker.rank} is still loading its model")
-
-    def _timed(self, call: Callable[[], Any]) -> Callable[[], Any]:
-        def run() -> Any:
-            self._running_since = time.monotonic()
-            try:
-                return call()
-            finally:
-                self._running_since = None
-
-        return run
 
     # -- calls -------------------------------------------------------------------------------------
     def Initialize(self, request: pb.InitializeRequest, context: grpc.ServicerContext) -> pb.InitializeReply:
@@ -246,12 +235,13 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
 
         context.add_callback(on_rpc_end)
         try:
-            generate = self._timed(lambda: self._worker.generate(requests))
-            for item in stream_call(self._pipeline_thread, self._worker, generate):
+            for item in self._pipeline.stream("generate", (requests,)):
                 if isinstance(item, PartialImageOutput):
                     yield pb.GenerateEvent(partial_image=partial_to_proto(item))
                 elif isinstance(item, StepProgress):
                     yield pb.GenerateEvent(step_progress=step_progress_to_proto(item))
+                elif isinstance(item, RunningSetIteration):
+                    yield pb.GenerateEvent(running_set_iteration=running_set_iteration_to_proto(item))
                 else:
                     finished.set()
                     yield pb.GenerateEvent(reply=pb.GenerateReply(outputs=[output_to_proto(o) for o in item]))
@@ -287,11 +277,10 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "args_json must be a JSON array and kwargs_json an object")
         self._require_loaded(context)
         try:
-            call = getattr(self._worker, request.method)
             if request.method in _PIPELINE_METHODS:
-                result = self._pipeline_thread.submit(call, *args, **kwargs).result()
+                result = self._pipeline.call(request.method, tuple(args), kwargs).result()
             else:
-                result = call(*args, **kwargs)
+                result = getattr(self._worker, request.method)(*args, **kwargs)
             return pb.ExecuteRpcReply(result_json=json.dumps(result))
         except Exception as error:  # noqa: BLE001 - the caller gets the message, the worker lives on
             context.abort(grpc.StatusCode.UNKNOWN, _describe(error))
@@ -303,13 +292,15 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
 
     def load(self) -> dict:
         """Load the model on the pipeline thread; its description."""
-        return self._pipeline_thread.submit(self._worker.initialize).result()
+        description = self._pipeline.submit(self._worker.initialize).result()
+        self._pipeline.use_step_loop()
+        return description
 
     def close(self) -> None:
         """After the server stopped: wait for the pipeline call, then release the pipeline."""
         self.stopping.set()
-        self._pipeline_thread.submit(self._worker.shutdown)
-        self._pipeline_thread.shutdown(wait=True)
+        self._pipeline.submit(self._worker.shutdown)
+        self._pipeline.shutdown(wait=True)
 
 
 # -- the program ----------------------------------------------------------------------------------
@@ -339,7 +330,7 @@ def run_worker(od_config: OmniDiffusionConfig) -> int:
     for name in HEALTH_SERVICE_NAMES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     interceptors = [TokenInterceptor(od_config.worker_token)] if od_config.worker_token else []
-    server = grpc.server(ThreadPoolExecutor(_SERVER_THREADS), interceptors=interceptors, options=SERVER_OPTIONS)
+    server = grpc.server(ThreadPoolExecutor(od_config.step_mode_room + _SERVER_THREADS), interceptors=interceptors, options=SERVER_OPTIONS)
     servers = [server]
     stopped = threading.Event()
 

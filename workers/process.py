@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 from workers.config import OmniDiffusionConfig
 from workers.data import WorkerProgress
 from workers.logs import configure_logging
+from workers.streaming import PipelineThread
 
 logger = logging.getLogger(__name__)
 
@@ -107,55 +109,38 @@ def _read_cancellations(worker: Any, cancellations: Connection) -> None:
 
 
 def _serve(worker: Any, conn: Connection) -> None:
-    """Answer calls in order; in step mode, between the running set's iterations, and generate calls
-    are answered as their requests finish (see workers.step_batching.StepLoop)."""
-    step_loop = _step_loop(worker)
+    """Answer calls on this thread (the one that loaded the model), in order; in step mode, generate
+    calls are answered as their requests finish (see workers.streaming.PipelineThread). A thread reads
+    the calls; only this one sends on ``conn``."""
+    pipeline = PipelineThread(worker)
+    pipeline.use_step_loop()
 
-    def send_progress(call_id: int, progress: WorkerProgress) -> None:
-        conn.send(RpcProgress(call_id, progress))  # only this thread sends on conn
-
-    while True:
-        # Block for the next call when nothing runs; else take only the calls already there.
-        while step_loop is None or step_loop.idle or conn.poll():
+    def read_calls() -> None:
+        while True:
             try:
                 call = conn.recv()
             except (EOFError, OSError):
-                return  # the engine closed its end
+                call = None  # the engine closed its end
             if call is None:
+                pipeline.shutdown(wait=False)
                 return
-            if step_loop is not None and call.method in step_loop.METHODS:
-                try:
-                    step_loop.submit(call.call_id, call.method, *call.args, send=send_progress, **call.kwargs)
-                except Exception as error:  # noqa: BLE001 - the caller gets the message, the worker lives on
-                    conn.send(RpcReply(call.call_id, False, f"{type(error).__name__}: {error}"))
-                continue
-            # The call's progress goes out at once, tagged with it.
-            worker.progress_sink = lambda progress, call_id=call.call_id: send_progress(call_id, progress)
-            conn.send(_answer(worker, call))
-        for call_id, outputs in step_loop.iterate(send_progress):
-            conn.send(RpcReply(call_id, True, outputs))
+            pipeline.call(
+                call.method,
+                call.args,
+                call.kwargs,
+                sink=lambda progress, call_id=call.call_id: conn.send(RpcProgress(call_id, progress)),
+                on_done=lambda future, call_id=call.call_id: conn.send(_reply(call_id, future)),
+            )
+
+    threading.Thread(target=read_calls, name="calls", daemon=True).start()
+    pipeline.run()
 
 
-def _answer(worker: Any, call: RpcCall) -> RpcReply:
-    try:
-        if call.method.startswith("_"):
-            raise AttributeError(f"'{call.method}' is not a public worker method")
-        return RpcReply(call.call_id, True, getattr(worker, call.method)(*call.args, **call.kwargs))
-    except Exception as error:  # noqa: BLE001 - the caller gets the message, the worker lives on
-        return RpcReply(call.call_id, False, f"{type(error).__name__}: {error}")
-
-
-def _step_loop(worker: Any):
-    """The worker's StepLoop when --scheduling step and its pipeline can (else None, with one line why)."""
-    if worker.od_config.scheduling != "step":
-        return None
-    from workers.step_batching import StepLoop, step_mode_refusal
-
-    refusal = step_mode_refusal(worker)
-    if refusal is not None:
-        logger.info("rank %d: --scheduling step runs as request: %s", worker.rank, refusal)  # the engine warns
-        return None
-    return StepLoop(worker)
+def _reply(call_id: int, future: Future) -> RpcReply:
+    error = future.exception()
+    if error is not None:
+        return RpcReply(call_id, False, f"{type(error).__name__}: {error}")
+    return RpcReply(call_id, True, future.result())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,12 +23,16 @@ except ImportError as error:  # Ray is an optional extra
 from workers.config import OmniDiffusionConfig
 from workers.data import OmniDiffusionRequest, RequestOutput
 from workers.logs import configure_logging
-from workers.streaming import pipeline_thread, stream_call
+from workers.streaming import PipelineThread
 
 logger = logging.getLogger(__name__)
 
 # get_rank() and cancel() run in their own thread, so they never queue behind a generation.
 HEALTH_CONCURRENCY_GROUP = "health"
+# Calls the actor takes at once. They all wait on its one pipeline thread, which runs them in order;
+# in step mode the engine keeps up to step_mode_room generate calls open per rank, as they join and
+# leave the running set (backend ray sets this to fit; an actor someone else starts has this default).
+MAX_CONCURRENT_CALLS = 64
 
 
 def _describe(error: BaseException) -> str:
@@ -35,13 +40,14 @@ def _describe(error: BaseException) -> str:
 
 
 # num_gpus=1 is only the default: .options(num_gpus=0, num_cpus=k) runs the same actor on CPUs.
-@ray.remote(num_gpus=1, concurrency_groups={HEALTH_CONCURRENCY_GROUP: 1})
+@ray.remote(num_gpus=1, max_concurrency=MAX_CONCURRENT_CALLS, concurrency_groups={HEALTH_CONCURRENCY_GROUP: 1})
 class RayDiffusionWorkerActor:
     """Owns rank ``rank``'s device and pipeline.
 
     Create it with ``RayDiffusionWorkerActor.options(num_gpus=..., name=...).remote(rank=rank,
-    od_config=config)`` and call ``initialize()`` before use. Methods other than ``get_rank`` run
-    one at a time, in the order they arrive: the pipeline is not thread-safe.
+    od_config=config)`` and call ``initialize()`` before use. Whatever touches the pipeline runs on
+    its one thread (workers.streaming.PipelineThread), in the order the calls arrive: the pipeline is
+    not thread-safe. In step mode generate calls share that thread's running set.
     """
 
     def __init__(self, rank: int, od_config: OmniDiffusionConfig):
@@ -52,12 +58,13 @@ class RayDiffusionWorkerActor:
         self.od_config = od_config
         self._worker = WorkerWrapperBase(rank, od_config)
         self._description: dict | None = None
+        self._initializing = threading.Lock()
         # One thread per CPU that Ray reserved for this actor; without a CPU reservation, the
         # machine's cores split over the ranks, as the mp backend does.
         reserved = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
         # Every method that touches the pipeline runs its work here (execute_rpc_streaming while it
         # yields the call's progress), so that torch runs on one thread of this process.
-        self._pipeline_thread = pipeline_thread(reserved or od_config.cpu_threads_per_rank)
+        self._pipeline = PipelineThread(self._worker, reserved or od_config.cpu_threads_per_rank).start()
 
     def initialize(self, rank_group_address: str | None = None) -> dict:
         """Load the model. Idempotent: a second call reports the first one's result.
@@ -68,14 +75,19 @@ class RayDiffusionWorkerActor:
         Returns ``{"status": "ready", ...}`` with the model description, the number of ranks this
         actor was configured for and its Ray node, or ``{"status": "error", "error": ..., "rank": ...}``.
         """
+        with self._initializing:  # calls run concurrently: one load, whoever calls first
+            return self._initialize(rank_group_address)
+
+    def _initialize(self, rank_group_address: str | None) -> dict:
         if self._description is None:
             if rank_group_address is not None:
                 self.od_config.rank_group_address = rank_group_address  # the worker reads this very object
             try:
-                self._description = self._pipeline_thread.submit(self._worker.initialize).result()
+                self._description = self._pipeline.submit(self._worker.initialize).result()
             except Exception as error:  # noqa: BLE001 - the caller gets one clear line
                 logger.exception("rank %d failed to initialize", self.rank)
                 return {"status": "error", "error": _describe(error), "rank": self.rank}
+            self._pipeline.use_step_loop()
         return {
             "status": "ready",
             **self._description,
@@ -89,38 +101,43 @@ class RayDiffusionWorkerActor:
         Returns its result, or ``{"status": "error", "error": ..., "rank": ...}`` when it raised:
         the actor lives on and the executor turns the dict into an exception.
         """
-        return self._pipeline_thread.submit(self._execute_rpc, method, args, kwargs).result()
-
-    def _execute_rpc(self, method: str, args: tuple, kwargs: dict | None) -> Any:
         try:
-            if method.startswith("_"):
-                raise AttributeError(f"'{method}' is not a public worker method")
-            # get_logs too: the logs are how an owner finds out why initialize() failed.
-            if self._description is None and method not in ("get_rank", "get_logs", "initialize"):
-                raise RuntimeError(f"rank {self.rank} is not initialized: call initialize() first")
-            return getattr(self._worker, method)(*args, **(kwargs or {}))
+            self._check_callable(method)
+            return self._pipeline.call(method, args, kwargs).result()
         except Exception as error:  # noqa: BLE001 - reported to the caller; only a broken rank group ends the actor
-            from workers.rank_group import RankGroupError  # torch: only inside the actor process
-
-            if isinstance(error, RankGroupError):
-                # The group is broken: leave, so that the actor's owner starts the group again (backend
-                # ray replaces the whole group when it sees this actor die).
-                logger.error("rank %d leaves: %s", self.rank, error)
-                logging.shutdown()
-                os._exit(1)
-            return {"status": "error", "error": _describe(error), "rank": self.rank}
+            return self._error_reply(error)
 
     @ray.method(num_returns="streaming")
     def execute_rpc_streaming(self, method: str, args: tuple = (), kwargs: dict | None = None) -> Iterator[Any]:
-        """execute_rpc as a Ray streaming generator: yields each PartialImageOutput and StepProgress
-        the call makes, as soon as it is made, and the call's reply last."""
-        yield from stream_call(self._pipeline_thread, self._worker, lambda: self._execute_rpc(method, args, kwargs))
+        """execute_rpc as a Ray streaming generator: yields each PartialImageOutput, StepProgress and
+        RunningSetIteration the call makes, as soon as it is made, and the call's reply last."""
+        try:
+            self._check_callable(method)
+            yield from self._pipeline.stream(method, args, kwargs)
+        except Exception as error:  # noqa: BLE001 - as execute_rpc
+            yield self._error_reply(error)
+
+    def _check_callable(self, method: str) -> None:
+        # get_logs too: the logs are how an owner finds out why initialize() failed.
+        if self._description is None and method not in ("get_rank", "get_logs", "initialize"):
+            raise RuntimeError(f"rank {self.rank} is not initialized: call initialize() first")
+
+    def _error_reply(self, error: Exception) -> dict:
+        from workers.rank_group import RankGroupError  # torch: only inside the actor process
+
+        if isinstance(error, RankGroupError):
+            # The group is broken: leave, so that the actor's owner starts the group again (backend
+            # ray replaces the whole group when it sees this actor die).
+            logger.error("rank %d leaves: %s", self.rank, error)
+            logging.shutdown()
+            os._exit(1)
+        return {"status": "error", "error": _describe(error), "rank": self.rank}
 
     def generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
         """Generate every request on this rank (pipeline failures are reported per request)."""
         if self._description is None:
             raise RuntimeError(f"rank {self.rank} is not initialized: call initialize() first")
-        return self._pipeline_thread.submit(self._worker.generate, requests).result()
+        return self._pipeline.call("generate", (requests,)).result()
 
     def free_address(self) -> str:
         """<this node's IP>:<a port free on it now>: where a rank group led by this actor can meet."""
@@ -139,5 +156,5 @@ class RayDiffusionWorkerActor:
 
     def shutdown(self) -> None:
         """Release the pipeline (and GPU memory). The actor process stays until its owner kills it."""
-        self._pipeline_thread.submit(self._worker.shutdown).result()
+        self._pipeline.submit(self._worker.shutdown).result()
         self._description = None

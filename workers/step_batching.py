@@ -15,6 +15,7 @@ workers/denoise_loops.py.
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -42,6 +43,10 @@ CANCELLED = "cancelled: the client went away"
 
 def step_mode_refusal(worker: WorkerWrapperBase) -> str | None:
     """Why ``worker`` cannot run step mode (None: it can). The caller logs it and runs request mode."""
+    if worker.od_config.compile != "none":
+        # The warm-up compiles request mode's calls; a running set's per-sample timesteps and changing
+        # batch would recompile at every new batch size.
+        return f"--compile {worker.od_config.compile} is warmed up for request mode's calls"
     pipeline = worker.pipeline
     name = type(pipeline).__name__
     if name not in STEP_LOOPS:
@@ -68,10 +73,14 @@ class RunningSet:
     """The requests one worker is denoising, advanced together one step per ``iterate()``.
 
     ``add()`` queues requests (filled in, see workers.data.with_defaults, and admissible:
-    ``request_refusal`` is None). Each iteration admits queued requests in arrival order while they
-    share the running set's ``step_key`` and fit in ``max_batch_size`` images; the first that does not
-    waits, and everything behind it, so no request starves. A request's text is encoded when it joins.
-    Cancelled requests (WorkerWrapperBase.cancel) leave at the next iteration.
+    ``request_refusal`` is None). Each request has a deadline: the iteration it would finish at had it
+    run from its arrival without a pause, its arrival plus its step count. Each iteration's denoiser
+    call takes the earliest deadlines, up to ``max_batch_size`` images, among the requests that share
+    the running set's ``step_key``; the others wait, paused with their latents and scheduler. So a
+    4-step request that arrives behind 40-step ones goes first, and a 40-step one still runs once its
+    deadline is the earliest: no request starves. A waiting request with another key stops the
+    requests behind it from joining until the running set has drained. A request's text is encoded
+    when it first joins a call. Cancelled requests (WorkerWrapperBase.cancel) leave at the next iteration.
 
     It is part of its worker: it reads the worker's cancellations and usage counting directly.
     """
@@ -82,8 +91,11 @@ class RunningSet:
         self.worker = worker
         self.pipeline = worker.pipelines["text2img"]
         self.max_images = worker.od_config.max_batch_size
-        self.running: list[RunningRequest] = []
-        self.waiting: deque[OmniDiffusionRequest] = deque()
+        self.running: list[RunningRequest] = []  # started: in the latest denoiser call, or paused
+        self.waiting: deque[OmniDiffusionRequest] = deque()  # not started yet, in arrival order
+        self.batch: list[RunningRequest] = []  # the requests of the latest denoiser call (once it ends: those left)
+        self.iteration = 0
+        self._deadlines: dict[str, int] = {}  # request id -> its arrival iteration plus its step count
         self._loop = None  # the family's loop, made for the running set's key
         self._key: tuple | None = None
         # Requests admitted by the latest iteration (a metric: admissions per iteration).
@@ -92,8 +104,8 @@ class RunningSet:
 
     @property
     def size(self) -> int:
-        """Requests in the running set now (the running-set metric)."""
-        return len(self.running)
+        """Requests of the latest denoiser call that are still running (the running-set metric)."""
+        return len(self.batch)
 
     @property
     def idle(self) -> bool:
@@ -105,6 +117,8 @@ class RunningSet:
         for request in requests:
             if (refusal := request_refusal(request)) is not None:
                 raise ValueError(refusal)
+        for request in requests:
+            self._deadlines[request.request_id] = self.iteration + request.num_inference_steps
         self.waiting.extend(requests)
 
     @torch.inference_mode()
@@ -119,16 +133,19 @@ class RunningSet:
         timer = StageTimer(self.pipeline, worker.device)
         with worker.levers.pipeline_call(self.pipeline, False) as call, timer:
             outputs += self._admit()
-            if self.running:
+            if self.batch:
                 leaving = self._step(sink)
-        # Each request counts the seconds of every iteration it was in; the graphs compiled, once.
-        served = self.running + leaving
-        for r in served:
+                self.iteration += 1
+        # Each request counts the seconds of every call it was in; the graphs compiled, once.
+        for r in self.batch:
             for stage, seconds in timer.seconds.items():
                 r.stage_seconds[stage] += seconds
-        if served:
-            served[0].compiled_graphs += call["compiled_graphs"]
+        if self.batch:
+            self.batch[0].compiled_graphs += call["compiled_graphs"]
+        self.batch = [r for r in self.batch if all(r is not other for other in leaving)]
         outputs += [self._output(r) for r in leaving]
+        for output in outputs:
+            self._deadlines.pop(output.request_id, None)
         if not self.running:
             self._key = self._loop = None
             self.pipeline.maybe_free_model_hooks()  # offload hooks re-armed, as at the end of a pipeline call
@@ -146,55 +163,69 @@ class RunningSet:
         return [RequestOutput(r.request_id, [], r.seed, self.worker.rank, CANCELLED) for r in left]
 
     def _admit(self) -> list[RequestOutput]:
-        """Start the waiting requests that may join now; returns those that failed to start."""
-        failed = []
-        images = sum(r.request.num_images for r in self.running)
-        self.admitted = 0
-        while self.waiting:
-            request = self.waiting[0]
-            if self.running and (request.step_key() != self._key or images + request.num_images > self.max_images):
+        """Choose this iteration's batch (earliest deadlines first, see the class docstring) and start its
+        requests that had not started; returns those that failed to start."""
+        if not self.running and self.waiting:  # the oldest waiting request sets what the running set runs
+            first = self.waiting[0]
+            guidance = first.guidance_scale if first.guidance_scale is not None else self._default_guidance
+            self._key = first.step_key()
+            self._loop = STEP_LOOPS[type(self.pipeline).__name__](self.pipeline, guidance)
+        joinable = list(itertools.takewhile(lambda request: request.step_key() == self._key, self.waiting))
+        candidates = sorted(
+            [(r.request, r) for r in self.running] + [(request, None) for request in joinable],
+            key=lambda candidate: self._deadlines[candidate[0].request_id],  # sorted() is stable: ties by arrival
+        )
+        chosen, images = [], 0
+        for request, started in candidates:
+            if chosen and images + request.num_images > self.max_images:
                 break
-            self.waiting.popleft()
-            if not self.running:  # the first request sets what the running set runs
-                guidance = request.guidance_scale if request.guidance_scale is not None else self._default_guidance
-                self._key, self._loop = request.step_key(), STEP_LOOPS[type(self.pipeline).__name__](
-                    self.pipeline, guidance
-                )
-            try:
-                # The adapter changes the text encoder too: in effect before the prompt is encoded.
-                self.worker.loras.activate(request.lora_name, request.lora_scale)
-                scheduler = type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
-                generators = [torch.Generator().manual_seed(seed) for seed in request.image_seeds()]
-                self.running.append(self._loop.start(request, scheduler, generators))
-            except Exception as error:  # noqa: BLE001 - reported for this request, the others go on
-                logger.exception("rank %d: request %s failed to start", self.worker.rank, request.request_id)
-                failed.append(RequestOutput(request.request_id, [], request.seed, self.worker.rank, _describe(error)))
-                continue
+            chosen.append((request, started))
             images += request.num_images
-            self.admitted += 1
+        starting = {request.request_id for request, started in chosen if started is None}
+        self.waiting = deque(request for request in self.waiting if request.request_id not in starting)
+        failed, self.batch, self.admitted = [], [], 0
+        for request, started in chosen:
+            if started is None:
+                try:
+                    started = self._start(request)
+                except Exception as error:  # noqa: BLE001 - reported for this request, the others go on
+                    logger.exception("rank %d: request %s failed to start", self.worker.rank, request.request_id)
+                    failed.append(RequestOutput(request.request_id, [], request.seed, self.worker.rank, _describe(error)))
+                    continue
+                self.running.append(started)
+                self.admitted += 1
+            self.batch.append(started)
         return failed
 
+    def _start(self, request: OmniDiffusionRequest) -> RunningRequest:
+        # The adapter changes the text encoder too: in effect before the prompt is encoded.
+        self.worker.loras.activate(request.lora_name, request.lora_scale)
+        scheduler = type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
+        generators = [torch.Generator().manual_seed(seed) for seed in request.image_seeds()]
+        return self._loop.start(request, scheduler, generators)
+
     def _step(self, sink: Callable[[WorkerProgress], None] | None) -> list[RunningRequest]:
-        """One denoiser call over the running set and each request's scheduler step on its slice;
-        returns the requests that leave (decoded, or failed), removed from the running set."""
-        first = self.running[0].request
+        """One denoiser call over the batch and each request's scheduler step on its slice; returns the
+        requests that leave (decoded, or failed), removed from the running set."""
+        batch = self.batch
+        first = batch[0].request
         try:
             self.worker.loras.activate(first.lora_name, first.lora_scale)
-            prediction = self._loop.predict(self.running)
+            prediction = self._loop.predict(batch)
         except Exception as error:  # noqa: BLE001 - the call was shared: every request in it failed
-            logger.exception("rank %d: a step over %d requests failed", self.worker.rank, len(self.running))
-            for r in self.running:
+            logger.exception("rank %d: a step over %d requests failed", self.worker.rank, len(batch))
+            for r in batch:
                 r.error = _describe(error)
-            leaving, self.running = self.running, []
-            return leaving
+            self.running = [r for r in self.running if all(r is not other for other in batch)]
+            return batch
         start = 0
-        for r in self.running:
+        for r in batch:
             own = prediction[start : start + r.request.num_images]
             start += r.request.num_images
             r.latents = r.scheduler.step(own, r.timestep, r.latents, **r.extra_step_kwargs, return_dict=False)[0]
             r.step += 1
             self._report(r, sink)
-        leaving = [r for r in self.running if r.finished]
+        leaving = [r for r in batch if r.finished]
         self.running = [r for r in self.running if not r.finished]
         for r in leaving:
             r.images = list(to_uint8(decode_latents(self.pipeline, r.latents, r.request.height, r.request.width)))
@@ -252,13 +283,10 @@ class _PendingCall:
 
 
 class StepLoop:
-    """A RunningSet for a host that receives calls one at a time (the mp process loop): the requests of
-    each ``generate`` / ``generate_shard`` call join the running set, and the call is answered, with the
-    same reply request mode gives, once all of them have left it. Requests that cannot join (edits) run
-    at once in request mode, the loop waiting for them."""
-
-    # The worker methods whose requests join the running set; a host runs every other method as a call.
-    METHODS = frozenset({"generate", "generate_shard"})
+    """A RunningSet for a host that receives calls one at a time (workers.streaming.PipelineThread): the
+    requests of each ``generate`` / ``generate_shard`` call join the running set, and the call is answered,
+    with the same reply request mode gives, once all of them have left it. Requests that cannot join
+    (edits) run at once in request mode, the loop waiting for them."""
 
     def __init__(self, worker: WorkerWrapperBase):
         self.worker = worker
@@ -272,12 +300,12 @@ class StepLoop:
         return not self._calls
 
     def submit(self, call_id: Any, method: str, requests: list[OmniDiffusionRequest],
-               send: Callable[[Any, WorkerProgress], None]) -> None:
-        """Take a ``method`` call's requests; ``send(call_id, progress)`` streams the progress of the
-        requests that run in request mode now."""
+               send: Callable[[Any, WorkerProgress], None], group: int | None = None) -> None:
+        """Take a ``method`` call's requests (``group`` as generate_shard takes it); ``send(call_id,
+        progress)`` streams the progress of the requests that run in request mode now."""
         worker = self.worker
         if method == "generate_shard":
-            requests = worker._group_share(requests)
+            requests = worker._group_share(requests, group)
         description = worker.describe()
         requests = [with_defaults(request, worker.od_config, description) for request in requests]
         call = self._calls[call_id] = _PendingCall([request.request_id for request in requests])
@@ -293,7 +321,7 @@ class StepLoop:
         self.running.add(joining)
 
     def iterate(
-        self, send: Callable[[Any, WorkerProgress | RunningSetIteration], None]
+        self, send: Callable[[Any, WorkerProgress], None]
     ) -> list[tuple[Any, list[RequestOutput]]]:
         """One iteration of the running set (when it has anything), its RunningSetIteration sent on; returns
         the calls answered now, with their replies."""
@@ -308,3 +336,11 @@ class StepLoop:
         for call_id, _ in answered:
             del self._calls[call_id]
         return answered
+
+    def abandon(self) -> list[Any]:
+        """After a failure of the running set itself: start afresh; returns the calls left unanswered."""
+        calls = list(self._calls)
+        self.running = RunningSet(self.worker)
+        self._calls.clear()
+        self._call_of.clear()
+        return calls

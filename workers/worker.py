@@ -21,7 +21,7 @@ from workers.data import (
     Usage,
     WorkerProgress,
     defaults_in_force,
-    shard_requests,
+    group_shares,
     with_defaults,
 )
 from workers.levers import Levers, apply_levers, load_device, warm_up
@@ -218,6 +218,9 @@ class WorkerWrapperBase:
         }
 
     def _step_mode_refusal(self) -> str | None:
+        if self.od_config.scheduling != "step":
+            # Workers someone else starts (ray_external, grpc) run with their own settings.
+            return f"rank {self.rank} runs --scheduling {self.od_config.scheduling}; start it with --scheduling step"
         from workers.step_batching import step_mode_refusal  # built on this class: imported when asked
 
         return step_mode_refusal(self)
@@ -287,14 +290,17 @@ class WorkerWrapperBase:
         self._cancelled -= cancelled  # in place: cancel() may be adding to this very set
         return cancelled
 
-    def generate_shard(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
-        """Generate this rank's group's share of a step (see shard_requests)."""
-        return self.generate(self._group_share(requests))
+    def generate_shard(self, requests: list[OmniDiffusionRequest], group: int | None = None) -> list[RequestOutput]:
+        """Generate this rank's group's share of a step (see group_shares: all of it for ``group``, none
+        for the other groups)."""
+        return self.generate(self._group_share(requests, group))
 
-    def _group_share(self, requests: list[OmniDiffusionRequest]) -> list[OmniDiffusionRequest]:
+    def _group_share(
+        self, requests: list[OmniDiffusionRequest], group: int | None = None
+    ) -> list[OmniDiffusionRequest]:
         """The requests of a step that this rank's group makes: every rank computes the same split."""
         config = self.od_config
-        return shard_requests(requests, config.num_rank_groups)[self.rank // config.rank_group_size]
+        return group_shares(requests, config.num_rank_groups, group)[self.rank // config.rank_group_size]
 
     def generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
         """Generate every request, one batched pipeline call per group of compatible requests.

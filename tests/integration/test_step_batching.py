@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 from helpers import assert_pixels_close
+from lora_adapters import make_lora
 
 from workers.config import OmniDiffusionConfig
 from workers.data import OmniDiffusionRequest, PartialImageOutput, StepProgress, with_defaults
@@ -168,6 +169,52 @@ def test_max_batch_size_caps_the_images_in_the_running_set(worker_of):
     assert_same_pixels_as_alone(worker, requests, {**outputs, left[0].request_id: left[0]})
 
 
+def test_a_short_request_at_a_full_running_set_goes_first_while_a_long_one_pauses(worker_of):
+    worker = worker_of("tiny", max_batch_size=2)
+    longs = [filled(worker, 10, 61), filled(worker, 10, 62)]
+    short = filled(worker, 2, 63)
+    running = RunningSet(worker)
+    running.add(longs)
+    running.iterate()
+    running.add([short])  # deadline 1 + 2 = 3, before the longs' 0 + 10
+    in_calls = []
+    outputs, order = {}, []
+    for _ in range(100):  # bounded: 22 steps in all
+        if running.idle:
+            break
+        for output in running.iterate():
+            outputs[output.request_id] = output
+            order.append(output.request_id)
+        in_calls.append(sorted(r.request.request_id for r in running.batch))
+    assert order[0] == short.request_id and running.idle
+    # The cap held: one long paused for the short one's two steps, then both longs ran again.
+    assert in_calls[0] == sorted([short.request_id, longs[0].request_id])
+    assert sorted(in_calls[2]) == sorted(r.request_id for r in longs)
+    # Pausing keeps a request's latents and scheduler: every request has its alone pixels.
+    assert_same_pixels_as_alone(worker, [*longs, short], outputs)
+
+
+def test_requests_with_different_lora_adapters_never_share_a_denoiser_call(worker_of, model_cache, tmp_path):
+    worker = worker_of("tiny", max_batch_size=4)  # its own worker: the adapters stay loaded on it
+    for name, seed in (("sharp", 1), ("pastel", 2)):
+        assert "error" not in worker.load_lora_adapter(name, str(make_lora(tmp_path / name, model_cache, seed)))
+    sharp, pastel = filled(worker, 3, 71, lora_name="sharp", lora_scale=1.0), filled(worker, 3, 72, lora_name="pastel",
+                                                                                     lora_scale=1.0)
+    sharp_too = filled(worker, 2, 73, lora_name="sharp", lora_scale=1.0)
+    running = RunningSet(worker)
+    running.add([sharp, sharp_too, pastel])
+    outputs, order, iterations = {}, [], 0
+    while not running.idle and iterations < 100:  # bounded: 8 steps in all
+        for output in running.iterate():
+            outputs[output.request_id] = output
+            order.append(output.request_id)
+        iterations += 1
+        assert len({r.request.lora_name for r in running.batch}) <= 1
+    # The two sharp requests shared their calls; pastel waited until they had left: 3 + 3 iterations.
+    assert order == [sharp_too.request_id, sharp.request_id, pastel.request_id] and iterations == 6
+    assert_same_pixels_as_alone(worker, [sharp, sharp_too, pastel], outputs)
+
+
 def test_partial_images_and_progress_are_each_requests_own(worker_of):
     worker = worker_of("tiny")
     with_partials = filled(worker, 6, 61, partial_images=2, progress=True)
@@ -196,6 +243,9 @@ def test_unsupported_pipelines_and_edits_are_refused_with_the_reason(worker_of, 
         RunningSet(sd3)
     tiny = worker_of("tiny")
     assert step_mode_refusal(tiny) is None
+    # Decided from the settings, before anything is compiled.
+    compiled = WorkerWrapperBase(0, OmniDiffusionConfig(model="tiny", compile="regional", scheduling="step"))
+    assert step_mode_refusal(compiled) == "--compile regional is warmed up for request mode's calls"
     edit = OmniDiffusionRequest("a red fox", image=tiny.generate([filled(tiny, 1, 0)])[0].images[0])
     assert request_refusal(edit) == "img2img runs in request mode (its pipeline starts from an image)"
     with pytest.raises(ValueError, match="img2img"):

@@ -7,8 +7,7 @@ import pytest
 from PIL import Image
 
 from engine.images import encode_image, to_pil
-from workers.data import OmniDiffusionRequest
-from workers.worker import shard_requests
+from workers.data import OmniDiffusionRequest, shard_requests
 
 
 def request(size: int = 64, images: int = 1) -> OmniDiffusionRequest:

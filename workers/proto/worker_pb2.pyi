@@ -90,6 +90,16 @@ class StepProgress(_message.Message):
     total_steps: int
     def __init__(self, request_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ...) -> None: ...
 
+class RunningSetIteration(_message.Message):
+    __slots__ = ("rank", "running", "admitted")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    running: int
+    admitted: int
+    def __init__(self, rank: _Optional[int] = ..., running: _Optional[int] = ..., admitted: _Optional[int] = ...) -> None: ...
+
 class RequestOutput(_message.Message):
     __slots__ = ("request_id", "images", "seed", "rank", "error", "partial_images", "usage", "stage_seconds")
     class StageSecondsEntry(_message.Message):
@@ -138,14 +148,16 @@ class GenerateRequest(_message.Message):
     def __init__(self, requests: _Optional[_Iterable[_Union[DiffusionRequest, _Mapping]]] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
-    __slots__ = ("partial_image", "reply", "step_progress")
+    __slots__ = ("partial_image", "reply", "step_progress", "running_set_iteration")
     PARTIAL_IMAGE_FIELD_NUMBER: _ClassVar[int]
     REPLY_FIELD_NUMBER: _ClassVar[int]
     STEP_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_SET_ITERATION_FIELD_NUMBER: _ClassVar[int]
     partial_image: PartialImage
     reply: GenerateReply
     step_progress: StepProgress
-    def __init__(self, partial_image: _Optional[_Union[PartialImage, _Mapping]] = ..., reply: _Optional[_Union[GenerateReply, _Mapping]] = ..., step_progress: _Optional[_Union[StepProgress, _Mapping]] = ...) -> None: ...
+    running_set_iteration: RunningSetIteration
+    def __init__(self, partial_image: _Optional[_Union[PartialImage, _Mapping]] = ..., reply: _Optional[_Union[GenerateReply, _Mapping]] = ..., step_progress: _Optional[_Union[StepProgress, _Mapping]] = ..., running_set_iteration: _Optional[_Union[RunningSetIteration, _Mapping]] = ...) -> None: ...
 
 class GenerateReply(_message.Message):
     __slots__ = ("outputs",)
