@@ -1,7 +1,8 @@
-"""The denoising loops of step mode, one per pipeline family: each starts a request (its prompt encoded,
-its initial noise drawn from its own generators, its own scheduler's timesteps set) and predicts the
-noise (or flow) of many requests in one denoiser call, with one timestep per sample. The loop that
-drives them, and the running set, are in workers/step_batching.py.
+"""The denoising loops of step mode, one per pipeline family: each starts the requests that join together
+(their prompts encoded in one call; each request's initial noise drawn from its own generators and its
+own scheduler's timesteps set) and predicts the noise (or flow) of many requests in one denoiser call,
+with one timestep per sample. The loop that drives them, and the running set, are in
+workers/step_batching.py.
 
 diffusers' modular pipelines do not serve here: they have no Stable Diffusion 1.x/2.x blocks, and
 their Flux loop drives one scheduler over one timestep sequence per call. What each loop leaves to
@@ -11,6 +12,7 @@ is workers.worker.decode_latents, the pipeline's own post-processing.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,30 +65,37 @@ class _StableDiffusionLoop:
         self.guidance_scale = guidance_scale
         self.do_cfg = guidance_scale > 1
 
-    def start(self, request: OmniDiffusionRequest, scheduler, generators: list[torch.Generator]) -> RunningRequest:
+    def start(self, requests: list[OmniDiffusionRequest], schedulers: list, generators: list[list[torch.Generator]]):
         pipeline, device = self.pipeline, self.pipeline._execution_device
-        n = request.num_images
-        negative = [request.negative_prompt] * n if request.negative_prompt is not None else None
-        positive, unconditional = pipeline.encode_prompt([request.prompt] * n, device, 1, self.do_cfg, negative)
-        scheduler.set_timesteps(request.num_inference_steps, device=device)
-        shape = (
-            n,
-            pipeline.unet.config.in_channels,
-            request.height // pipeline.vae_scale_factor,
-            request.width // pipeline.vae_scale_factor,
+        # One text-encoder call for every request that joins now (they share the step key, so all or
+        # none have a negative prompt).
+        prompts = [r.prompt for r in requests for _ in range(r.num_images)]
+        negatives = [r.negative_prompt for r in requests for _ in range(r.num_images)]
+        positive, unconditional = pipeline.encode_prompt(
+            prompts, device, 1, self.do_cfg, None if negatives[0] is None else negatives
         )
-        # prepare_latents would scale by the pipeline's own scheduler, whose sigmas are those of its last
-        # set_timesteps: draw as it does, and scale by this request's.
         from diffusers.utils.torch_utils import randn_tensor
 
-        latents = randn_tensor(shape, generator=generators, device=device, dtype=positive.dtype)
-        conditioning = {"positive": positive}
-        if self.do_cfg:
-            conditioning["unconditional"] = unconditional
-        return RunningRequest(
-            request, scheduler, generators, latents * scheduler.init_noise_sigma, conditioning,
-            pipeline.prepare_extra_step_kwargs(generators, 0.0),
-        )
+        started = []
+        for request, scheduler, own_generators, rows in zip(requests, schedulers, generators, image_rows(requests)):
+            scheduler.set_timesteps(request.num_inference_steps, device=device)
+            shape = (
+                request.num_images,
+                pipeline.unet.config.in_channels,
+                request.height // pipeline.vae_scale_factor,
+                request.width // pipeline.vae_scale_factor,
+            )
+            # prepare_latents would scale by the pipeline's own scheduler, whose sigmas are those of its
+            # last set_timesteps: draw as it does, and scale by this request's.
+            latents = randn_tensor(shape, generator=own_generators, device=device, dtype=positive.dtype)
+            conditioning = {"positive": positive[rows]}
+            if self.do_cfg:
+                conditioning["unconditional"] = unconditional[rows]
+            started.append(RunningRequest(
+                request, scheduler, own_generators, latents * scheduler.init_noise_sigma, conditioning,
+                pipeline.prepare_extra_step_kwargs(own_generators, 0.0),
+            ))
+        return started
 
     def predict(self, running: list[RunningRequest]) -> torch.Tensor:
         samples = torch.cat([r.scheduler.scale_model_input(r.latents, r.timestep) for r in running])
@@ -111,35 +120,41 @@ class _FluxLoop:
         self.pipeline = pipeline
         self.guidance_scale = guidance_scale
 
-    def start(self, request: OmniDiffusionRequest, scheduler, generators: list[torch.Generator]) -> RunningRequest:
+    def start(self, requests: list[OmniDiffusionRequest], schedulers: list, generators: list[list[torch.Generator]]):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         pipeline, device = self.pipeline, self.pipeline._execution_device
-        n = request.num_images
+        # One text-encoder call for every request that joins now.
         prompt_embeds, pooled, text_ids = pipeline.encode_prompt(
-            prompt=[request.prompt] * n, prompt_2=None, device=device, num_images_per_prompt=1
+            prompt=[r.prompt for r in requests for _ in range(r.num_images)], prompt_2=None, device=device,
+            num_images_per_prompt=1,
         )
-        latents, image_ids = pipeline.prepare_latents(
-            n, pipeline.transformer.config.in_channels // 4, request.height, request.width,
-            prompt_embeds.dtype, device, generators,
-        )
-        steps = request.num_inference_steps
-        config = scheduler.config
-        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
-        mu = calculate_shift(
-            latents.shape[1],
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        if sigmas is None:
-            scheduler.set_timesteps(steps, device=device, mu=mu)
-        else:
-            scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
-        scheduler.set_begin_index(0)
-        conditioning = {"prompt_embeds": prompt_embeds, "pooled": pooled, "text_ids": text_ids, "image_ids": image_ids}
-        return RunningRequest(request, scheduler, generators, latents, conditioning, {})
+        started = []
+        for request, scheduler, own_generators, rows in zip(requests, schedulers, generators, image_rows(requests)):
+            latents, image_ids = pipeline.prepare_latents(
+                request.num_images, pipeline.transformer.config.in_channels // 4, request.height, request.width,
+                prompt_embeds.dtype, device, own_generators,
+            )
+            steps = request.num_inference_steps
+            config = scheduler.config
+            sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+            mu = calculate_shift(
+                latents.shape[1],
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.15),
+            )
+            if sigmas is None:
+                scheduler.set_timesteps(steps, device=device, mu=mu)
+            else:
+                scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+            scheduler.set_begin_index(0)
+            conditioning = {
+                "prompt_embeds": prompt_embeds[rows], "pooled": pooled[rows], "text_ids": text_ids, "image_ids": image_ids
+            }
+            started.append(RunningRequest(request, scheduler, own_generators, latents, conditioning, {}))
+        return started
 
     def predict(self, running: list[RunningRequest]) -> torch.Tensor:
         transformer = self.pipeline.transformer
@@ -160,6 +175,12 @@ class _FluxLoop:
             joint_attention_kwargs={},
             return_dict=False,
         )[0]
+
+
+def image_rows(requests: list[OmniDiffusionRequest]) -> list[slice]:
+    """Each request's rows of a batch that holds every request's images in order."""
+    ends = list(itertools.accumulate(request.num_images for request in requests))
+    return [slice(end - request.num_images, end) for request, end in zip(requests, ends)]
 
 
 # Pipeline class name -> its loop. Anything else runs in request mode.

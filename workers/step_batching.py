@@ -33,7 +33,7 @@ from workers.data import (
     WorkerProgress,
     with_defaults,
 )
-from workers.denoise_loops import STEP_LOOPS, RunningRequest
+from workers.denoise_loops import STEP_LOOPS, RunningRequest, image_rows
 from workers.worker import StageTimer, WorkerWrapperBase, _describe, decode_latents, partial_image_steps, to_uint8
 
 logger = logging.getLogger(__name__)
@@ -181,28 +181,38 @@ class RunningSet:
                 break
             chosen.append((request, started))
             images += request.num_images
-        starting = {request.request_id for request, started in chosen if started is None}
-        self.waiting = deque(request for request in self.waiting if request.request_id not in starting)
-        failed, self.batch, self.admitted = [], [], 0
-        for request, started in chosen:
-            if started is None:
-                try:
-                    started = self._start(request)
-                except Exception as error:  # noqa: BLE001 - reported for this request, the others go on
-                    logger.exception("rank %d: request %s failed to start", self.worker.rank, request.request_id)
-                    failed.append(RequestOutput(request.request_id, [], request.seed, self.worker.rank, _describe(error)))
-                    continue
-                self.running.append(started)
-                self.admitted += 1
-            self.batch.append(started)
+        starting = [request for request, started in chosen if started is None]
+        ids = {request.request_id for request in starting}
+        self.waiting = deque(request for request in self.waiting if request.request_id not in ids)
+        started, failed = self._start(starting)
+        self.running += started
+        self.admitted = len(started)
+        of = {r.request.request_id: r for r in self.running}
+        self.batch = [of[request.request_id] for request, _ in chosen if request.request_id in of]
         return failed
 
-    def _start(self, request: OmniDiffusionRequest) -> RunningRequest:
-        # The adapter changes the text encoder too: in effect before the prompt is encoded.
-        self.worker.loras.activate(request.lora_name, request.lora_scale)
-        scheduler = type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
-        generators = [torch.Generator().manual_seed(seed) for seed in request.image_seeds()]
-        return self._loop.start(request, scheduler, generators)
+    def _start(self, requests: list[OmniDiffusionRequest]) -> tuple[list[RunningRequest], list[RequestOutput]]:
+        """Start requests together (one text-encoder call); if that fails, one by one, so that only a bad
+        request fails. Returns those started and the outputs of those that failed."""
+        if not requests:
+            return [], []
+        first = requests[0]  # they share the step key, adapter included
+        try:
+            # The adapter changes the text encoder too: in effect before the prompts are encoded.
+            self.worker.loras.activate(first.lora_name, first.lora_scale)
+            schedulers = [type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config) for _ in requests]
+            generators = [[torch.Generator().manual_seed(seed) for seed in r.image_seeds()] for r in requests]
+            return self._loop.start(requests, schedulers, generators), []
+        except Exception as error:  # noqa: BLE001 - reported for the request that caused it
+            if len(requests) == 1:
+                logger.exception("rank %d: request %s failed to start", self.worker.rank, first.request_id)
+                return [], [RequestOutput(first.request_id, [], first.seed, self.worker.rank, _describe(error))]
+        started, failed = [], []
+        for request in requests:
+            one, bad = self._start([request])
+            started += one
+            failed += bad
+        return started, failed
 
     def _step(self, sink: Callable[[WorkerProgress], None] | None) -> list[RunningRequest]:
         """One denoiser call over the batch and each request's scheduler step on its slice; returns the
@@ -227,8 +237,11 @@ class RunningSet:
             self._report(r, sink)
         leaving = [r for r in batch if r.finished]
         self.running = [r for r in self.running if not r.finished]
-        for r in leaving:
-            r.images = list(to_uint8(decode_latents(self.pipeline, r.latents, r.request.height, r.request.width)))
+        if leaving:  # one VAE call for all that finished now (they share the size)
+            latents = torch.cat([r.latents for r in leaving])
+            images = to_uint8(decode_latents(self.pipeline, latents, first.height, first.width))
+            for r, rows in zip(leaving, image_rows([r.request for r in leaving]), strict=True):
+                r.images = list(images[rows])
         return leaving
 
     def _report(self, r: RunningRequest, sink: Callable[[WorkerProgress], None] | None) -> None:
