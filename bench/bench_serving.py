@@ -16,7 +16,7 @@ machines are never mixed. Loopback only; bounded counts. See docs/benchmarks.md.
 short and of the long requests and images/s, and step mode's ratios against the other two.
 
     python bench/bench_serving.py --workload mixed --requests-per-client 10
-    python bench/bench_serving.py --workload uniform --size 256 --requests-per-client 4
+    python bench/bench_serving.py --workload uniform --size 256 --requests-per-client 2
 """
 
 from __future__ import annotations
