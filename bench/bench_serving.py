@@ -8,15 +8,26 @@ machines are never mixed. Loopback only; bounded counts. See docs/benchmarks.md.
     python bench/bench_serving.py --size 512 --device cuda
     python bench/bench_serving.py --backends mp,grpc     # without the Ray backends
     python bench/bench_serving.py --size 128 --backends mp,mp_cfg_parallel   # a CFG pair vs one rank
+
+--workload mixed|uniform measures scheduling instead (issue 17): 16 clients against `imagegen serve
+--scheduling request`, `--scheduling step` (backend mp) and LitServe's dynamic batching
+(bench/litserve_server.py, the `bench` extra), each request 4 steps with probability 0.8 and 40 otherwise
+(mixed; one seeded sequence for every server) or all 4 steps (uniform). It prints p50 and p99 of the
+short and of the long requests and images/s, and step mode's ratios against the other two.
+
+    python bench/bench_serving.py --workload mixed --requests-per-client 10
+    python bench/bench_serving.py --workload uniform --size 256 --requests-per-client 2
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -118,42 +129,71 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def load(name: str, port: int, args, clients: int, requests_per_client: int) -> dict:
+def load(port: int, size: int, plan: list[list[int]]) -> tuple[float, dict[int, list[float]]]:
+    """One client thread per entry of ``plan``, each sending its requests' step counts one after another.
+
+    Returns the seconds all clients took and the latencies by step count. The last client's
+    requests run alone first, as a warm-up.
+    """
     url = f"http://127.0.0.1:{port}/v1/images/generations"
-    latencies: list[float] = []
+    latencies: dict[int, list[float]] = {steps: [] for steps in set().union(*plan)}
     lock = threading.Lock()
 
     def client(index: int) -> None:
-        with httpx.Client(timeout=600) as http:
-            for i in range(requests_per_client):
-                body = {"prompt": "a red fox", "size": f"{args.size}x{args.size}",
-                        "num_inference_steps": args.steps, "seed": (index + 1) * 1000 + i}
+        with httpx.Client(timeout=900) as http:
+            for i, steps in enumerate(plan[index]):
+                body = {"prompt": "a red fox", "size": f"{size}x{size}", "num_inference_steps": steps,
+                        "seed": (index + 1) * 1000 + i}
                 t0 = time.perf_counter()
                 response = http.post(url, json=body)
                 elapsed = time.perf_counter() - t0
                 response.raise_for_status()
                 with lock:
-                    latencies.append(elapsed)
+                    latencies[steps].append(elapsed)
 
     client(-1)  # warm-up
-    latencies.clear()
+    for samples in latencies.values():
+        samples.clear()
     started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client, range(clients)))
-    result = summary(f"{name}, {clients} client(s)", clients * requests_per_client, time.perf_counter() - started,
-                     latencies)
+    with ThreadPoolExecutor(len(plan)) as pool:
+        list(pool.map(client, range(len(plan))))
+    return time.perf_counter() - started, latencies
+
+
+def single_load(name: str, port: int, args, clients: int, requests_per_client: int) -> dict:
+    elapsed, latencies = load(port, args.size, [[args.steps] * requests_per_client] * clients)
+    result = summary(f"{name}, {clients} client(s)", clients * requests_per_client, elapsed, latencies[args.steps])
     return {**result, "clients": clients}
 
 
 def bench_server(name: str, command: list[str], port: int, args, logs: Path) -> list[dict]:
     process = start(command, port, logs / f"{name.replace(' ', '-')}.log")
     try:
+        if args.workload != "single":
+            return [workload_load(name, port, args)]
         return [
-            load(name, port, args, 1, args.single_requests),
-            load(name, port, args, 16, args.requests_per_client),
+            single_load(name, port, args, 1, args.single_requests),
+            single_load(name, port, args, 16, args.requests_per_client),
         ]
     finally:
         stop(process)
+
+
+def peer_command(script: str, port: int, args) -> list[str]:
+    """A peer server in bench/ (naive_server.py, litserve_server.py) on ``port``, with the model and device."""
+    return [sys.executable, str(ROOT / "bench" / script), "--port", str(port), "--model", args.model,
+            "--device", args.device]
+
+
+def attempt(failed: list[str], name: str, measure) -> list[dict]:
+    """``measure()``'s rows; if it raises, none and a line in ``failed``, so that the other servers'
+    numbers are still reported (the server's own log is in the logs folder)."""
+    try:
+        return measure()
+    except Exception as error:  # noqa: BLE001 - reported as one line
+        last_line = (str(error).strip().splitlines() or [repr(error)])[-1]
+        failed.append(f"{name} failed: {last_line}")
+        return []
 
 
 # -- imagegen serve on each backend ---------------------------------------------------------------
@@ -255,11 +295,15 @@ def grpc_workers(args, logs: Path):
             stop(process)
 
 
+def imagegen_command(backend: str, port: int, args) -> list[str]:
+    return [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model", args.model,
+            "--device", args.device, "--max-batch-size", str(args.max_batch_size), "--num-gpus", str(args.num_gpus),
+            "--backend", backend]
+
+
 def bench_imagegen(backend: str, args, logs: Path) -> list[dict]:
     port = free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model", args.model,
-               "--device", args.device, "--max-batch-size", str(args.max_batch_size), "--num-gpus", str(args.num_gpus),
-               "--backend", backend]
+    command = imagegen_command(backend, port, args)
     name = f"imagegen {backend}"
     if backend == "mp_cfg_parallel":
         command[command.index("--num-gpus") + 1] = str(2 * args.num_gpus)
@@ -299,12 +343,108 @@ def add_ratios(results: list[dict]) -> None:
             r["x_mp"] = r["images_per_s"] / mp[r["clients"]]["images_per_s"]
 
 
+# -- scheduling workloads (issue 17) ----------------------------------------------------------------
+SHORT_STEPS, LONG_STEPS, SHORT_SHARE = 4, 40, 0.8
+WORKLOAD_CLIENTS = 16
+WORKLOAD_COLUMNS = {"images_per_s": "images/s", "short_p50_ms": "short p50", "short_p99_ms": "short p99",
+                    "long_p50_ms": "long p50", "long_p99_ms": "long p99"}
+
+
+def workload_plan(args) -> list[list[int]]:
+    """Each client's step counts, in order: the same for every server, from --workload-seed."""
+    if args.workload == "uniform":
+        return [[SHORT_STEPS] * args.requests_per_client for _ in range(WORKLOAD_CLIENTS)]
+    chooser = random.Random(args.workload_seed)
+    return [
+        [SHORT_STEPS if chooser.random() < SHORT_SHARE else LONG_STEPS for _ in range(args.requests_per_client)]
+        for _ in range(WORKLOAD_CLIENTS)
+    ]
+
+
+def workload_load(name: str, port: int, args) -> dict:
+    plan = workload_plan(args)
+    elapsed, latencies = load(port, args.size, plan)
+    row = {"name": name, "images_per_s": sum(map(len, plan)) / elapsed}
+    for steps, kind in ((SHORT_STEPS, "short"), (LONG_STEPS, "long")):
+        if latencies.get(steps):
+            row[f"{kind}_p50_ms"] = 1000 * statistics.median(latencies[steps])
+            row[f"{kind}_p99_ms"] = 1000 * percentile(latencies[steps], 99)
+    return row
+
+
+def bench_workload(args, logs: Path, failed: list[str]) -> list[dict]:
+    """imagegen on mp with each scheduling, then LitServe, one after another on the same plan."""
+    rows = []
+    for scheduling in ("request", "step"):
+        port = free_port()
+        command = imagegen_command("mp", port, args) + ["--scheduling", scheduling]
+        name = f"imagegen {scheduling}"
+        rows += attempt(failed, name, functools.partial(bench_server, name, command, port, args, logs))
+    if importlib.util.find_spec("litserve") is None:
+        failed.append("litserve skipped: not installed (pip install -e '.[bench]')")
+        return rows
+    port = free_port()
+    command = peer_command("litserve_server.py", port, args) + ["--max-batch-size", str(args.max_batch_size)]
+    return rows + attempt(failed, "litserve", functools.partial(bench_server, "litserve", command, port, args, logs))
+
+
+def workload_ratios(rows: list[dict]) -> list[dict]:
+    """step / request and step / litserve, column by column, for the rows that were measured."""
+    by_name = {row["name"]: row for row in rows}
+    step = by_name.get("imagegen step")
+    ratios = []
+    for other in ("imagegen request", "litserve"):
+        if step and other in by_name:
+            ratio = {column: step[column] / by_name[other][column] for column in WORKLOAD_COLUMNS if column in step}
+            ratios.append({"name": f"step / {other.removeprefix('imagegen ')}", **ratio})
+    return ratios
+
+
+def print_workload(args, rows: list[dict], ratios: list[dict]) -> None:
+    plan = workload_plan(args)
+    long = sum(steps.count(LONG_STEPS) for steps in plan)
+    print(f"workload={args.workload} clients={WORKLOAD_CLIENTS} requests={sum(map(len, plan))} ({long} of "
+          f"{LONG_STEPS} steps, the rest {SHORT_STEPS}) max batch {args.max_batch_size}")
+    columns = [column for column in WORKLOAD_COLUMNS if any(column in row for row in rows)]
+    print(f"{'':20}" + "".join(f"{WORKLOAD_COLUMNS[column]:>11}" for column in columns) + "   (p50, p99: ms)")
+    for row in rows:
+        print(f"{row['name']:20}" + "".join(f"{row[column]:11.1f}" if column in row else f"{'':11}"
+                                            for column in columns))
+    for ratio in ratios:
+        print(f"{ratio['name']:20}" + "".join(f"{ratio[column]:11.2f}" if column in ratio else f"{'':11}"
+                                              for column in columns))
+
+
+def bench_single(args, logs: Path, failed: list[str]) -> list[dict]:
+    """The single workload: raw pipeline, naive server, then imagegen on each backend."""
+    results = bench_raw(args)
+    if not args.skip_naive:
+        port = free_port()
+        results += bench_server("naive server", peer_command("naive_server.py", port, args), port, args, logs)
+    for backend in args.backends:
+        results += attempt(failed, f"imagegen {backend}", functools.partial(bench_imagegen, backend, args, logs))
+    add_ratios(results)
+    return results
+
+
+def print_single(results: list[dict]) -> None:
+    print(f"{'':36} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'x raw b8':>9} {'p50-raw b1':>11} {'x mp':>6}")
+    for r in results:
+        x_mp = f"{r['x_mp']:6.2f}" if "x_mp" in r else ""
+        print(f"{r['name']:36} {r['images_per_s']:9.2f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
+              f"{r['x_raw_b8']:9.2f} {r['p50_minus_raw_b1_ms']:+11.1f} {x_mp}".rstrip())
+
+
 def main() -> None:
     ray_available = importlib.util.find_spec("ray") is not None
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--workload", choices=("single", "mixed", "uniform"), default="single",
+                        help="single: one step count (--steps), raw pipeline, naive server and the backends; "
+                        "mixed, uniform: request vs step scheduling vs LitServe, 16 clients (see above)")
+    parser.add_argument("--workload-seed", type=int, default=0, help="the mixed workload's step counts")
+    parser.add_argument("--steps", type=int, default=4, help="the single workload's num_inference_steps")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--raw-calls", type=int, default=40)
     parser.add_argument("--single-requests", type=int, default=40)
@@ -326,28 +466,19 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="imagegen-bench-"))
     load_before = os.getloadavg()[0]  # other work on the machine makes every number noisy: say so
 
-    results = bench_raw(args)
-    if not args.skip_naive:
-        port = free_port()
-        naive = [sys.executable, str(ROOT / "bench" / "naive_server.py"), "--port", str(port),
-                 "--model", args.model, "--device", args.device]
-        results += bench_server("naive server", naive, port, args, logs)
-    failed = []
-    for backend in args.backends:
-        try:
-            results += bench_imagegen(backend, args, logs)
-        except Exception as error:  # report the other backends' numbers anyway; the server's log is in logs
-            last_line = (str(error).strip().splitlines() or [repr(error)])[-1]
-            failed.append(f"imagegen {backend} failed: {last_line}")
-
-    add_ratios(results)
-    print(f"\nmodel={args.model} size={args.size}x{args.size} steps={args.steps} device={args.device} "
+    failed: list[str] = []
+    if args.workload == "single":
+        results = bench_single(args, logs, failed)
+        print_table = functools.partial(print_single, results)
+    else:
+        rows = bench_workload(args, logs, failed)
+        ratios = workload_ratios(rows)
+        results = rows + ratios
+        print_table = functools.partial(print_workload, args, rows, ratios)
+    steps = f" steps={args.steps}" if args.workload == "single" else ""
+    print(f"\nmodel={args.model} size={args.size}x{args.size}{steps} device={args.device} "
           f"cpus={os.cpu_count()} load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after, logs {logs}")
-    print(f"{'':36} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'x raw b8':>9} {'p50-raw b1':>11} {'x mp':>6}")
-    for r in results:
-        x_mp = f"{r['x_mp']:6.2f}" if "x_mp" in r else ""
-        print(f"{r['name']:36} {r['images_per_s']:9.2f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
-              f"{r['x_raw_b8']:9.2f} {r['p50_minus_raw_b1_ms']:+11.1f} {x_mp}".rstrip())
+    print_table()
     for line in failed:
         print(line)
     if args.json:
