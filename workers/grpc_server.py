@@ -330,7 +330,8 @@ def run_worker(od_config: OmniDiffusionConfig) -> int:
     for name in HEALTH_SERVICE_NAMES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     interceptors = [TokenInterceptor(od_config.worker_token)] if od_config.worker_token else []
-    server = grpc.server(ThreadPoolExecutor(od_config.step_mode_room + _SERVER_THREADS), interceptors=interceptors, options=SERVER_OPTIONS)
+    threads = ThreadPoolExecutor(od_config.step_mode_room + _SERVER_THREADS)
+    server = grpc.server(threads, interceptors=interceptors, options=SERVER_OPTIONS)
     servers = [server]
     stopped = threading.Event()
 

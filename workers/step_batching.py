@@ -319,9 +319,9 @@ class StepLoop:
         worker = self.worker
         if method == "generate_shard":
             requests = worker._group_share(requests, group)
-        description = worker.describe()
+        description = worker._loaded_description()
         requests = [with_defaults(request, worker.od_config, description) for request in requests]
-        call = self._calls[call_id] = _PendingCall([request.request_id for request in requests])
+        call = _PendingCall([request.request_id for request in requests])
         apart = [request for request in requests if request_refusal(request) is not None]
         if apart:
             worker.progress_sink = lambda progress: send(call_id, progress)
@@ -330,8 +330,10 @@ class StepLoop:
             finally:
                 worker.progress_sink = None
         joining = [request for request in requests if request_refusal(request) is None]
-        self._call_of.update((request.request_id, call_id) for request in joining)
         self.running.add(joining)
+        # Only now: a call that raised above is answered by its host, never by iterate().
+        self._calls[call_id] = call
+        self._call_of.update((request.request_id, call_id) for request in joining)
 
     def iterate(
         self, send: Callable[[Any, WorkerProgress], None]
