@@ -120,8 +120,8 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
         self._reconnecting = threading.Lock()
         self._dead: dict[int, str] = {}  # rank -> why it cannot be used
         self._cancels: set[grpc.Future] = set()  # fire-and-forget Cancel calls, held until they end
-        # One thread per rank reads its Generate stream; PIPELINE_DEPTH steps may be in flight.
-        # A thread reads each open Generate stream: in step mode up to step_mode_room per rank.
+        # A thread reads each open Generate stream: PIPELINE_DEPTH steps per rank in request mode, up to
+        # step_mode_room in step mode.
         self._streams = ThreadPoolExecutor(
             config.num_gpus * max(4, config.step_mode_room), thread_name_prefix="imagegen-grpc"
         )

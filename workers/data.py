@@ -6,6 +6,7 @@ import dataclasses
 import random
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,6 +238,14 @@ def shard_requests(requests: list[OmniDiffusionRequest], num_shards: int) -> lis
             shards[min(num_shards - 1, int(middle * num_shards / total))].append(request)
             done += request.num_images
     return shards
+
+
+def image_slices(requests: list[OmniDiffusionRequest]) -> Iterator[tuple[OmniDiffusionRequest, slice]]:
+    """Each request of a batch that holds every request's images in order, with the slice that is its own."""
+    start = 0
+    for request in requests:
+        yield request, slice(start, start + request.num_images)
+        start += request.num_images
 
 
 def group_shares(

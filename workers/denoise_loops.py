@@ -12,14 +12,13 @@ is workers.worker.decode_latents, the pipeline's own post-processing.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from workers.data import OmniDiffusionRequest, PartialImageOutput
+from workers.data import OmniDiffusionRequest, PartialImageOutput, image_slices
 
 
 @dataclass
@@ -77,7 +76,7 @@ class _StableDiffusionLoop:
         from diffusers.utils.torch_utils import randn_tensor
 
         started = []
-        for request, scheduler, own_generators, rows in zip(requests, schedulers, generators, image_rows(requests)):
+        for (request, rows), scheduler, own_generators in zip(image_slices(requests), schedulers, generators):
             scheduler.set_timesteps(request.num_inference_steps, device=device)
             shape = (
                 request.num_images,
@@ -130,7 +129,7 @@ class _FluxLoop:
             num_images_per_prompt=1,
         )
         started = []
-        for request, scheduler, own_generators, rows in zip(requests, schedulers, generators, image_rows(requests)):
+        for (request, rows), scheduler, own_generators in zip(image_slices(requests), schedulers, generators):
             latents, image_ids = pipeline.prepare_latents(
                 request.num_images, pipeline.transformer.config.in_channels // 4, request.height, request.width,
                 prompt_embeds.dtype, device, own_generators,
@@ -175,12 +174,6 @@ class _FluxLoop:
             joint_attention_kwargs={},
             return_dict=False,
         )[0]
-
-
-def image_rows(requests: list[OmniDiffusionRequest]) -> list[slice]:
-    """Each request's rows of a batch that holds every request's images in order."""
-    ends = list(itertools.accumulate(request.num_images for request in requests))
-    return [slice(end - request.num_images, end) for request, end in zip(requests, ends)]
 
 
 # Pipeline class name -> its loop. Anything else runs in request mode.

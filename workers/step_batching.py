@@ -31,9 +31,10 @@ from workers.data import (
     RunningSetIteration,
     StepProgress,
     WorkerProgress,
+    image_slices,
     with_defaults,
 )
-from workers.denoise_loops import STEP_LOOPS, RunningRequest, image_rows
+from workers.denoise_loops import STEP_LOOPS, RunningRequest
 from workers.worker import StageTimer, WorkerWrapperBase, _describe, decode_latents, partial_image_steps, to_uint8
 
 logger = logging.getLogger(__name__)
@@ -228,11 +229,10 @@ class RunningSet:
                 r.error = _describe(error)
             self.running = [r for r in self.running if all(r is not other for other in batch)]
             return batch
-        start = 0
-        for r in batch:
-            own = prediction[start : start + r.request.num_images]
-            start += r.request.num_images
-            r.latents = r.scheduler.step(own, r.timestep, r.latents, **r.extra_step_kwargs, return_dict=False)[0]
+        for r, (_, own) in zip(batch, image_slices([r.request for r in batch]), strict=True):
+            r.latents = r.scheduler.step(
+                prediction[own], r.timestep, r.latents, **r.extra_step_kwargs, return_dict=False
+            )[0]
             r.step += 1
             self._report(r, sink)
         leaving = [r for r in batch if r.finished]
@@ -240,8 +240,8 @@ class RunningSet:
         if leaving:  # one VAE call for all that finished now (they share the size)
             latents = torch.cat([r.latents for r in leaving])
             images = to_uint8(decode_latents(self.pipeline, latents, first.height, first.width))
-            for r, rows in zip(leaving, image_rows([r.request for r in leaving]), strict=True):
-                r.images = list(images[rows])
+            for r, (_, own) in zip(leaving, image_slices([r.request for r in leaving]), strict=True):
+                r.images = list(images[own])
         return leaving
 
     def _report(self, r: RunningRequest, sink: Callable[[WorkerProgress], None] | None) -> None:
@@ -270,14 +270,6 @@ class RunningSet:
             stage_seconds=r.stage_seconds,
             compiled_graphs=r.compiled_graphs,
         )
-
-    def generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
-        """Every request to its end, through this running set (admissible, filled-in requests), in order."""
-        self.add(requests)
-        outputs: dict[str, RequestOutput] = {}
-        while not self.idle:
-            outputs.update((o.request_id, o) for o in self.iterate(self.worker.progress_sink))
-        return [outputs[r.request_id] for r in requests]
 
 
 @dataclass
@@ -322,14 +314,15 @@ class StepLoop:
         description = worker._loaded_description()
         requests = [with_defaults(request, worker.od_config, description) for request in requests]
         call = _PendingCall([request.request_id for request in requests])
-        apart = [request for request in requests if request_refusal(request) is not None]
+        apart, joining = [], []
+        for request in requests:
+            (joining if request_refusal(request) is None else apart).append(request)
         if apart:
             worker.progress_sink = lambda progress: send(call_id, progress)
             try:
                 call.outputs.update((output.request_id, output) for output in worker.generate(apart))
             finally:
                 worker.progress_sink = None
-        joining = [request for request in requests if request_refusal(request) is None]
         self.running.add(joining)
         # Only now: a call that raised above is answered by its host, never by iterate().
         self._calls[call_id] = call

@@ -6,7 +6,7 @@ import inspect
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from workers.data import (
     WorkerProgress,
     defaults_in_force,
     group_shares,
+    image_slices,
     with_defaults,
 )
 from workers.levers import Levers, apply_levers, load_device, warm_up
@@ -374,7 +375,7 @@ class WorkerWrapperBase:
         # 4. float [0, 1] -> uint8, split back per request and image.
         pixels = to_uint8(images)
         outputs = {}
-        for r, own in _image_slices(group):
+        for r, own in image_slices(group):
             compiled_graphs = call["compiled_graphs"] if r is first else 0  # counted once per call
             if r.request_id in cancelled:
                 outputs[r.request_id] = RequestOutput(
@@ -426,7 +427,7 @@ class WorkerWrapperBase:
                 steps = partial_image_steps(first.partial_images, total)
                 if index + 1 in steps:
                     pixels = to_uint8(decode_latents(pipeline, tensors["latents"], first.height, first.width))
-                    for r, own in _image_slices(group):
+                    for r, own in image_slices(group):
                         if r.request_id not in self._cancelled:
                             sink(PartialImageOutput(r.request_id, steps.index(index + 1), list(pixels[own])))
             return {}
@@ -460,14 +461,6 @@ def decode_latents(pipeline, latents: torch.Tensor, height: int, width: int) -> 
     latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0)
     decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     return pipeline.image_processor.postprocess(decoded, output_type="np")
-
-
-def _image_slices(group: list[OmniDiffusionRequest]) -> Iterator[tuple[OmniDiffusionRequest, slice]]:
-    """Each request of a pipeline call, with the slice of the call's images that are its own."""
-    start = 0
-    for request in group:
-        yield request, slice(start, start + request.num_images)
-        start += request.num_images
 
 
 def to_uint8(images) -> np.ndarray:
