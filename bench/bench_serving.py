@@ -48,13 +48,13 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def p50_p99_ms(latencies: list[float]) -> tuple[float, float]:
+    return 1000 * statistics.median(latencies), 1000 * percentile(latencies, 99)
+
+
 def summary(name: str, images: int, elapsed: float, latencies: list[float]) -> dict:
-    return {
-        "name": name,
-        "images_per_s": images / elapsed,
-        "p50_ms": 1000 * statistics.median(latencies),
-        "p99_ms": 1000 * percentile(latencies, 99),
-    }
+    p50, p99 = p50_p99_ms(latencies)
+    return {"name": name, "images_per_s": images / elapsed, "p50_ms": p50, "p99_ms": p99}
 
 
 # -- raw pipeline ------------------------------------------------------------------------------
@@ -367,8 +367,7 @@ def workload_load(name: str, port: int, args) -> dict:
     row = {"name": name, "images_per_s": sum(map(len, plan)) / elapsed}
     for steps, kind in ((SHORT_STEPS, "short"), (LONG_STEPS, "long")):
         if latencies.get(steps):
-            row[f"{kind}_p50_ms"] = 1000 * statistics.median(latencies[steps])
-            row[f"{kind}_p99_ms"] = 1000 * percentile(latencies[steps], 99)
+            row[f"{kind}_p50_ms"], row[f"{kind}_p99_ms"] = p50_p99_ms(latencies[steps])
     return row
 
 
