@@ -25,9 +25,9 @@ test: install
 bench: install
 	$(PYTHON) bench/bench_serving.py
 
-# The gRPC worker contract: regenerate the committed Python code after changing workers/proto/worker.proto.
+# The gRPC worker contract: regenerate the committed Python code after changing workers/hosts/proto/worker.proto.
 proto: install
-	$(PYTHON) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. workers/proto/worker.proto
+	$(PYTHON) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. workers/hosts/proto/worker.proto
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_serving import free_port, percentile, start, stop  # noqa: E402 - after the path set-up
 
-from workers.levers import ADAPTIVE_CACHE_METHODS as ADAPTIVE  # noqa: E402
+from workers.runtime.levers import ADAPTIVE_CACHE_METHODS as ADAPTIVE  # noqa: E402
 
 PROMPT = "a red fox in the snow"
 
@@ -91,7 +91,7 @@ def worker_pid(server_pid: int) -> int:
                 stat, command = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == server_pid and b"workers.process" in command:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == server_pid and b"workers.hosts.process" in command:
                 return int(entry.name)
     raise RuntimeError("the server has no worker process")
 
@@ -217,7 +217,7 @@ def raw_child(args) -> None:
     """The raw row's process: build the pipeline, then one image per seed read from stdin."""
     import torch
 
-    from workers.models import load_pipeline
+    from workers.models.catalog import load_pipeline
     from workers.worker import resolve_device, resolve_dtype
 
     device = resolve_device(args.device, 0)
@@ -260,7 +260,7 @@ def quality(args, model: str) -> list[tuple[str, float, int]]:
     """PSNR of each cache method that hooks ``model`` against its uncached output, same seeds."""
     from workers.config import OmniDiffusionConfig
     from workers.data import OmniDiffusionRequest
-    from workers.levers import CACHE_METHODS, count_hooked_modules
+    from workers.runtime.levers import CACHE_METHODS, count_hooked_modules
     from workers.worker import WorkerWrapperBase
 
     plain = WorkerWrapperBase(0, OmniDiffusionConfig(model=model, device=args.device, model_cache_dir=args.cache_dir))
@@ -290,8 +290,9 @@ def hooking_methods(args) -> list[str]:
         library_logging.set_verbosity_error()
         library_logging.disable_progress_bar()
 
-    from workers.levers import CACHE_METHODS, count_hooked_modules
-    from workers.models import RANDOM_WEIGHT_MODELS, build_random_weight_pipeline, load_pipeline
+    from workers.models.catalog import load_pipeline
+    from workers.models.random_weights import RANDOM_WEIGHT_MODELS, build_random_weight_pipeline
+    from workers.runtime.levers import CACHE_METHODS, count_hooked_modules
 
     if args.model in RANDOM_WEIGHT_MODELS:
         pipeline = build_random_weight_pipeline(args.model, "meta", torch.float32)

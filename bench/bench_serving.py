@@ -62,7 +62,7 @@ def bench_raw(args) -> list[dict]:
     import torch
     from diffusers import DiffusionPipeline
 
-    from workers.models import resolve_model_path
+    from workers.models.catalog import resolve_model_path
     from workers.worker import resolve_device, resolve_dtype
 
     device = resolve_device(args.device, 0)

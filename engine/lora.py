@@ -22,7 +22,7 @@ class LoraRegistry:
     Each load and unload goes to every rank through ``collective_rpc``, and each loaded adapter is
     kept in the executor's ``rank_setup_calls``, so a rank that starts again (restarted, replaced,
     reconnected) loads the same adapters before it serves. Paths are resolved and confined on the
-    workers' host (workers/lora.py), where the weights are. An adapter being unloaded is refused at
+    workers' host (workers/runtime/lora.py), where the weights are. An adapter being unloaded is refused at
     once (``get`` raises NotFoundError); the AsyncDiffusionEngine lets its running requests finish first.
     """
 

@@ -18,6 +18,7 @@ from executors.base import (
     WorkerRpcError,
     WorkerStartupError,
 )
+from workers.logs import describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class ExternalDiffusionExecutor(DiffusionExecutor):
         except BaseException as error:
             self._disconnect_quietly()
             if isinstance(error, Exception) and not isinstance(error, ExecutorError):
-                raise WorkerStartupError(f"could not connect to the workers: {_describe(error)}") from error
+                raise WorkerStartupError(f"could not connect to the workers: {describe_error(error)}") from error
             raise
         if not self.worker_handles:
             self._disconnect_quietly()
@@ -105,11 +106,11 @@ class ExternalDiffusionExecutor(DiffusionExecutor):
         except ExecutorError:
             raise
         except TimeoutError as error:
-            raise RpcTimeoutError(f"RPC '{method}' timed out after {timeout:g}s: {_describe(error)}") from error
+            raise RpcTimeoutError(f"RPC '{method}' timed out after {timeout:g}s: {describe_error(error)}") from error
         except ConnectionError as error:
-            raise WorkerDiedError(f"RPC '{method}' lost its worker: {_describe(error)}") from error
+            raise WorkerDiedError(f"RPC '{method}' lost its worker: {describe_error(error)}") from error
         except Exception as error:
-            raise WorkerRpcError(f"RPC '{method}' failed: {_describe(error)}") from error
+            raise WorkerRpcError(f"RPC '{method}' failed: {describe_error(error)}") from error
 
     def check_health(self) -> None:
         if self.is_closed:
@@ -120,7 +121,7 @@ class ExternalDiffusionExecutor(DiffusionExecutor):
             raise
         except Exception as error:
             # Whatever a subclass raises, the server must see an ExecutorError to answer 503.
-            raise WorkerDiedError(f"worker health check failed: {_describe(error)}") from error
+            raise WorkerDiedError(f"worker health check failed: {describe_error(error)}") from error
 
     def _shutdown_workers(self) -> None:
         # Disconnect only: the workers belong to whoever started them.
@@ -136,6 +137,3 @@ class ExternalDiffusionExecutor(DiffusionExecutor):
 def _is_default(cls: type, name: str) -> bool:
     return getattr(cls, name) is getattr(ExternalDiffusionExecutor, name)
 
-
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"

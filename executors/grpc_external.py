@@ -33,7 +33,7 @@ from executors.base import (
 )
 from executors.external import HEALTH_CHECK_TIMEOUT_S, ExternalDiffusionExecutor
 from workers.data import OmniDiffusionRequest, RequestOutput, group_shares
-from workers.grpc_messages import (
+from workers.hosts.grpc_messages import (
     MAX_MESSAGE_BYTES,
     output_from_proto,
     partial_from_proto,
@@ -41,8 +41,8 @@ from workers.grpc_messages import (
     running_set_iteration_from_proto,
     step_progress_from_proto,
 )
-from workers.proto import worker_pb2 as pb
-from workers.proto import worker_pb2_grpc as pb_grpc
+from workers.hosts.proto import worker_pb2 as pb
+from workers.hosts.proto import worker_pb2_grpc as pb_grpc
 
 __all__ = ["GrpcExternalDiffusionExecutor", "GrpcWorker", "expand_addresses"]
 

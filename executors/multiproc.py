@@ -1,6 +1,6 @@
 """MultiProcDiffusionExecutor ("mp"): one worker program per rank on this machine, talking over a pipe.
 
-Each worker is ``python -m workers.process`` (see that module for the protocol), started with
+Each worker is ``python -m workers.hosts.process`` (see that module for the protocol), started with
 subprocess rather than multiprocessing: it never re-imports the caller's main module, so engines
 start from plain scripts, notebooks and ``python -c`` alike.
 """
@@ -27,7 +27,7 @@ from typing import Any
 
 import workers
 from executors.base import DiffusionExecutor, RpcTimeoutError, WorkerDiedError, WorkerRpcError, WorkerStartupError
-from workers.process import RpcCall, RpcProgress, RpcReply, worker_settings
+from workers.hosts.process import RpcCall, RpcProgress, RpcReply, worker_settings
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
         environment = dict(os.environ)
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [_CODE_ROOT, environment.get("PYTHONPATH")]))
         command = [
-            sys.executable, "-m", "workers.process", "--rank", str(rank), "--num-threads", str(self._num_threads),
+            sys.executable, "-m", "workers.hosts.process", "--rank", str(rank), "--num-threads", str(self._num_threads),
             "--call-fd", str(child_conn.fileno()), "--cancel-fd", str(cancellations_reader.fileno()),
         ]
         try:

@@ -23,7 +23,7 @@ except ImportError as error:  # Ray is an optional extra
 
 from executors.base import WorkerStartupError
 from executors.ray_external import RayDiffusionWorkerActor, RayExternalDiffusionExecutor, connect_ray, release_ray
-from workers.ray_actor import MAX_CONCURRENT_CALLS
+from workers.hosts.ray_actor import MAX_CONCURRENT_CALLS
 
 __all__ = ["RayDiffusionExecutor"]
 

@@ -34,7 +34,7 @@ from executors.base import (
 from executors.external import HEALTH_CHECK_TIMEOUT_S, ExternalDiffusionExecutor
 from workers.config import OmniDiffusionConfig
 from workers.data import WorkerProgress
-from workers.ray_actor import RayDiffusionWorkerActor
+from workers.hosts.ray_actor import RayDiffusionWorkerActor
 
 __all__ = ["ACTOR_NAMES_ENV", "RayDiffusionWorkerActor", "RayExternalDiffusionExecutor"]
 

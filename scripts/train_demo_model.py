@@ -35,7 +35,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from demo_scenes import SYNONYMS, VOCABULARY, Scene, accuracy, held_out_scenes, render, training_scene
-from workers.models import DEMO_MODEL_PATH, MODEL_DEFAULTS_FILE, clip_tokenizer
+
+from workers.config import MODEL_DEFAULTS_FILE
+from workers.models.catalog import DEMO_MODEL_PATH
+from workers.models.tiny import clip_tokenizer
 
 MAX_TOKENS = 32
 # The noise schedule reaches (almost) pure noise at its last step, so that flat backgrounds

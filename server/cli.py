@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imagegen: invalid configuration: {problems}", file=sys.stderr)
         return 2
     if args.command == "worker":
-        from workers.grpc_server import run_worker
+        from workers.hosts.grpc_server import run_worker
 
         return run_worker(config)
     configure_logging(config.log_format, "server")

@@ -151,14 +151,14 @@ def child_pids(pid: int) -> list[int]:
 
 
 def worker_pids_of(pid: int) -> list[int]:
-    """The mp worker programs (``python -m workers.process``) among ``pid``'s children."""
+    """The mp worker programs (``python -m workers.hosts.process``) among ``pid``'s children."""
     workers = []
     for child in child_pids(pid):
         try:
             command = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"workers.process" in command.split(b"\0"):
+        if b"workers.hosts.process" in command.split(b"\0"):
             workers.append(child)
     return workers
 

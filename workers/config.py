@@ -12,7 +12,14 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from workers.models import default_cache_dir
+# Beside model_index.json, a model folder may say which defaults suit it (docs/models.md).
+MODEL_DEFAULTS_FILE = "imagegen.json"
+
+
+def default_cache_dir() -> Path:
+    """Where built-in models are written: $XDG_CACHE_HOME/imagegen/models."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imagegen" / "models"
+
 
 DEFAULT_ALLOWED_SIZES = (
     "64x64",
@@ -435,7 +442,7 @@ class OmniDiffusionConfig(BaseSettings):
     @property
     def step_mode_room(self) -> int:
         """Requests step mode keeps sent to each rank group at once: twice what its running set takes,
-        so that the worker chooses each iteration's batch among them (workers.step_batching.RunningSet)."""
+        so that the worker chooses each iteration's batch among them (workers.runtime.step_batching.RunningSet)."""
         return 2 * self.max_batch_size
 
     def rank_group_of(self, rank: int) -> range:

@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.config import OmniDiffusionConfig, parse_size
-from workers.models import MODEL_DEFAULTS_FILE
+from workers.config import MODEL_DEFAULTS_FILE, OmniDiffusionConfig, parse_size
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ class OmniDiffusionRequest:
         return (*self.step_key(), self.num_inference_steps, self.partial_images)
 
     def step_key(self) -> tuple:
-        """Requests with equal keys can share denoiser calls in step mode (workers/step_batching.py),
+        """Requests with equal keys can share denoiser calls in step mode (workers/runtime/step_batching.py),
         whatever their step counts and partial images: each has its own scheduler and decodes its own."""
         return (
             self.height,
@@ -258,3 +257,10 @@ def group_shares(
     if not 0 <= group < num_groups:
         raise ValueError(f"group must be between 0 and {num_groups - 1}, got {group}")
     return [requests if index == group else [] for index in range(num_groups)]
+
+
+def rank_group_share(
+    requests: list[OmniDiffusionRequest], od_config: OmniDiffusionConfig, rank: int, group: int | None = None
+) -> list[OmniDiffusionRequest]:
+    """The requests of a step that ``rank``'s group makes (group_shares): every rank computes the same split."""
+    return group_shares(requests, od_config.num_rank_groups, group)[rank // od_config.rank_group_size]

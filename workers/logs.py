@@ -73,3 +73,8 @@ def configure_logging(log_format: str, process: str) -> None:
         handler.setFormatter(logging.Formatter(f"%(asctime)s {process} %(name)s %(levelname)s %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     recent_log_buffer()
+
+
+def describe_error(error: BaseException) -> str:
+    """An error as replies and logs carry it: its type and message on one line."""
+    return f"{type(error).__name__}: {error}"

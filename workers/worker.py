@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -18,24 +16,36 @@ from workers.data import (
     PartialImageOutput,
     RequestOutput,
     StepProgress,
-    Usage,
     WorkerProgress,
     defaults_in_force,
-    group_shares,
     image_slices,
+    rank_group_share,
     with_defaults,
 )
-from workers.levers import Levers, apply_levers, load_device, warm_up
-from workers.logs import recent_log_buffer
-from workers.lora import LoraAdapters, LoraLoadError
-from workers.models import ModelDefaults, load_pipeline, model_folder, read_model_defaults
-from workers.rank_group import CfgParallelHooks, RankGroup, RankGroupError, check_cfg_parallel, check_context_parallel
+from workers.logs import describe_error, recent_log_buffer
+from workers.models.catalog import ModelDefaults, load_pipeline, model_folder, read_model_defaults
+from workers.runtime.levers import Levers, apply_levers, load_device, warm_up
+from workers.runtime.lora import LoraAdapters, LoraLoadError
+from workers.runtime.rank_group import (
+    CfgParallelHooks,
+    RankGroup,
+    RankGroupError,
+    check_cfg_parallel,
+    check_context_parallel,
+)
+from workers.runtime.stages import (
+    Cancellations,
+    StageTimer,
+    count_usage,
+    decode_latents,
+    partial_image_steps,
+    to_uint8,
+)
+from workers.runtime.step_batching import step_mode_refusal
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# cancel() forgets old ids past this many: they belong to requests that finished before their cancel came.
-_MAX_REMEMBERED_CANCELLATIONS = 4096
 # Used when a pipeline's VAE does not say which size it was trained at.
 _FALLBACK_NATIVE_SIZE = 512
 
@@ -64,7 +74,7 @@ class WorkerWrapperBase:
         self.rank = rank
         self.od_config = od_config
         # Requests whose clients went away; cancel() adds to it from another thread while generate() runs.
-        self._cancelled: set[str] = set()
+        self.cancellations = Cancellations()
         self.pipeline = None
         # Task -> pipeline; img2img and inpaint share the text-to-image pipeline's modules.
         self.pipelines: dict = {}
@@ -78,7 +88,7 @@ class WorkerWrapperBase:
         self._description: dict | None = None
         self._model_defaults = ModelDefaults()
         self._logs = recent_log_buffer()
-        # The speed levers in effect (workers/levers.py); none until initialize() applies them.
+        # The speed levers in effect (workers/runtime/levers.py); none until initialize() applies them.
         self.levers = Levers()
         # The LoRA adapters on the pipeline; the engine loads them (load_lora_adapter) once the model is up.
         self.loras: LoraAdapters | None = None
@@ -179,6 +189,16 @@ class WorkerWrapperBase:
         never called."""
         return {**self._loaded_description(), "lora_adapters": sorted(self.loras.loaded)}
 
+    def fill_in(self, requests: list[OmniDiffusionRequest]) -> list[OmniDiffusionRequest]:
+        """``requests`` with the fields they leave unset filled as the engine would (workers.data.with_defaults),
+        loading the model first if needed. Requests from the engine come filled in already."""
+        description = self._loaded_description()
+        return [with_defaults(request, self.od_config, description) for request in requests]
+
+    def group_share(self, requests: list[OmniDiffusionRequest], group: int | None = None) -> list[OmniDiffusionRequest]:
+        """The requests of a step that this rank's group makes (workers.data.rank_group_share)."""
+        return rank_group_share(requests, self.od_config, self.rank, group)
+
     def _loaded_description(self) -> dict:
         # Hosts call initialize() first; a wrapper like the guide's MyWorkerWrapper only calls generate().
         if self._description is None:
@@ -222,8 +242,6 @@ class WorkerWrapperBase:
         if self.od_config.scheduling != "step":
             # Workers someone else starts (ray_external, grpc) run with their own settings.
             return f"rank {self.rank} runs --scheduling {self.od_config.scheduling}; start it with --scheduling step"
-        from workers.step_batching import step_mode_refusal  # built on this class: imported when asked
-
         return step_mode_refusal(self)
 
     def _size_multiple(self) -> int:
@@ -281,27 +299,12 @@ class WorkerWrapperBase:
         """Drop these requests: a pipeline call whose requests are all dropped stops denoising at
         the next step, and in a running set (step mode) each leaves at the next iteration. Safe to
         call from another thread while generate() runs."""
-        if len(self._cancelled) > _MAX_REMEMBERED_CANCELLATIONS:
-            self._cancelled.clear()  # ids of requests that had already finished when cancelled
-        self._cancelled.update(request_ids)
-
-    def _take_cancelled(self, request_ids: Iterable[str]) -> set[str]:
-        """Which of these requests were cancelled, forgetting them: they are done with here."""
-        cancelled = self._cancelled.intersection(request_ids)
-        self._cancelled -= cancelled  # in place: cancel() may be adding to this very set
-        return cancelled
+        self.cancellations.add(request_ids)
 
     def generate_shard(self, requests: list[OmniDiffusionRequest], group: int | None = None) -> list[RequestOutput]:
         """Generate this rank's group's share of a step (see group_shares: all of it for ``group``, none
         for the other groups)."""
-        return self.generate(self._group_share(requests, group))
-
-    def _group_share(
-        self, requests: list[OmniDiffusionRequest], group: int | None = None
-    ) -> list[OmniDiffusionRequest]:
-        """The requests of a step that this rank's group makes: every rank computes the same split."""
-        config = self.od_config
-        return group_shares(requests, config.num_rank_groups, group)[self.rank // config.rank_group_size]
+        return self.generate(self.group_share(requests, group))
 
     def generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
         """Generate every request, one batched pipeline call per group of compatible requests.
@@ -309,8 +312,7 @@ class WorkerWrapperBase:
         Fields a request leaves unset are filled as the engine would (workers.data.with_defaults);
         requests from the engine come filled in already.
         """
-        description = self._loaded_description()
-        requests = [with_defaults(request, self.od_config, description) for request in requests]
+        requests = self.fill_in(requests)
         groups: dict[tuple, list[OmniDiffusionRequest]] = defaultdict(list)
         for request in requests:
             groups[self.levers.call_key(request)].append(request)
@@ -324,7 +326,7 @@ class WorkerWrapperBase:
                 if len(group) == 1:
                     logger.exception("rank %d: generation failed", self.rank)
                     outputs[group[0].request_id] = RequestOutput(
-                        group[0].request_id, [], group[0].seed, self.rank, _describe(error)
+                        group[0].request_id, [], group[0].seed, self.rank, describe_error(error)
                     )
                     continue
                 # One bad request must not fail its batch-mates: retry them one by one.
@@ -371,7 +373,7 @@ class WorkerWrapperBase:
         self.loras.activate(first.lora_name, first.lora_scale)
         with self.levers.pipeline_call(pipeline, first.cache) as call, StageTimer(pipeline, self.device) as timer:
             images = pipeline(**kwargs).images
-        cancelled = self._take_cancelled(r.request_id for r in group)
+        cancelled = self.cancellations.take(r.request_id for r in group)
         # 4. float [0, 1] -> uint8, split back per request and image.
         pixels = to_uint8(images)
         outputs = {}
@@ -391,7 +393,7 @@ class WorkerWrapperBase:
                 partial_images=[
                     p for p in progress if isinstance(p, PartialImageOutput) and p.request_id == r.request_id
                 ],
-                usage=self._usage(pipeline, r),
+                usage=count_usage(pipeline, r),
                 stage_seconds=timer.seconds,
                 compiled_graphs=compiled_graphs,
             )
@@ -409,10 +411,10 @@ class WorkerWrapperBase:
         request_ids = {r.request_id for r in group}
 
         def on_step_end(pipeline, index: int, timestep, tensors: dict) -> dict:
-            stop = request_ids <= self._cancelled
+            stop = self.cancellations.cover(request_ids)
             if self.rank_group is not None and self.rank_group.any(stop):
                 stop = True
-                self._cancelled.update(request_ids)  # a peer saw the cancellation first
+                self.cancellations.add(request_ids)  # a peer saw the cancellation first
             if stop:
                 pipeline._interrupt = True  # diffusers skips the remaining denoising steps
                 return {}
@@ -421,99 +423,15 @@ class WorkerWrapperBase:
             # num_timesteps is the steps this call really runs (fewer than asked for img2img).
             total = pipeline.num_timesteps
             for r in group:
-                if r.progress and r.request_id not in self._cancelled:
+                if r.progress and r.request_id not in self.cancellations:
                     sink(StepProgress(r.request_id, index + 1, total))
             if first.partial_images:
                 steps = partial_image_steps(first.partial_images, total)
                 if index + 1 in steps:
                     pixels = to_uint8(decode_latents(pipeline, tensors["latents"], first.height, first.width))
                     for r, own in image_slices(group):
-                        if r.request_id not in self._cancelled:
+                        if r.request_id not in self.cancellations:
                             sink(PartialImageOutput(r.request_id, steps.index(index + 1), list(pixels[own])))
             return {}
 
         return on_step_end
-
-    def _usage(self, pipeline, request: OmniDiffusionRequest) -> Usage:
-        """Prompt tokens by the pipeline's (first) tokenizer; an image counts its latent positions."""
-        tokenizer = getattr(pipeline, "tokenizer", None) or getattr(pipeline, "tokenizer_2", None)
-        text_tokens = len(tokenizer(request.prompt).input_ids) if tokenizer is not None else 0
-        scale = getattr(pipeline, "vae_scale_factor", 8)
-        per_image = (request.height // scale) * (request.width // scale)
-        return Usage(
-            text_tokens=text_tokens,
-            input_image_tokens=per_image if request.image is not None else 0,
-            output_image_tokens=per_image * request.num_images,
-        )
-
-
-def partial_image_steps(wanted: int, total_steps: int) -> list[int]:
-    """The steps after which each of ``wanted`` partial images is decoded, evenly spaced over
-    ``total_steps`` (the last step is the final image itself, never a partial one)."""
-    return sorted({(j + 1) * total_steps // (wanted + 1) for j in range(wanted)} - {0})
-
-
-def decode_latents(pipeline, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
-    """The images that ``latents`` would decode to now (float HxWx3 in [0, 1], one per batch entry)."""
-    vae = pipeline.vae
-    if latents.ndim == 3:  # Flux-style pipelines pack 2x2 latent patches into a sequence
-        latents = pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
-    latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0)
-    decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-    return pipeline.image_processor.postprocess(decoded, output_type="np")
-
-
-def to_uint8(images) -> np.ndarray:
-    return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
-
-
-class StageTimer:
-    """Times one pipeline call by stage, with forward hooks on its modules: the text encoders
-    (text_encode), the UNet or transformer (denoise), and the rest of the call (vae_decode: the
-    VAE decode and post-processing). On CUDA each hook synchronizes, so GPU time is counted."""
-
-    _STAGES = {
-        "text_encode": ("text_encoder", "text_encoder_2", "text_encoder_3"),
-        "denoise": ("unet", "transformer"),
-    }
-
-    def __init__(self, pipeline, device: torch.device | None):
-        self._pipeline = pipeline
-        self._cuda = device is not None and device.type == "cuda"
-        self.seconds = {"text_encode": 0.0, "denoise": 0.0, "vae_decode": 0.0}
-        self._hooks: list = []
-
-    def _now(self) -> float:
-        if self._cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def _watch(self, module: torch.nn.Module, stage: str) -> None:
-        started: list[float] = []
-
-        def before(*_) -> None:
-            started.append(self._now())
-
-        def after(*_) -> None:
-            self.seconds[stage] += self._now() - started.pop()
-
-        self._hooks += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
-
-    def __enter__(self) -> StageTimer:
-        for stage, names in self._STAGES.items():
-            for name in names:
-                module = getattr(self._pipeline, name, None)
-                if isinstance(module, torch.nn.Module):
-                    self._watch(module, stage)
-        self._started = self._now()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        total = self._now() - self._started
-        for hook in self._hooks:
-            hook.remove()
-        self.seconds["vae_decode"] = max(0.0, total - self.seconds["text_encode"] - self.seconds["denoise"])
-
-
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"

@@ -20,7 +20,7 @@ from helpers import ROOT
 from executors.grpc_external import expand_addresses
 from server.cli import build_parser
 from workers.config import OmniDiffusionConfig
-from workers.grpc_server import check_listen_settings
+from workers.hosts.grpc_server import check_listen_settings
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 SECOND_GROUP = KUBERNETES / "overlays" / "second-group"

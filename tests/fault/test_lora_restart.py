@@ -133,7 +133,7 @@ def test_a_replaced_ray_actor_reloads_its_adapters(adapters):
 def test_a_named_ray_actor_started_again_gets_the_engines_adapters(adapters):
     import ray
 
-    from workers.ray_actor import RayDiffusionWorkerActor
+    from workers.hosts.ray_actor import RayDiffusionWorkerActor
 
     sharp, fresh = adapters
 

@@ -14,8 +14,8 @@ from helpers import WorkerProcess, assert_pixels_close, free_port, start_workers
 from engine import DiffusionEngine, EngineDeadError, OmniDiffusionConfig, OmniDiffusionRequest
 from executors import WorkerStartupError
 from workers.data import StepProgress
-from workers.proto import worker_pb2 as pb
-from workers.proto import worker_pb2_grpc as pb_grpc
+from workers.hosts.proto import worker_pb2 as pb
+from workers.hosts.proto import worker_pb2_grpc as pb_grpc
 from workers.worker import WorkerWrapperBase
 
 pytestmark = pytest.mark.slow

@@ -14,16 +14,16 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from helpers import ServerProcess, WorkerProcess, assert_pixels_close, free_port, poll, run_cli, start_workers
 from google.protobuf.message import DecodeError
+from helpers import ServerProcess, WorkerProcess, assert_pixels_close, free_port, poll, run_cli, start_workers
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from engine import DiffusionEngine, OmniDiffusionConfig, OmniDiffusionRequest, RequestTimeoutError
 from executors import WorkerRpcError, WorkerStartupError
-from workers.grpc_messages import pixels_to_proto, request_to_proto
-from workers.proto import worker_pb2 as pb
-from workers.proto import worker_pb2_grpc as pb_grpc
+from workers.hosts.grpc_messages import pixels_to_proto, request_to_proto
+from workers.hosts.proto import worker_pb2 as pb
+from workers.hosts.proto import worker_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 
@@ -313,7 +313,7 @@ def large_image_worker(tmp_path_factory):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from workers.models import _tiny_vae, build_tiny_sd
+    from workers.models.tiny import build_tiny_sd, tiny_vae
 
     folder = tmp_path_factory.mktemp("no-attention-tiny")
     torch.manual_seed(0)
@@ -323,7 +323,7 @@ def large_image_worker(tmp_path_factory):
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
         mid_block_type=None, cross_attention_dim=32, norm_num_groups=8,
     )
-    pipeline.vae = _tiny_vae(8, mid_block_add_attention=False)
+    pipeline.vae = tiny_vae(8, mid_block_add_attention=False)
     pipeline.save_pretrained(folder, safe_serialization=True)
     (worker,) = start_workers(1, "--model", str(folder), "--max-batch-size", "8")
     yield worker, str(folder)

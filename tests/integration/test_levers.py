@@ -15,7 +15,7 @@ from helpers import ServerProcess, assert_pixels_close, run_cli
 
 from workers.config import OmniDiffusionConfig
 from workers.data import OmniDiffusionRequest
-from workers.models import resolve_model_path
+from workers.models.catalog import resolve_model_path
 from workers.worker import WorkerWrapperBase
 
 pytestmark = pytest.mark.slow

@@ -43,7 +43,7 @@ def test_adapters_share_the_base_weights_and_leave_base_pixels_bit_for_bit(worke
     before = _base_weights(worker)
     folder = make_lora(tmp_path / "sharp", model_cache, seed=1)
     kohya = make_kohya_lora(tmp_path / "kohya.safetensors", model_cache, seed=2)
-    with caplog.at_level(logging.INFO, logger="workers.lora"):
+    with caplog.at_level(logging.INFO, logger="workers.runtime.lora"):
         sharp = worker.load_lora_adapter("sharp", str(folder))
         assert "error" not in worker.load_lora_adapter("kohya", str(kohya))
     assert sharp["components"] == ["text_encoder", "unet"] and sharp["weights_bytes"] > 0

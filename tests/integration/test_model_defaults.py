@@ -10,7 +10,7 @@ import httpx
 import pytest
 from helpers import ServerProcess, decode, run_cli
 
-from workers.models import DEMO_MODEL_PATH
+from workers.models.catalog import DEMO_MODEL_PATH
 
 pytestmark = pytest.mark.slow
 

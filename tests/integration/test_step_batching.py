@@ -1,4 +1,4 @@
-"""Step-level continuous batching (workers/step_batching.py): a RunningSet on one worker in this
+"""Step-level continuous batching (workers/runtime/step_batching.py): a RunningSet on one worker in this
 process, with the real tiny SD (Euler), the demo model (DPM-Solver++ multistep, v-prediction) and
 tiny-flux (flow matching). Pixels are compared with request mode (WorkerWrapperBase.generate) of the
 same request alone: a different batch, so within the cross-batch tolerance; a replay of the same
@@ -14,7 +14,7 @@ from lora_adapters import make_lora
 
 from workers.config import OmniDiffusionConfig
 from workers.data import OmniDiffusionRequest, PartialImageOutput, StepProgress, with_defaults
-from workers.step_batching import CANCELLED, RunningSet, request_refusal, step_mode_refusal
+from workers.runtime.step_batching import CANCELLED, RunningSet, request_refusal, step_mode_refusal
 from workers.worker import WorkerWrapperBase
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 
 from engine import AsyncDiffusionEngine, DiffusionEngine, OmniDiffusionConfig, OmniDiffusionRequest
 from workers.data import StepProgress
-from workers.step_batching import CANCELLED
+from workers.runtime.step_batching import CANCELLED
 
 pytestmark = pytest.mark.slow
 

@@ -2,9 +2,6 @@
 
 import numpy as np
 import pytest
-from diffusers import DiffusionPipeline
-from transformers import AutoTokenizer
-
 from demo_scenes import (
     FILLER_WORDS,
     SYNONYMS,
@@ -15,7 +12,10 @@ from demo_scenes import (
     render,
     training_scene,
 )
-from workers.models import DEMO_MODEL_PATH, resolve_model_path
+from diffusers import DiffusionPipeline
+from transformers import AutoTokenizer
+
+from workers.models.catalog import DEMO_MODEL_PATH, resolve_model_path
 
 
 @pytest.mark.parametrize("size", [64, 128])

@@ -16,28 +16,28 @@ from executors.grpc_external import GrpcExternalDiffusionExecutor, expand_addres
 from server.cli import build_parser
 from workers.config import OmniDiffusionConfig
 from workers.data import OmniDiffusionRequest, PartialImageOutput, RequestOutput, Usage
-from workers.grpc_messages import (
+from workers.hosts.grpc_messages import (
     output_from_proto,
     output_to_proto,
     pixels_from_proto,
     request_from_proto,
     request_to_proto,
 )
-from workers.grpc_server import check_listen_settings, rank_from_hostname
-from workers.proto import worker_pb2 as pb
+from workers.hosts.grpc_server import check_listen_settings, rank_from_hostname
+from workers.hosts.proto import worker_pb2 as pb
 
-PROTO_DIR = ROOT / "workers" / "proto"
+PROTO_DIR = ROOT / "workers" / "hosts" / "proto"
 
 
 def test_committed_generated_code_matches_the_proto(tmp_path):
     """Regenerate with the pinned grpcio-tools and compare byte for byte: stale code fails here."""
-    (tmp_path / "workers" / "proto").mkdir(parents=True)
-    shutil.copy(PROTO_DIR / "worker.proto", tmp_path / "workers" / "proto")
+    (tmp_path / "workers" / "hosts" / "proto").mkdir(parents=True)
+    shutil.copy(PROTO_DIR / "worker.proto", tmp_path / "workers" / "hosts" / "proto")
     command = [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.",
-               "--grpc_python_out=.", "workers/proto/worker.proto"]
+               "--grpc_python_out=.", "workers/hosts/proto/worker.proto"]
     subprocess.run(command, cwd=tmp_path, check=True, capture_output=True)
     for name in ("worker_pb2.py", "worker_pb2.pyi", "worker_pb2_grpc.py"):
-        generated = (tmp_path / "workers" / "proto" / name).read_text()
+        generated = (tmp_path / "workers" / "hosts" / "proto" / name).read_text()
         assert generated == (PROTO_DIR / name).read_text(), f"{name} is stale: run `make proto`"
 
 

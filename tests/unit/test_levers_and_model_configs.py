@@ -10,8 +10,11 @@ from pydantic import ValidationError
 
 from workers.config import OmniDiffusionConfig
 from workers.data import OmniDiffusionRequest
-from workers.levers import CACHE_METHODS, LeverError, Levers, cache_config, count_hooked_modules
-from workers.models import RANDOM_WEIGHT_MODELS, build_random_weight_pipeline, t5_tokenizer
+from workers.models.random_weights import RANDOM_WEIGHT_MODELS, build_random_weight_pipeline
+
+# The published sizes: SD 1.5 UNet 859.52M, SDXL UNet 2.567B, FLUX.1-dev transformer 11.9B, T5-XXL
+from workers.models.tiny import t5_tokenizer
+from workers.runtime.levers import CACHE_METHODS, LeverError, Levers, cache_config, count_hooked_modules
 
 # The published sizes: SD 1.5 UNet 859.52M, SDXL UNet 2.567B, FLUX.1-dev transformer 11.9B, T5-XXL
 # encoder 4.76B, CLIP ViT-L/14 text 123.06M, OpenCLIP ViT-bigG/14 text 694.66M, the SD VAE 83.65M

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from server.cli import build_parser
 from workers.config import LoraModule, OmniDiffusionConfig, parse_lora_module
 from workers.data import OmniDiffusionRequest, shard_requests
-from workers.lora import LoraLoadError, resolve_lora_path
+from workers.runtime.lora import LoraLoadError, resolve_lora_path
 
 
 def test_lora_modules_parse_name_path_and_optional_scale():

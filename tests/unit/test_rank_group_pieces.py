@@ -13,7 +13,7 @@ from helpers import ROOT, free_port
 from pydantic import ValidationError
 
 from workers.config import OmniDiffusionConfig
-from workers.rank_group import check_cfg_parallel
+from workers.runtime.rank_group import check_cfg_parallel
 from workers.worker import WorkerWrapperBase
 
 
@@ -59,7 +59,7 @@ PAIR_SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     from workers.config import OmniDiffusionConfig
-    from workers.rank_group import CfgParallelHooks, RankGroup
+    from workers.runtime.rank_group import CfgParallelHooks, RankGroup
 
     rank, address = int(sys.argv[1]), sys.argv[2]
     config = OmniDiffusionConfig(num_gpus=2, cfg_parallel_size=2, rank_group_address=address,

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 
 from workers.data import OmniDiffusionRequest
-from workers.step_batching import request_refusal
+from workers.runtime.step_batching import request_refusal
 from workers.worker import partial_image_steps
 
 

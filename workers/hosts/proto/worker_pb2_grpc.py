@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from workers.proto import worker_pb2 as workers_dot_proto_dot_worker__pb2
+from workers.hosts.proto import worker_pb2 as workers_dot_hosts_dot_proto_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in workers/proto/worker_pb2_grpc.py depends on'
+        + ' but the generated code in workers/hosts/proto/worker_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,33 +38,33 @@ class DiffusionWorkerStub:
         """
         self.Initialize = channel.unary_unary(
                 '/imagegen.worker.v1.DiffusionWorker/Initialize',
-                request_serializer=workers_dot_proto_dot_worker__pb2.InitializeRequest.SerializeToString,
-                response_deserializer=workers_dot_proto_dot_worker__pb2.InitializeReply.FromString,
+                request_serializer=workers_dot_hosts_dot_proto_dot_worker__pb2.InitializeRequest.SerializeToString,
+                response_deserializer=workers_dot_hosts_dot_proto_dot_worker__pb2.InitializeReply.FromString,
                 _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/imagegen.worker.v1.DiffusionWorker/Generate',
-                request_serializer=workers_dot_proto_dot_worker__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=workers_dot_proto_dot_worker__pb2.GenerateEvent.FromString,
+                request_serializer=workers_dot_hosts_dot_proto_dot_worker__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=workers_dot_hosts_dot_proto_dot_worker__pb2.GenerateEvent.FromString,
                 _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/imagegen.worker.v1.DiffusionWorker/Cancel',
-                request_serializer=workers_dot_proto_dot_worker__pb2.CancelRequest.SerializeToString,
-                response_deserializer=workers_dot_proto_dot_worker__pb2.CancelReply.FromString,
+                request_serializer=workers_dot_hosts_dot_proto_dot_worker__pb2.CancelRequest.SerializeToString,
+                response_deserializer=workers_dot_hosts_dot_proto_dot_worker__pb2.CancelReply.FromString,
                 _registered_method=True)
         self.GetRank = channel.unary_unary(
                 '/imagegen.worker.v1.DiffusionWorker/GetRank',
-                request_serializer=workers_dot_proto_dot_worker__pb2.GetRankRequest.SerializeToString,
-                response_deserializer=workers_dot_proto_dot_worker__pb2.GetRankReply.FromString,
+                request_serializer=workers_dot_hosts_dot_proto_dot_worker__pb2.GetRankRequest.SerializeToString,
+                response_deserializer=workers_dot_hosts_dot_proto_dot_worker__pb2.GetRankReply.FromString,
                 _registered_method=True)
         self.ExecuteRpc = channel.unary_unary(
                 '/imagegen.worker.v1.DiffusionWorker/ExecuteRpc',
-                request_serializer=workers_dot_proto_dot_worker__pb2.ExecuteRpcRequest.SerializeToString,
-                response_deserializer=workers_dot_proto_dot_worker__pb2.ExecuteRpcReply.FromString,
+                request_serializer=workers_dot_hosts_dot_proto_dot_worker__pb2.ExecuteRpcRequest.SerializeToString,
+                response_deserializer=workers_dot_hosts_dot_proto_dot_worker__pb2.ExecuteRpcReply.FromString,
                 _registered_method=True)
         self.Shutdown = channel.unary_unary(
                 '/imagegen.worker.v1.DiffusionWorker/Shutdown',
-                request_serializer=workers_dot_proto_dot_worker__pb2.ShutdownRequest.SerializeToString,
-                response_deserializer=workers_dot_proto_dot_worker__pb2.ShutdownReply.FromString,
+                request_serializer=workers_dot_hosts_dot_proto_dot_worker__pb2.ShutdownRequest.SerializeToString,
+                response_deserializer=workers_dot_hosts_dot_proto_dot_worker__pb2.ShutdownReply.FromString,
                 _registered_method=True)
 
 
@@ -121,33 +121,33 @@ def add_DiffusionWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Initialize': grpc.unary_unary_rpc_method_handler(
                     servicer.Initialize,
-                    request_deserializer=workers_dot_proto_dot_worker__pb2.InitializeRequest.FromString,
-                    response_serializer=workers_dot_proto_dot_worker__pb2.InitializeReply.SerializeToString,
+                    request_deserializer=workers_dot_hosts_dot_proto_dot_worker__pb2.InitializeRequest.FromString,
+                    response_serializer=workers_dot_hosts_dot_proto_dot_worker__pb2.InitializeReply.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=workers_dot_proto_dot_worker__pb2.GenerateRequest.FromString,
-                    response_serializer=workers_dot_proto_dot_worker__pb2.GenerateEvent.SerializeToString,
+                    request_deserializer=workers_dot_hosts_dot_proto_dot_worker__pb2.GenerateRequest.FromString,
+                    response_serializer=workers_dot_hosts_dot_proto_dot_worker__pb2.GenerateEvent.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
-                    request_deserializer=workers_dot_proto_dot_worker__pb2.CancelRequest.FromString,
-                    response_serializer=workers_dot_proto_dot_worker__pb2.CancelReply.SerializeToString,
+                    request_deserializer=workers_dot_hosts_dot_proto_dot_worker__pb2.CancelRequest.FromString,
+                    response_serializer=workers_dot_hosts_dot_proto_dot_worker__pb2.CancelReply.SerializeToString,
             ),
             'GetRank': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRank,
-                    request_deserializer=workers_dot_proto_dot_worker__pb2.GetRankRequest.FromString,
-                    response_serializer=workers_dot_proto_dot_worker__pb2.GetRankReply.SerializeToString,
+                    request_deserializer=workers_dot_hosts_dot_proto_dot_worker__pb2.GetRankRequest.FromString,
+                    response_serializer=workers_dot_hosts_dot_proto_dot_worker__pb2.GetRankReply.SerializeToString,
             ),
             'ExecuteRpc': grpc.unary_unary_rpc_method_handler(
                     servicer.ExecuteRpc,
-                    request_deserializer=workers_dot_proto_dot_worker__pb2.ExecuteRpcRequest.FromString,
-                    response_serializer=workers_dot_proto_dot_worker__pb2.ExecuteRpcReply.SerializeToString,
+                    request_deserializer=workers_dot_hosts_dot_proto_dot_worker__pb2.ExecuteRpcRequest.FromString,
+                    response_serializer=workers_dot_hosts_dot_proto_dot_worker__pb2.ExecuteRpcReply.SerializeToString,
             ),
             'Shutdown': grpc.unary_unary_rpc_method_handler(
                     servicer.Shutdown,
-                    request_deserializer=workers_dot_proto_dot_worker__pb2.ShutdownRequest.FromString,
-                    response_serializer=workers_dot_proto_dot_worker__pb2.ShutdownReply.SerializeToString,
+                    request_deserializer=workers_dot_hosts_dot_proto_dot_worker__pb2.ShutdownRequest.FromString,
+                    response_serializer=workers_dot_hosts_dot_proto_dot_worker__pb2.ShutdownReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,8 +177,8 @@ class DiffusionWorker:
             request,
             target,
             '/imagegen.worker.v1.DiffusionWorker/Initialize',
-            workers_dot_proto_dot_worker__pb2.InitializeRequest.SerializeToString,
-            workers_dot_proto_dot_worker__pb2.InitializeReply.FromString,
+            workers_dot_hosts_dot_proto_dot_worker__pb2.InitializeRequest.SerializeToString,
+            workers_dot_hosts_dot_proto_dot_worker__pb2.InitializeReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -204,8 +204,8 @@ class DiffusionWorker:
             request,
             target,
             '/imagegen.worker.v1.DiffusionWorker/Generate',
-            workers_dot_proto_dot_worker__pb2.GenerateRequest.SerializeToString,
-            workers_dot_proto_dot_worker__pb2.GenerateEvent.FromString,
+            workers_dot_hosts_dot_proto_dot_worker__pb2.GenerateRequest.SerializeToString,
+            workers_dot_hosts_dot_proto_dot_worker__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -231,8 +231,8 @@ class DiffusionWorker:
             request,
             target,
             '/imagegen.worker.v1.DiffusionWorker/Cancel',
-            workers_dot_proto_dot_worker__pb2.CancelRequest.SerializeToString,
-            workers_dot_proto_dot_worker__pb2.CancelReply.FromString,
+            workers_dot_hosts_dot_proto_dot_worker__pb2.CancelRequest.SerializeToString,
+            workers_dot_hosts_dot_proto_dot_worker__pb2.CancelReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -258,8 +258,8 @@ class DiffusionWorker:
             request,
             target,
             '/imagegen.worker.v1.DiffusionWorker/GetRank',
-            workers_dot_proto_dot_worker__pb2.GetRankRequest.SerializeToString,
-            workers_dot_proto_dot_worker__pb2.GetRankReply.FromString,
+            workers_dot_hosts_dot_proto_dot_worker__pb2.GetRankRequest.SerializeToString,
+            workers_dot_hosts_dot_proto_dot_worker__pb2.GetRankReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -285,8 +285,8 @@ class DiffusionWorker:
             request,
             target,
             '/imagegen.worker.v1.DiffusionWorker/ExecuteRpc',
-            workers_dot_proto_dot_worker__pb2.ExecuteRpcRequest.SerializeToString,
-            workers_dot_proto_dot_worker__pb2.ExecuteRpcReply.FromString,
+            workers_dot_hosts_dot_proto_dot_worker__pb2.ExecuteRpcRequest.SerializeToString,
+            workers_dot_hosts_dot_proto_dot_worker__pb2.ExecuteRpcReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -312,8 +312,8 @@ class DiffusionWorker:
             request,
             target,
             '/imagegen.worker.v1.DiffusionWorker/Shutdown',
-            workers_dot_proto_dot_worker__pb2.ShutdownRequest.SerializeToString,
-            workers_dot_proto_dot_worker__pb2.ShutdownReply.FromString,
+            workers_dot_hosts_dot_proto_dot_worker__pb2.ShutdownRequest.SerializeToString,
+            workers_dot_hosts_dot_proto_dot_worker__pb2.ShutdownReply.FromString,
             options,
             channel_credentials,
             insecure,

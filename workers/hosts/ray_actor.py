@@ -22,8 +22,8 @@ except ImportError as error:  # Ray is an optional extra
 
 from workers.config import OmniDiffusionConfig
 from workers.data import OmniDiffusionRequest, RequestOutput
-from workers.logs import configure_logging
-from workers.streaming import PipelineThread
+from workers.hosts.streaming import PipelineThread
+from workers.logs import configure_logging, describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +35,6 @@ HEALTH_CONCURRENCY_GROUP = "health"
 MAX_CONCURRENT_CALLS = 64
 
 
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
-
 
 # num_gpus=1 is only the default: .options(num_gpus=0, num_cpus=k) runs the same actor on CPUs.
 @ray.remote(num_gpus=1, max_concurrency=MAX_CONCURRENT_CALLS, concurrency_groups={HEALTH_CONCURRENCY_GROUP: 1})
@@ -46,7 +43,7 @@ class RayDiffusionWorkerActor:
 
     Create it with ``RayDiffusionWorkerActor.options(num_gpus=..., name=...).remote(rank=rank,
     od_config=config)`` and call ``initialize()`` before use. Whatever touches the pipeline runs on
-    its one thread (workers.streaming.PipelineThread), in the order the calls arrive: the pipeline is
+    its one thread (workers.hosts.streaming.PipelineThread), in the order the calls arrive: the pipeline is
     not thread-safe. In step mode generate calls share that thread's running set.
     """
 
@@ -86,7 +83,7 @@ class RayDiffusionWorkerActor:
                 self._description = self._pipeline.submit(self._worker.initialize).result()
             except Exception as error:  # noqa: BLE001 - the caller gets one clear line
                 logger.exception("rank %d failed to initialize", self.rank)
-                return {"status": "error", "error": _describe(error), "rank": self.rank}
+                return {"status": "error", "error": describe_error(error), "rank": self.rank}
             self._pipeline.use_step_loop()
         return {
             "status": "ready",
@@ -123,7 +120,7 @@ class RayDiffusionWorkerActor:
             raise RuntimeError(f"rank {self.rank} is not initialized: call initialize() first")
 
     def _error_reply(self, error: Exception) -> dict:
-        from workers.rank_group import RankGroupError  # torch: only inside the actor process
+        from workers.runtime.rank_group import RankGroupError  # torch: only inside the actor process
 
         if isinstance(error, RankGroupError):
             # The group is broken: leave, so that the actor's owner starts the group again (backend
@@ -131,7 +128,7 @@ class RayDiffusionWorkerActor:
             logger.error("rank %d leaves: %s", self.rank, error)
             logging.shutdown()
             os._exit(1)
-        return {"status": "error", "error": _describe(error), "rank": self.rank}
+        return {"status": "error", "error": describe_error(error), "rank": self.rank}
 
     def generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
         """Generate every request on this rank (pipeline failures are reported per request)."""

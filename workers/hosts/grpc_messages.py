@@ -20,7 +20,7 @@ from workers.data import (
     StepProgress,
     Usage,
 )
-from workers.proto import worker_pb2 as pb
+from workers.hosts.proto import worker_pb2 as pb
 
 # Both ends raise gRPC's 4 MiB default to this, each way. A step of max_batch_size (8) edits at
 # 1792x1024 sends 8 x 7.3 MB (image and mask) to a rank, 4 x 1024x1024 images come back as 12.6 MB;

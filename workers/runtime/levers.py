@@ -219,7 +219,7 @@ class Levers:
             return self.running.current_timestep
         return self.last_timestep
 
-    def _record_timestep(self, module, args, kwargs) -> None:
+    def record_timestep(self, module, args, kwargs) -> None:
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if isinstance(timestep, torch.Tensor) and timestep.ndim:
             timestep = timestep.flatten()[0]  # one timestep per call, repeated over the batch
@@ -279,7 +279,7 @@ def apply_levers(pipeline, od_config, device: torch.device, dtype: torch.dtype) 
     if method != "none":
         config = cache_config(method, od_config.cache_options, denoiser, dtype, levers.current_timestep)
         if method in ("faster", "pab") and not hasattr(type(pipeline), "current_timestep"):
-            denoiser.register_forward_pre_hook(levers._record_timestep, with_kwargs=True)
+            denoiser.register_forward_pre_hook(levers.record_timestep, with_kwargs=True)
         apply = getattr(diffusers.hooks, CACHE_METHODS[method][1])
         try:
             levers.cached_forwards = hooked_forwards(denoiser, lambda: apply(denoiser, config))

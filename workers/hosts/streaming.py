@@ -2,7 +2,7 @@
 progress (partial images, steps) streamed while they run. Every worker host uses it: the mp worker
 program, the Ray actor and the gRPC worker.
 
-In step mode (``--scheduling step``, workers.step_batching) the thread also runs the worker's running
+In step mode (``--scheduling step``, workers.runtime.step_batching) the thread also runs the worker's running
 set: a generate call's requests join it between two denoising iterations, and the call is answered
 when they have all left it, while other calls go on being answered in between.
 """
@@ -145,7 +145,7 @@ class PipelineThread:
         worker = self._worker
         if worker.od_config.scheduling != "step":
             return
-        from workers.step_batching import StepLoop, step_mode_refusal  # torch: only in worker processes
+        from workers.runtime.step_batching import StepLoop, step_mode_refusal  # torch: only in worker processes
 
         refusal = step_mode_refusal(worker)
         if refusal is not None:

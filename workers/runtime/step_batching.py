@@ -9,7 +9,7 @@ noise is drawn from its own generators exactly as request mode draws it, so a se
 pixels (within the cross-batch tolerance, docs/benchmarks.md) whatever it ran beside.
 
 Each pipeline family's loop (prompt encoding, initial noise, the batched denoiser call) is in
-workers/denoise_loops.py.
+workers/runtime/denoise_loops.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -32,17 +32,40 @@ from workers.data import (
     StepProgress,
     WorkerProgress,
     image_slices,
-    with_defaults,
 )
-from workers.denoise_loops import STEP_LOOPS, RunningRequest
-from workers.worker import StageTimer, WorkerWrapperBase, _describe, decode_latents, partial_image_steps, to_uint8
+from workers.logs import describe_error
+from workers.runtime.denoise_loops import STEP_LOOPS, RunningRequest
+from workers.runtime.stages import Cancellations, StageTimer, count_usage, decode_latents, partial_image_steps, to_uint8
 
 logger = logging.getLogger(__name__)
 
 CANCELLED = "cancelled: the client went away"
 
 
-def step_mode_refusal(worker: WorkerWrapperBase) -> str | None:
+class StepWorker(Protocol):
+    """What step batching uses of its worker (workers.worker.WorkerWrapperBase): its settings, rank, device,
+    loaded pipelines, levers, adapters and rank group, the cancellations it has been told of, and three of
+    its public methods."""
+
+    od_config: Any
+    rank: int
+    device: torch.device | None
+    pipeline: Any
+    pipelines: dict
+    levers: Any
+    loras: Any
+    rank_group: Any
+    cancellations: Cancellations
+    progress_sink: Callable[[WorkerProgress], None] | None
+
+    def fill_in(self, requests: list[OmniDiffusionRequest]) -> list[OmniDiffusionRequest]: ...
+
+    def group_share(self, requests: list[OmniDiffusionRequest], group: int | None = None) -> list[OmniDiffusionRequest]: ...
+
+    def generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]: ...
+
+
+def step_mode_refusal(worker: StepWorker) -> str | None:
     """Why ``worker`` cannot run step mode (None: it can). The caller logs it and runs request mode."""
     if worker.od_config.compile != "none":
         # The warm-up compiles request mode's calls; a running set's per-sample timesteps and changing
@@ -83,10 +106,10 @@ class RunningSet:
     requests behind it from joining until the running set has drained. A request's text is encoded
     when it first joins a call. Cancelled requests (WorkerWrapperBase.cancel) leave at the next iteration.
 
-    It is part of its worker: it reads the worker's cancellations and usage counting directly.
+    It is part of its worker, and reads the worker's cancellations directly.
     """
 
-    def __init__(self, worker: WorkerWrapperBase):
+    def __init__(self, worker: StepWorker):
         if (refusal := step_mode_refusal(worker)) is not None:
             raise ValueError(f"step mode: {refusal}")
         self.worker = worker
@@ -154,7 +177,7 @@ class RunningSet:
 
     def _drop_cancelled(self) -> list[RequestOutput]:
         ids = [r.request.request_id for r in self.running] + [r.request_id for r in self.waiting]
-        cancelled = self.worker._take_cancelled(ids)
+        cancelled = self.worker.cancellations.take(ids)
         if not cancelled:
             return []
         left = [r.request for r in self.running if r.request.request_id in cancelled]
@@ -207,7 +230,7 @@ class RunningSet:
         except Exception as error:  # noqa: BLE001 - reported for the request that caused it
             if len(requests) == 1:
                 logger.exception("rank %d: request %s failed to start", self.worker.rank, first.request_id)
-                return [], [RequestOutput(first.request_id, [], first.seed, self.worker.rank, _describe(error))]
+                return [], [RequestOutput(first.request_id, [], first.seed, self.worker.rank, describe_error(error))]
         started, failed = [], []
         for request in requests:
             one, bad = self._start([request])
@@ -226,7 +249,7 @@ class RunningSet:
         except Exception as error:  # noqa: BLE001 - the call was shared: every request in it failed
             logger.exception("rank %d: a step over %d requests failed", self.worker.rank, len(batch))
             for r in batch:
-                r.error = _describe(error)
+                r.error = describe_error(error)
             self.running = [r for r in self.running if all(r is not other for other in batch)]
             return batch
         for r, (_, own) in zip(batch, image_slices([r.request for r in batch]), strict=True):
@@ -266,7 +289,7 @@ class RunningSet:
             request.seed,
             rank,
             partial_images=r.partial_images,
-            usage=self.worker._usage(self.pipeline, request),
+            usage=count_usage(self.pipeline, request),
             stage_seconds=r.stage_seconds,
             compiled_graphs=r.compiled_graphs,
         )
@@ -288,12 +311,12 @@ class _PendingCall:
 
 
 class StepLoop:
-    """A RunningSet for a host that receives calls one at a time (workers.streaming.PipelineThread): the
+    """A RunningSet for a host that receives calls one at a time (workers.hosts.streaming.PipelineThread): the
     requests of each ``generate`` / ``generate_shard`` call join the running set, and the call is answered,
     with the same reply request mode gives, once all of them have left it. Requests that cannot join
     (edits) run at once in request mode, the loop waiting for them."""
 
-    def __init__(self, worker: WorkerWrapperBase):
+    def __init__(self, worker: StepWorker):
         self.worker = worker
         self.running = RunningSet(worker)
         self._calls: dict[Any, _PendingCall] = {}
@@ -310,9 +333,8 @@ class StepLoop:
         progress)`` streams the progress of the requests that run in request mode now."""
         worker = self.worker
         if method == "generate_shard":
-            requests = worker._group_share(requests, group)
-        description = worker._loaded_description()
-        requests = [with_defaults(request, worker.od_config, description) for request in requests]
+            requests = worker.group_share(requests, group)
+        requests = worker.fill_in(requests)
         call = _PendingCall([request.request_id for request in requests])
         apart, joining = [], []
         for request in requests:

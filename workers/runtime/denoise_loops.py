@@ -2,7 +2,7 @@
 (their prompts encoded in one call; each request's initial noise drawn from its own generators and its
 own scheduler's timesteps set) and predicts the noise (or flow) of many requests in one denoiser call,
 with one timestep per sample. The loop that drives them, and the running set, are in
-workers/step_batching.py.
+workers/runtime/step_batching.py.
 
 diffusers' modular pipelines do not serve here: they have no Stable Diffusion 1.x/2.x blocks, and
 their Flux loop drives one scheduler over one timestep sequence per call. What each loop leaves to

@@ -2,7 +2,7 @@
 
 The program opens its port at once, with the standard grpc.health.v1 service answering
 NOT_SERVING, loads the model, and then answers SERVING and the DiffusionWorker service
-(workers/proto/worker.proto) until SIGTERM, SIGINT or a Shutdown call. Then it takes no new
+(workers/hosts/proto/worker.proto) until SIGTERM, SIGINT or a Shutdown call. Then it takes no new
 calls, lets the generation in flight finish (up to rpc_timeout_s), and exits 0. It outlives any
 server that connects to it. Every call is one WorkerWrapperBase method: this module translates
 messages and picks threads, nothing more.
@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from workers.config import OmniDiffusionConfig
 from workers.data import PartialImageOutput, RunningSetIteration, StepProgress
-from workers.grpc_messages import (
+from workers.hosts.grpc_messages import (
     MAX_MESSAGE_BYTES,
     output_to_proto,
     partial_to_proto,
@@ -37,11 +37,11 @@ from workers.grpc_messages import (
     running_set_iteration_to_proto,
     step_progress_to_proto,
 )
-from workers.logs import configure_logging
-from workers.proto import worker_pb2 as pb
-from workers.proto import worker_pb2_grpc as pb_grpc
-from workers.rank_group import RankGroupError
-from workers.streaming import PipelineThread
+from workers.hosts.proto import worker_pb2 as pb
+from workers.hosts.proto import worker_pb2_grpc as pb_grpc
+from workers.hosts.streaming import PipelineThread
+from workers.logs import configure_logging, describe_error
+from workers.runtime.rank_group import RankGroupError
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +72,6 @@ SERVER_OPTIONS = [
 # How often the worker looks whether its pipeline call has run past rpc_timeout_s.
 _HANG_CHECK_INTERVAL_S = 1.0
 
-
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
 
 
 # -- settings -------------------------------------------------------------------------------------
@@ -249,10 +246,10 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
             logger.error("rank %d leaves: %s", self._worker.rank, error)
             self.group_broken = True
             self._request_stop()
-            context.abort(grpc.StatusCode.UNAVAILABLE, _describe(error))
+            context.abort(grpc.StatusCode.UNAVAILABLE, describe_error(error))
         except Exception as error:  # noqa: BLE001 - the caller gets the message, the worker lives on
             logger.exception("rank %d: Generate failed", self._worker.rank)
-            context.abort(grpc.StatusCode.UNKNOWN, _describe(error))
+            context.abort(grpc.StatusCode.UNKNOWN, describe_error(error))
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelReply:
         self._worker.cancel(list(request.request_ids))
@@ -283,7 +280,7 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
                 result = getattr(self._worker, request.method)(*args, **kwargs)
             return pb.ExecuteRpcReply(result_json=json.dumps(result))
         except Exception as error:  # noqa: BLE001 - the caller gets the message, the worker lives on
-            context.abort(grpc.StatusCode.UNKNOWN, _describe(error))
+            context.abort(grpc.StatusCode.UNKNOWN, describe_error(error))
 
     def Shutdown(self, request: pb.ShutdownRequest, context: grpc.ServicerContext) -> pb.ShutdownReply:
         logger.info("rank %d: Shutdown called", self._worker.rank)
@@ -391,7 +388,7 @@ def run_worker(od_config: OmniDiffusionConfig) -> int:
         except Exception as error:  # noqa: BLE001 - one clear line, then exit 1
             logger.exception("rank %d could not load its model", rank)
             print(
-                f"imagegen worker: rank {rank} could not load model '{od_config.model}': {_describe(error)}",
+                f"imagegen worker: rank {rank} could not load model '{od_config.model}': {describe_error(error)}",
                 file=sys.stderr,
             )
             return 1

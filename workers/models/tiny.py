@@ -1,64 +1,11 @@
-"""Model resolution: the shipped demo model, built-in tiny pipelines, full-size architectures with
-random weights, local diffusers folders and cached hub ids.
-
-The tiny models are built from configs with a fixed seed and written with
-``save_pretrained`` once; the demo model is a trained diffusers folder that ships with
-the code. Both, like every model from a folder or the hub, are loaded through the same
-``DiffusionPipeline.from_pretrained`` path. The random-weight models (random-sd15, random-sdxl,
-random-flux-dev) are the published architectures, built at load time from the config JSON in
-``model_configs/`` straight on the target device and dtype, and never written to disk: their
-compute and memory per step are the real models', their pixels mean nothing.
-"""
+"""The built-in tiny pipelines (tiny, tiny-flux, tiny-sd3) and the offline tokenizers they and the
+random-weight models use: built from configs with a fixed seed, never from the hub."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
 import math
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable
-from pathlib import Path
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-
-class ModelNotFoundError(RuntimeError):
-    """The model is neither built in, a local diffusers folder, nor in the local hub cache."""
-
-
-# Trained by scripts/train_demo_model.py; its README.md is the model card.
-DEMO_MODEL_PATH = Path(__file__).parent / "demo_model"
-# Beside model_index.json, a model folder may say which defaults suit it (docs/models.md).
-MODEL_DEFAULTS_FILE = "imagegen.json"
-# The published component configs of each random-weight model, as diffusers folders hold them.
-RANDOM_WEIGHT_MODELS_PATH = Path(__file__).parent / "model_configs"
-RANDOM_WEIGHT_MODELS = ("random-sd15", "random-sdxl", "random-flux-dev")
-
-
-class ModelDefaults(BaseModel):
-    """A model folder's imagegen.json: the defaults that suit this model. A setting that was set (a
-    flag or an IMAGEGEN_ variable) wins over them, and they win over imagegen's built-in defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    default_num_inference_steps: int | None = Field(None, ge=1)
-    default_guidance_scale: float | None = Field(None, ge=0)
-    native_size: str | None = Field(None, pattern=r"^[1-9][0-9]*x[1-9][0-9]*$")
-
-
-def read_model_defaults(folder: Path) -> ModelDefaults:
-    """The folder's imagegen.json (nothing set when it has none); ValueError naming the file when malformed."""
-    path = Path(folder) / MODEL_DEFAULTS_FILE
-    if not path.is_file():
-        return ModelDefaults()
-    try:
-        return ModelDefaults.model_validate_json(path.read_bytes())
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in error.errors())
-        raise ValueError(f"{path} is not a valid {MODEL_DEFAULTS_FILE}: {problems}") from None
+from collections.abc import Iterable
 
 
 def clip_tokenizer(
@@ -132,85 +79,6 @@ def t5_tokenizer(model_max_length: int = 512):
     )
 
 
-_TOKENIZERS = {"CLIPTokenizer": clip_tokenizer, "T5TokenizerFast": t5_tokenizer}
-
-
-@contextlib.contextmanager
-def _new_tensors_on(device, dtype):
-    """Parameters created in this block are created on ``device`` in ``dtype``: no float32 copy first."""
-    import torch
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def build_random_weight_pipeline(name: str, device, dtype):
-    """The pipeline of random-weight model ``name``, every module created on ``device`` (``"meta"`` to
-    count parameters without memory) in ``dtype``, from the configs in model_configs/<name>. The weights
-    come from a fixed seed, so every process builds the same ones on the same kind of device."""
-    import torch
-
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(0)
-        return _build_random_weight_pipeline(name, device, dtype)
-
-
-def _build_random_weight_pipeline(name: str, device, dtype):
-    import diffusers
-    import transformers
-
-    folder = RANDOM_WEIGHT_MODELS_PATH / name
-    index = json.loads((folder / "model_index.json").read_text())
-    pipeline_class = getattr(diffusers, index.pop("_class_name"))
-    components = {}
-    for component, spec in index.items():
-        if not isinstance(spec, list):  # a pipeline option, such as requires_safety_checker
-            components[component] = spec
-            continue
-        library, class_name = spec
-        if library is None:
-            components[component] = None
-        elif class_name in _TOKENIZERS:
-            components[component] = _TOKENIZERS[class_name]()
-        else:
-            module_class = getattr(diffusers if library == "diffusers" else transformers, class_name)
-            config_file = next((folder / component).glob("*config.json"))
-            config = json.loads(config_file.read_text())
-            if component == "scheduler":
-                components[component] = module_class.from_config(config)
-                continue
-            with _new_tensors_on(device, dtype):
-                if library == "diffusers":
-                    model = module_class.from_config(config)
-                else:
-                    model = module_class(module_class.config_class(**config))
-            components[component] = model.eval() if device.type == "meta" else model.to(dtype).eval()
-    return pipeline_class(**components)
-
-
-def model_folder(model: str, cache_dir: Path) -> Path:
-    """The folder of ``model``'s files: a random-weight model's committed configs, else its diffusers folder."""
-    if model in RANDOM_WEIGHT_MODELS:
-        return RANDOM_WEIGHT_MODELS_PATH / model
-    return resolve_model_path(model, cache_dir)
-
-
-def load_pipeline(model: str, cache_dir: Path, dtype, device):
-    """The pipeline of ``model`` in ``dtype``: random-weight models are built on ``device``; every other
-    model is loaded from its folder onto the CPU (the caller places it)."""
-    from diffusers import DiffusionPipeline
-
-    if model in RANDOM_WEIGHT_MODELS:
-        return build_random_weight_pipeline(model, device, dtype)
-    return DiffusionPipeline.from_pretrained(resolve_model_path(model, cache_dir), dtype=dtype)
-
-
 def _byte_pair_encode(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Apply ``ranks``' merges to ``pieces`` the way BPE does: the best-ranked pair first."""
     while len(pieces) > 1:
@@ -247,7 +115,7 @@ def _tiny_clip_text_encoder(vocab_size: int, with_projection: bool = False):
     return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
 
-def _tiny_vae(channels: int, latent_channels: int = 4, **options):
+def tiny_vae(channels: int, latent_channels: int = 4, **options):
     """A two-level VAE (2x downscale) that says it works at 64x64."""
     from diffusers import AutoencoderKL
 
@@ -282,7 +150,7 @@ def build_tiny_sd():
         cross_attention_dim=32,
         norm_num_groups=32,
     )
-    vae = _tiny_vae(32)
+    vae = tiny_vae(32)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         timestep_spacing="trailing",
@@ -319,7 +187,7 @@ def build_tiny_flux():
         pooled_projection_dim=32,
         axes_dims_rope=(4, 4, 8),
     )
-    vae = _tiny_vae(
+    vae = tiny_vae(
         16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035
     )
     text_encoder_2 = T5EncoderModel(
@@ -362,7 +230,7 @@ def build_tiny_sd3():
         caption_projection_dim=32,
         pooled_projection_dim=64,
     )
-    vae = _tiny_vae(
+    vae = tiny_vae(
         16, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
         shift_factor=0.0609, scaling_factor=1.5305,
     )
@@ -380,63 +248,3 @@ def build_tiny_sd3():
         tokenizer_3=tokenizer_3,
         transformer=transformer,
     )
-
-
-BUILTIN_MODELS: dict[str, Callable[[], object]] = {
-    "tiny": build_tiny_sd,
-    "tiny-flux": build_tiny_flux,
-    "tiny-sd3": build_tiny_sd3,
-}
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imagegen" / "models"
-
-
-def resolve_model_path(model: str, cache_dir: Path) -> Path:
-    """Return a local diffusers folder for ``model``, building a built-in model on first use."""
-    if model == "demo":
-        return DEMO_MODEL_PATH
-    if model in BUILTIN_MODELS:
-        return _ensure_builtin(model, Path(cache_dir))
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise ModelNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-        return path
-    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
-        raise ModelNotFoundError(
-            f"model '{model}' is not a built-in model (demo, {', '.join([*BUILTIN_MODELS, *RANDOM_WEIGHT_MODELS])}) "
-            "and no such folder exists"
-        )
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        # Never download at run time: only a snapshot already in the local cache is used.
-        return Path(snapshot_download(model, local_files_only=True))
-    except LocalEntryNotFoundError as error:
-        raise ModelNotFoundError(
-            f"model '{model}' is not in the local Hugging Face cache and downloads are disabled"
-        ) from error
-
-
-def _ensure_builtin(name: str, cache_dir: Path) -> Path:
-    target = cache_dir / name
-    if (target / "model_index.json").is_file():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # Build in a private folder and rename it into place: several workers may build at once,
-    # and a half-written folder must never be visible under the final name.
-    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
-    try:
-        pipeline = BUILTIN_MODELS[name]()
-        pipeline.save_pretrained(scratch / "pipeline", safe_serialization=True)
-        try:
-            os.rename(scratch / "pipeline", target)
-        except OSError:
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target

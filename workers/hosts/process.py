@@ -1,4 +1,4 @@
-"""The mp worker program (``python -m workers.process``) that MultiProcDiffusionExecutor starts, and its wire protocol.
+"""The mp worker program (``python -m workers.hosts.process``) that MultiProcDiffusionExecutor starts, and its wire protocol.
 
 Each worker is a program of its own, not a multiprocessing child: it never imports the module
 that started the engine, so a plain script without an ``if __name__ == "__main__":`` guard can
@@ -31,8 +31,8 @@ from typing import Any
 
 from workers.config import OmniDiffusionConfig
 from workers.data import WorkerProgress
+from workers.hosts.streaming import PipelineThread
 from workers.logs import configure_logging
-from workers.streaming import PipelineThread
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def _read_cancellations(worker: Any, cancellations: Connection) -> None:
 
 def _serve(worker: Any, conn: Connection) -> None:
     """Answer calls on this thread (the one that loaded the model), in order; in step mode, generate
-    calls are answered as their requests finish (see workers.streaming.PipelineThread). A thread reads
+    calls are answered as their requests finish (see workers.hosts.streaming.PipelineThread). A thread reads
     the calls; only this one sends on ``conn``."""
     pipeline = PipelineThread(worker)
     pipeline.use_step_loop()
@@ -144,7 +144,7 @@ def _reply(call_id: int, future: Future) -> RpcReply:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m workers.process", description="one mp worker, started by the engine")
+    parser = argparse.ArgumentParser(prog="python -m workers.hosts.process", description="one mp worker, started by the engine")
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--call-fd", type=int, required=True, help="inherited descriptor of the call pipe")
     parser.add_argument("--cancel-fd", type=int, required=True, help="inherited descriptor of the cancellation pipe")
@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # Run as a program, this file is __main__; the message classes must be workers.process's own,
+    # Run as a program, this file is __main__; the message classes must be workers.hosts.process's own,
     # the names the engine unpickles them by.
-    from workers.process import main as program_main
+    from workers.hosts.process import main as program_main
 
     program_main()
     sys.exit(0)
