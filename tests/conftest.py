@@ -105,3 +105,22 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory):
         return path
 
     return save
+
+
+# Wall time per test file (set-up, call and tear-down of its tests: module fixtures land on the test
+# that starts or stops them), printed after --durations' 20 slowest tests: where the suite's budget goes.
+_seconds_per_file: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    path = report.nodeid.split("::", 1)[0]
+    _seconds_per_file[path] = _seconds_per_file.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if not _seconds_per_file:
+        return
+    terminalreporter.write_sep("=", "wall time per file")
+    for path, seconds in sorted(_seconds_per_file.items(), key=lambda item: item[1], reverse=True):
+        terminalreporter.write_line(f"{seconds:8.1f}s {path}")
+    terminalreporter.write_line(f"{sum(_seconds_per_file.values()):8.1f}s in all")

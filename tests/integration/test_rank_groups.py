@@ -40,35 +40,35 @@ def alone():
 
 
 @pytest.fixture(scope="module")
-def two_pairs():
-    """4 ranks = 2 data-parallel groups x a CFG pair each."""
-    with DiffusionEngine(OmniDiffusionConfig(model="tiny", num_gpus=4, cfg_parallel_size=2)) as engine:
+def one_pair():
+    """2 ranks = one CFG pair: the rank group of every test but data parallel's (two processes, not four)."""
+    with DiffusionEngine(OmniDiffusionConfig(model="tiny", num_gpus=2, cfg_parallel_size=2)) as engine:
         yield engine
 
 
-def test_two_cfg_pairs_share_a_step_and_make_the_pixels_of_one_rank(two_pairs, alone):
-    requests = requests_for([1, 2, 3, 4])
-    outputs = two_pairs.step(requests)
+def test_two_cfg_pairs_share_a_step_and_make_the_pixels_of_one_rank(alone):
+    # 4 ranks = 2 data-parallel groups x a CFG pair each, for this test alone.
+    with DiffusionEngine(OmniDiffusionConfig(model="tiny", num_gpus=4, cfg_parallel_size=2)) as two_pairs:
+        groups = [info["rank_group"] for info in two_pairs.collective_rpc("describe")]
+        requests = requests_for([1, 2, 3, 4])
+        outputs = two_pairs.step(requests)
+        references = alone.generate([two_pairs.prepare(r) for r in requests])
+    assert [(g["index"], g["rank_in_group"]) for g in groups] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert {g["cfg_parallel_size"] for g in groups} == {2}
     # The leaders (ranks 0 and 2) answer, one group each half of the step.
     assert sorted({output.rank for output in outputs}) == [0, 2]
-    for output, reference in zip(outputs, alone.generate([two_pairs.prepare(r) for r in requests])):
+    for output, reference in zip(outputs, references):
         assert_pixels_close(pixels(output)[0], reference.images[0])
 
 
-def test_the_workers_report_their_place_in_their_group(two_pairs):
-    groups = [info["rank_group"] for info in two_pairs.collective_rpc("describe")]
-    assert [(g["index"], g["rank_in_group"]) for g in groups] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert {g["cfg_parallel_size"] for g in groups} == {2}
-
-
-def test_partial_images_and_progress_come_once_from_the_leader(two_pairs):
+def test_partial_images_and_progress_come_once_from_the_leader(one_pair):
     seen: list = []
-    two_pairs.progress_listeners.append(seen.append)
+    one_pair.progress_listeners.append(seen.append)
     try:
         (request,) = requests_for([5], num_inference_steps=6, partial_images=2, progress=True)
-        (output,) = two_pairs.step([request])
+        (output,) = one_pair.step([request])
     finally:
-        two_pairs.progress_listeners.remove(seen.append)
+        one_pair.progress_listeners.remove(seen.append)
     assert output.error is None
     partials = [p for p in seen if isinstance(p, PartialImages) and p.request_id == request.request_id]
     steps = [p.step for p in seen if isinstance(p, StepProgress) and p.request_id == request.request_id]
@@ -76,7 +76,7 @@ def test_partial_images_and_progress_come_once_from_the_leader(two_pairs):
     assert steps == list(range(1, 7))
 
 
-def test_a_pair_cancelled_mid_denoise_stops_as_one_and_serves_the_next_request(two_pairs, alone):
+def test_a_pair_cancelled_mid_denoise_stops_as_one_and_serves_the_next_request(one_pair, alone):
     (long,) = requests_for([6], num_inference_steps=150, progress=True)
     second_step = threading.Event()
 
@@ -84,27 +84,27 @@ def test_a_pair_cancelled_mid_denoise_stops_as_one_and_serves_the_next_request(t
         if isinstance(progress, StepProgress) and progress.request_id == long.request_id and progress.step >= 2:
             second_step.set()
 
-    two_pairs.progress_listeners.append(on_progress)
+    one_pair.progress_listeners.append(on_progress)
     try:
-        with_cancel = threading.Thread(target=lambda: second_step.wait(120) and two_pairs.cancel([long.request_id]))
+        with_cancel = threading.Thread(target=lambda: second_step.wait(120) and one_pair.cancel([long.request_id]))
         with_cancel.start()
-        (output,) = two_pairs.step([long])
+        (output,) = one_pair.step([long])
         with_cancel.join()
     finally:
-        two_pairs.progress_listeners.remove(on_progress)
+        one_pair.progress_listeners.remove(on_progress)
     assert second_step.is_set()
     assert output.images == [] and "cancelled" in output.error
     (after,) = requests_for([7])
-    (served,) = two_pairs.step([after])
-    (reference,) = alone.generate([two_pairs.prepare(after)])
+    (served,) = one_pair.step([after])
+    (reference,) = alone.generate([one_pair.prepare(after)])
     assert_pixels_close(pixels(served)[0], reference.images[0])
 
 
-def test_guidance_off_runs_the_whole_batch_on_both_ranks(two_pairs, alone):
+def test_guidance_off_runs_the_whole_batch_on_both_ranks(one_pair, alone):
     # guidance_scale 1 leaves nothing to split: each rank runs the call as one rank would.
     requests = requests_for([8], guidance_scale=1.0)
-    (output,) = two_pairs.step(requests)
-    (reference,) = alone.generate([two_pairs.prepare(requests[0])])
+    (output,) = one_pair.step(requests)
+    (reference,) = alone.generate([one_pair.prepare(requests[0])])
     assert_pixels_close(pixels(output)[0], reference.images[0])
 
 
@@ -124,17 +124,17 @@ def test_a_cfg_pair_of_a_dit_with_true_cfg_makes_the_pixels_of_one_rank(cache_me
             assert_pixels_close(image, expected)
 
 
-def test_a_lora_adapter_runs_on_both_ranks_of_a_pair(two_pairs, alone, model_cache, tmp_path):
+def test_a_lora_adapter_runs_on_both_ranks_of_a_pair(one_pair, alone, model_cache, tmp_path):
     folder = make_lora(tmp_path / "sharp", model_cache, seed=1)
-    two_pairs.loras.load(LoraModule("sharp", str(folder)))
+    one_pair.loras.load(LoraModule("sharp", str(folder)))
     alone.load_lora_adapter("sharp", str(folder))
     try:
         (request,) = requests_for([11], lora_name="sharp")
-        (output,) = two_pairs.step([request])
-        (reference,) = alone.generate([two_pairs.prepare(request)])
-        (base,) = alone.generate([two_pairs.prepare(requests_for([11])[0])])
+        (output,) = one_pair.step([request])
+        (reference,) = alone.generate([one_pair.prepare(request)])
+        (base,) = alone.generate([one_pair.prepare(requests_for([11])[0])])
     finally:
-        two_pairs.loras.unload("sharp")
+        one_pair.loras.unload("sharp")
         alone.unload_lora_adapter("sharp")
     assert_pixels_close(pixels(output)[0], reference.images[0])
     assert np.abs(pixels(output)[0].astype(int) - base.images[0]).max() > 8  # the adapter did something
