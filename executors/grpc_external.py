@@ -35,11 +35,14 @@ from executors.external import HEALTH_CHECK_TIMEOUT_S, ExternalDiffusionExecutor
 from workers.data import OmniDiffusionRequest, RequestOutput, group_shares
 from workers.hosts.grpc_messages import (
     MAX_MESSAGE_BYTES,
+    ContractVersionError,
+    check_contract_version,
     output_from_proto,
     partial_from_proto,
     request_to_proto,
     running_set_iteration_from_proto,
     step_progress_from_proto,
+    worker_contract_version,
 )
 from workers.hosts.proto import worker_pb2 as pb
 from workers.hosts.proto import worker_pb2_grpc as pb_grpc
@@ -88,12 +91,14 @@ def expand_addresses(entries: list[str] | None, num_ranks: int) -> list[str]:
 
 @dataclass(eq=False)
 class GrpcWorker:
-    """One rank's connection: the channel to its address and the two services on it."""
+    """One rank's connection: the channel to its address, the two services on it, and the contract
+    version the worker there speaks (known once it has answered Initialize)."""
 
     address: str
     channel: grpc.Channel
     stub: pb_grpc.DiffusionWorkerStub
     health: health_pb2_grpc.HealthStub
+    contract_version: int = 1
 
 
 class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
@@ -184,6 +189,7 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
                 f"{error.code().name}: {error.details()}"
             ) from None
         description = json.loads(reply.description_json)
+        worker.contract_version = worker_contract_version(reply)
         config = self.od_config
         where = f"the worker at {worker.address}"
         if description["rank"] != rank:
@@ -286,6 +292,11 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
             if not share:
                 return []  # nothing for this rank in this step
             request = pb.GenerateRequest(requests=[request_to_proto(r) for r in share])
+            try:
+                for message in request.requests:
+                    check_contract_version(message, worker.contract_version, f"the worker at {worker.address}")
+            except ContractVersionError as error:
+                raise WorkerRpcError(str(error)) from None
             stream = worker.stub.Generate(request, timeout=timeout, metadata=self._metadata)
             with streams_lock:
                 streams.append(stream)

@@ -29,6 +29,38 @@ MAX_MESSAGE_BYTES = 1 << 30
 # Fields whose wire form is not the dataclass value itself.
 _ARRAYS = ("image", "mask")
 
+# The worker contract's version, raised with every change to worker.proto that a worker must understand
+# (the rule is in its header). 1: the contract before workers reported a version; 2: InitializeReply
+# reports it.
+CONTRACT_VERSION = 2
+# DiffusionRequest fields added after version 1, each with the version that added it.
+REQUEST_FIELDS_SINCE: dict[str, int] = {}
+
+
+class ContractVersionError(ValueError):
+    """A request sets a field that the worker's contract version does not have."""
+
+
+def worker_contract_version(reply: pb.InitializeReply) -> int:
+    """The version a worker speaks, from its InitializeReply (a worker older than the field speaks 1)."""
+    return reply.contract_version or 1
+
+
+def check_contract_version(message: pb.DiffusionRequest, worker_version: int, worker: str) -> None:
+    """Raise ContractVersionError when ``message`` sets a field newer than ``worker_version``: the worker
+    would drop it without a word and make another image than the one asked for."""
+    newer = {
+        descriptor.name: REQUEST_FIELDS_SINCE[descriptor.name]
+        for descriptor, _ in message.ListFields()
+        if REQUEST_FIELDS_SINCE.get(descriptor.name, 1) > worker_version
+    }
+    if newer:
+        field, version = max(newer.items(), key=lambda item: item[1])
+        raise ContractVersionError(
+            f"{worker} speaks worker contract version {worker_version}, and this request needs version {version} "
+            f"for its field '{field}' (this server speaks {CONTRACT_VERSION}): upgrade the worker"
+        )
+
 
 def pixels_to_proto(array: np.ndarray) -> pb.Pixels:
     return pb.Pixels(shape=array.shape, data=np.ascontiguousarray(array, dtype=np.uint8).tobytes())

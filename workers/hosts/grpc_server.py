@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from workers.config import OmniDiffusionConfig
 from workers.data import PartialImageOutput, RunningSetIteration, StepProgress
 from workers.hosts.grpc_messages import (
+    CONTRACT_VERSION,
     MAX_MESSAGE_BYTES,
     output_to_proto,
     partial_to_proto,
@@ -215,6 +216,7 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
             num_ranks=self._od_config.num_gpus,
             model_name=self._od_config.model_name,
             description_json=json.dumps(self._description),
+            contract_version=CONTRACT_VERSION,
         )
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):

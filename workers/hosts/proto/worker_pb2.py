@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n workers/hosts/proto/worker.proto\x12\x12imagegen.worker.v1\"%\n\x06Pixels\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\")\n\x04Seed\x12\x0e\n\x06values\x18\x01 \x03(\x03\x12\x11\n\tper_image\x18\x02 \x01(\x08\"\xcc\x04\n\x10\x44iffusionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x13\n\x06height\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05width\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fnegative_prompt\x18\x05 \x01(\tH\x02\x88\x01\x01\x12 \n\x13num_inference_steps\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12&\n\x04seed\x18\x08 \x01(\x0b\x32\x18.imagegen.worker.v1.Seed\x12\x12\n\nnum_images\x18\t \x01(\x05\x12)\n\x05image\x18\n \x01(\x0b\x32\x1a.imagegen.worker.v1.Pixels\x12(\n\x04mask\x18\x0b \x01(\x0b\x32\x1a.imagegen.worker.v1.Pixels\x12\x15\n\x08strength\x18\x0c \x01(\x01H\x05\x88\x01\x01\x12\x16\n\x0epartial_images\x18\r \x01(\x05\x12\x10\n\x08progress\x18\x0e \x01(\x08\x12\r\n\x05\x63\x61\x63he\x18\x0f \x01(\x08\x12\x16\n\tlora_name\x18\x10 \x01(\tH\x06\x88\x01\x01\x12\x17\n\nlora_scale\x18\x11 \x01(\x01H\x07\x88\x01\x01\x42\t\n\x07_heightB\x08\n\x06_widthB\x12\n\x10_negative_promptB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x0b\n\t_strengthB\x0c\n\n_lora_nameB\r\n\x0b_lora_scale\"U\n\x05Usage\x12\x13\n\x0btext_tokens\x18\x01 \x01(\x03\x12\x1a\n\x12input_image_tokens\x18\x02 \x01(\x03\x12\x1b\n\x13output_image_tokens\x18\x03 \x01(\x03\"]\n\x0cPartialImage\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12*\n\x06images\x18\x03 \x03(\x0b\x32\x1a.imagegen.worker.v1.Pixels\"E\n\x0cStepProgress\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x05\"F\n\x13RunningSetIteration\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x10\n\x08\x61\x64mitted\x18\x03 \x01(\x05\"\x88\x03\n\rRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06images\x18\x02 \x03(\x0b\x32\x1a.imagegen.worker.v1.Pixels\x12&\n\x04seed\x18\x03 \x01(\x0b\x32\x18.imagegen.worker.v1.Seed\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x12\n\x05\x65rror\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x38\n\x0epartial_images\x18\x06 \x03(\x0b\x32 .imagegen.worker.v1.PartialImage\x12(\n\x05usage\x18\x07 \x01(\x0b\x32\x19.imagegen.worker.v1.Usage\x12J\n\rstage_seconds\x18\x08 \x03(\x0b\x32\x33.imagegen.worker.v1.RequestOutput.StageSecondsEntry\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x08\n\x06_error\"\x13\n\x11InitializeRequest\"R\n\x0fInitializeReply\x12\x11\n\tnum_ranks\x18\x01 \x01(\x05\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65scription_json\x18\x03 \x01(\t\"I\n\x0fGenerateRequest\x12\x36\n\x08requests\x18\x01 \x03(\x0b\x32$.imagegen.worker.v1.DiffusionRequest\"\x8c\x02\n\rGenerateEvent\x12\x39\n\rpartial_image\x18\x01 \x01(\x0b\x32 .imagegen.worker.v1.PartialImageH\x00\x12\x32\n\x05reply\x18\x02 \x01(\x0b\x32!.imagegen.worker.v1.GenerateReplyH\x00\x12\x39\n\rstep_progress\x18\x03 \x01(\x0b\x32 .imagegen.worker.v1.StepProgressH\x00\x12H\n\x15running_set_iteration\x18\x04 \x01(\x0b\x32\'.imagegen.worker.v1.RunningSetIterationH\x00\x42\x07\n\x05\x65vent\"C\n\rGenerateReply\x12\x32\n\x07outputs\x18\x01 \x03(\x0b\x32!.imagegen.worker.v1.RequestOutput\"$\n\rCancelRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\r\n\x0b\x43\x61ncelReply\"\x10\n\x0eGetRankRequest\"\x1c\n\x0cGetRankReply\x12\x0c\n\x04rank\x18\x01 \x01(\x05\"K\n\x11\x45xecuteRpcRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x11\n\targs_json\x18\x02 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x03 \x01(\t\"&\n\x0f\x45xecuteRpcReply\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\"\x11\n\x0fShutdownRequest\"\x0f\n\rShutdownReply2\x8e\x04\n\x0f\x44iffusionWorker\x12X\n\nInitialize\x12%.imagegen.worker.v1.InitializeRequest\x1a#.imagegen.worker.v1.InitializeReply\x12T\n\x08Generate\x12#.imagegen.worker.v1.GenerateRequest\x1a!.imagegen.worker.v1.GenerateEvent0\x01\x12L\n\x06\x43\x61ncel\x12!.imagegen.worker.v1.CancelRequest\x1a\x1f.imagegen.worker.v1.CancelReply\x12O\n\x07GetRank\x12\".imagegen.worker.v1.GetRankRequest\x1a .imagegen.worker.v1.GetRankReply\x12X\n\nExecuteRpc\x12%.imagegen.worker.v1.ExecuteRpcRequest\x1a#.imagegen.worker.v1.ExecuteRpcReply\x12R\n\x08Shutdown\x12#.imagegen.worker.v1.ShutdownRequest\x1a!.imagegen.worker.v1.ShutdownReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n workers/hosts/proto/worker.proto\x12\x12imagegen.worker.v1\"%\n\x06Pixels\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\")\n\x04Seed\x12\x0e\n\x06values\x18\x01 \x03(\x03\x12\x11\n\tper_image\x18\x02 \x01(\x08\"\xcc\x04\n\x10\x44iffusionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x13\n\x06height\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05width\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fnegative_prompt\x18\x05 \x01(\tH\x02\x88\x01\x01\x12 \n\x13num_inference_steps\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12&\n\x04seed\x18\x08 \x01(\x0b\x32\x18.imagegen.worker.v1.Seed\x12\x12\n\nnum_images\x18\t \x01(\x05\x12)\n\x05image\x18\n \x01(\x0b\x32\x1a.imagegen.worker.v1.Pixels\x12(\n\x04mask\x18\x0b \x01(\x0b\x32\x1a.imagegen.worker.v1.Pixels\x12\x15\n\x08strength\x18\x0c \x01(\x01H\x05\x88\x01\x01\x12\x16\n\x0epartial_images\x18\r \x01(\x05\x12\x10\n\x08progress\x18\x0e \x01(\x08\x12\r\n\x05\x63\x61\x63he\x18\x0f \x01(\x08\x12\x16\n\tlora_name\x18\x10 \x01(\tH\x06\x88\x01\x01\x12\x17\n\nlora_scale\x18\x11 \x01(\x01H\x07\x88\x01\x01\x42\t\n\x07_heightB\x08\n\x06_widthB\x12\n\x10_negative_promptB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x0b\n\t_strengthB\x0c\n\n_lora_nameB\r\n\x0b_lora_scale\"U\n\x05Usage\x12\x13\n\x0btext_tokens\x18\x01 \x01(\x03\x12\x1a\n\x12input_image_tokens\x18\x02 \x01(\x03\x12\x1b\n\x13output_image_tokens\x18\x03 \x01(\x03\"]\n\x0cPartialImage\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12*\n\x06images\x18\x03 \x03(\x0b\x32\x1a.imagegen.worker.v1.Pixels\"E\n\x0cStepProgress\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x05\"F\n\x13RunningSetIteration\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x10\n\x08\x61\x64mitted\x18\x03 \x01(\x05\"\x88\x03\n\rRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06images\x18\x02 \x03(\x0b\x32\x1a.imagegen.worker.v1.Pixels\x12&\n\x04seed\x18\x03 \x01(\x0b\x32\x18.imagegen.worker.v1.Seed\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x12\n\x05\x65rror\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x38\n\x0epartial_images\x18\x06 \x03(\x0b\x32 .imagegen.worker.v1.PartialImage\x12(\n\x05usage\x18\x07 \x01(\x0b\x32\x19.imagegen.worker.v1.Usage\x12J\n\rstage_seconds\x18\x08 \x03(\x0b\x32\x33.imagegen.worker.v1.RequestOutput.StageSecondsEntry\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x08\n\x06_error\"\x13\n\x11InitializeRequest\"l\n\x0fInitializeReply\x12\x11\n\tnum_ranks\x18\x01 \x01(\x05\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65scription_json\x18\x03 \x01(\t\x12\x18\n\x10\x63ontract_version\x18\x04 \x01(\x05\"I\n\x0fGenerateRequest\x12\x36\n\x08requests\x18\x01 \x03(\x0b\x32$.imagegen.worker.v1.DiffusionRequest\"\x8c\x02\n\rGenerateEvent\x12\x39\n\rpartial_image\x18\x01 \x01(\x0b\x32 .imagegen.worker.v1.PartialImageH\x00\x12\x32\n\x05reply\x18\x02 \x01(\x0b\x32!.imagegen.worker.v1.GenerateReplyH\x00\x12\x39\n\rstep_progress\x18\x03 \x01(\x0b\x32 .imagegen.worker.v1.StepProgressH\x00\x12H\n\x15running_set_iteration\x18\x04 \x01(\x0b\x32\'.imagegen.worker.v1.RunningSetIterationH\x00\x42\x07\n\x05\x65vent\"C\n\rGenerateReply\x12\x32\n\x07outputs\x18\x01 \x03(\x0b\x32!.imagegen.worker.v1.RequestOutput\"$\n\rCancelRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\r\n\x0b\x43\x61ncelReply\"\x10\n\x0eGetRankRequest\"\x1c\n\x0cGetRankReply\x12\x0c\n\x04rank\x18\x01 \x01(\x05\"K\n\x11\x45xecuteRpcRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x11\n\targs_json\x18\x02 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x03 \x01(\t\"&\n\x0f\x45xecuteRpcReply\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\"\x11\n\x0fShutdownRequest\"\x0f\n\rShutdownReply2\x8e\x04\n\x0f\x44iffusionWorker\x12X\n\nInitialize\x12%.imagegen.worker.v1.InitializeRequest\x1a#.imagegen.worker.v1.InitializeReply\x12T\n\x08Generate\x12#.imagegen.worker.v1.GenerateRequest\x1a!.imagegen.worker.v1.GenerateEvent0\x01\x12L\n\x06\x43\x61ncel\x12!.imagegen.worker.v1.CancelRequest\x1a\x1f.imagegen.worker.v1.CancelReply\x12O\n\x07GetRank\x12\".imagegen.worker.v1.GetRankRequest\x1a .imagegen.worker.v1.GetRankReply\x12X\n\nExecuteRpc\x12%.imagegen.worker.v1.ExecuteRpcRequest\x1a#.imagegen.worker.v1.ExecuteRpcReply\x12R\n\x08Shutdown\x12#.imagegen.worker.v1.ShutdownRequest\x1a!.imagegen.worker.v1.ShutdownReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,29 +54,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INITIALIZEREQUEST']._serialized_start=1449
   _globals['_INITIALIZEREQUEST']._serialized_end=1468
   _globals['_INITIALIZEREPLY']._serialized_start=1470
-  _globals['_INITIALIZEREPLY']._serialized_end=1552
-  _globals['_GENERATEREQUEST']._serialized_start=1554
-  _globals['_GENERATEREQUEST']._serialized_end=1627
-  _globals['_GENERATEEVENT']._serialized_start=1630
-  _globals['_GENERATEEVENT']._serialized_end=1898
-  _globals['_GENERATEREPLY']._serialized_start=1900
-  _globals['_GENERATEREPLY']._serialized_end=1967
-  _globals['_CANCELREQUEST']._serialized_start=1969
-  _globals['_CANCELREQUEST']._serialized_end=2005
-  _globals['_CANCELREPLY']._serialized_start=2007
-  _globals['_CANCELREPLY']._serialized_end=2020
-  _globals['_GETRANKREQUEST']._serialized_start=2022
-  _globals['_GETRANKREQUEST']._serialized_end=2038
-  _globals['_GETRANKREPLY']._serialized_start=2040
-  _globals['_GETRANKREPLY']._serialized_end=2068
-  _globals['_EXECUTERPCREQUEST']._serialized_start=2070
-  _globals['_EXECUTERPCREQUEST']._serialized_end=2145
-  _globals['_EXECUTERPCREPLY']._serialized_start=2147
-  _globals['_EXECUTERPCREPLY']._serialized_end=2185
-  _globals['_SHUTDOWNREQUEST']._serialized_start=2187
-  _globals['_SHUTDOWNREQUEST']._serialized_end=2204
-  _globals['_SHUTDOWNREPLY']._serialized_start=2206
-  _globals['_SHUTDOWNREPLY']._serialized_end=2221
-  _globals['_DIFFUSIONWORKER']._serialized_start=2224
-  _globals['_DIFFUSIONWORKER']._serialized_end=2750
+  _globals['_INITIALIZEREPLY']._serialized_end=1578
+  _globals['_GENERATEREQUEST']._serialized_start=1580
+  _globals['_GENERATEREQUEST']._serialized_end=1653
+  _globals['_GENERATEEVENT']._serialized_start=1656
+  _globals['_GENERATEEVENT']._serialized_end=1924
+  _globals['_GENERATEREPLY']._serialized_start=1926
+  _globals['_GENERATEREPLY']._serialized_end=1993
+  _globals['_CANCELREQUEST']._serialized_start=1995
+  _globals['_CANCELREQUEST']._serialized_end=2031
+  _globals['_CANCELREPLY']._serialized_start=2033
+  _globals['_CANCELREPLY']._serialized_end=2046
+  _globals['_GETRANKREQUEST']._serialized_start=2048
+  _globals['_GETRANKREQUEST']._serialized_end=2064
+  _globals['_GETRANKREPLY']._serialized_start=2066
+  _globals['_GETRANKREPLY']._serialized_end=2094
+  _globals['_EXECUTERPCREQUEST']._serialized_start=2096
+  _globals['_EXECUTERPCREQUEST']._serialized_end=2171
+  _globals['_EXECUTERPCREPLY']._serialized_start=2173
+  _globals['_EXECUTERPCREPLY']._serialized_end=2211
+  _globals['_SHUTDOWNREQUEST']._serialized_start=2213
+  _globals['_SHUTDOWNREQUEST']._serialized_end=2230
+  _globals['_SHUTDOWNREPLY']._serialized_start=2232
+  _globals['_SHUTDOWNREPLY']._serialized_end=2247
+  _globals['_DIFFUSIONWORKER']._serialized_start=2250
+  _globals['_DIFFUSIONWORKER']._serialized_end=2776
 # @@protoc_insertion_point(module_scope)

@@ -132,14 +132,16 @@ class InitializeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InitializeReply(_message.Message):
-    __slots__ = ("num_ranks", "model_name", "description_json")
+    __slots__ = ("num_ranks", "model_name", "description_json", "contract_version")
     NUM_RANKS_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_JSON_FIELD_NUMBER: _ClassVar[int]
+    CONTRACT_VERSION_FIELD_NUMBER: _ClassVar[int]
     num_ranks: int
     model_name: str
     description_json: str
-    def __init__(self, num_ranks: _Optional[int] = ..., model_name: _Optional[str] = ..., description_json: _Optional[str] = ...) -> None: ...
+    contract_version: int
+    def __init__(self, num_ranks: _Optional[int] = ..., model_name: _Optional[str] = ..., description_json: _Optional[str] = ..., contract_version: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("requests",)
