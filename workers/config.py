@@ -279,6 +279,11 @@ class OmniDiffusionConfig(BaseSettings):
     max_upload_image_pixels: int = Field(
         4096 * 4096, ge=1, description="most pixels an uploaded image may decode to (larger ones get 400)"
     )
+    inpaint_keep_unmasked: bool = Field(
+        True,
+        description="after inpainting, paste the input's own pixels back outside the mask (feathered a few pixels, "
+        "so the seam does not show); false keeps what the pipeline decoded everywhere",
+    )
     # -- speed levers; see docs/benchmarks.md ("Speed levers") --------------------------------------
     cache_method: Literal["none", "first-block", "taylorseer", "faster", "pab"] = Field(
         "none",
