@@ -25,6 +25,7 @@ from executors import (
 )
 from workers.config import OmniDiffusionConfig, parse_size
 from workers.data import (
+    LoraWeight,
     OmniDiffusionRequest,
     PartialImageOutput,
     RequestOutput,
@@ -189,7 +190,7 @@ class DiffusionEngine:
                 param="seed",
             )
         self._check_image(request)
-        request = self._check_lora(request)
+        request = self._check_loras(request)
         if request.image is not None and not self.size_allowed(request.image.shape[1], request.image.shape[0]):
             # An input image's own size is the default only where it is a size we serve.
             width, height = parse_size(self.defaults["size"].value)
@@ -262,21 +263,28 @@ class DiffusionEngine:
                 param="mask",
             )
 
-    def _check_lora(self, request: OmniDiffusionRequest) -> OmniDiffusionRequest:
-        """A served adapter (404 otherwise), its scale filled in and in range; no scale without an adapter."""
-        if request.lora_name is None:
-            if request.lora_scale is not None:
-                raise InvalidRequestError(
-                    "lora_scale needs a LoRA adapter: send its name as model", param="lora_scale"
-                )
-            return request
-        adapter = self.loras.get(request.lora_name)
-        scale = adapter.scale if request.lora_scale is None else request.lora_scale
-        if not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+    def _check_loras(self, request: OmniDiffusionRequest) -> OmniDiffusionRequest:
+        """Served adapters (404 naming one that is not), each named once and at most --max-loras-per-request
+        of them, their scales filled in and in range."""
+        limit = self.od_config.max_loras_per_request
+        if len(request.loras) > limit:
             raise InvalidRequestError(
-                f"lora_scale must be between {-MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}, got {scale}", param="lora_scale"
+                f"{len(request.loras)} LoRA adapters were named; the limit is {limit} per request", param="loras"
             )
-        return dataclasses.replace(request, lora_scale=float(scale))
+        filled = []
+        for index, lora in enumerate(request.loras):
+            if index and lora.name == request.loras[index - 1].name:  # the names are sorted: twins are neighbours
+                raise InvalidRequestError(f"LoRA adapter '{lora.name}' is named twice", param="loras")
+            adapter = self.loras.get(lora.name, param="loras")
+            scale = adapter.scale if lora.scale is None else lora.scale
+            if not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+                raise InvalidRequestError(
+                    f"the scale of LoRA adapter '{lora.name}' must be between {-MAX_LORA_SCALE:g} and "
+                    f"{MAX_LORA_SCALE:g}, got {scale}",
+                    param="loras",
+                )
+            filled.append(LoraWeight(lora.name, float(scale)))
+        return dataclasses.replace(request, loras=tuple(filled))
 
     def size_allowed(self, width: int, height: int) -> bool:
         """A listed size, or any whose sides are multiples of the model's size multiple within max_output_pixels."""

@@ -323,6 +323,9 @@ class OmniDiffusionConfig(BaseSettings):
         "or a .safetensors file, kohya keys too); a request picks one with model=name",
         json_schema_extra={"cli_nargs": "+"},
     )
+    max_loras_per_request: int = Field(
+        4, ge=1, description="most LoRA adapters one request may name in loras (more are refused with 400)"
+    )
     allow_runtime_lora: bool = Field(
         False, description="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --admin-api-key)"
     )

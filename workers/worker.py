@@ -370,8 +370,8 @@ class WorkerWrapperBase:
             kwargs["callback_on_step_end"] = self._step_callback(group, sink)
         if self._cfg_hooks is not None:
             self._cfg_hooks.images_in_call = len(prompts)
-        # 3. Denoise and decode, with the group's LoRA adapter (or none) in effect.
-        self.loras.activate(first.lora_name, first.lora_scale)
+        # 3. Denoise and decode, with the group's LoRA adapters (or none) in effect.
+        self.loras.activate(first.loras)
         with self.levers.pipeline_call(pipeline, first.cache) as call, StageTimer(pipeline, self.device) as timer:
             images = pipeline(**kwargs).images
         cancelled = self.cancellations.take(r.request_id for r in group)
