@@ -161,11 +161,13 @@ class DiffusionEngine:
         return "step"
 
     # -- requests ------------------------------------------------------------------------------
-    def prepare(self, request: OmniDiffusionRequest) -> OmniDiffusionRequest:
+    def prepare(self, request: OmniDiffusionRequest, admitted: bool = False) -> OmniDiffusionRequest:
         """Validate ``request`` and fill every default (workers.data.with_defaults decides them).
 
         An input image is resized to the request's size here (and the size defaults to the
         image's own when that is allowed). Preparing a prepared request returns it unchanged.
+        ``admitted``: the request was queued before now (step() checks it again), so a LoRA adapter
+        being unloaded since is still its to run with: the unload waits for it.
         """
         config = self.od_config
         # 1. What the client sent: text, image count, seed list, input image and mask.
@@ -190,7 +192,7 @@ class DiffusionEngine:
                 param="seed",
             )
         self._check_image(request)
-        request = self._check_loras(request)
+        request = self._check_loras(request, admitted)
         if request.image is not None and not self.size_allowed(request.image.shape[1], request.image.shape[0]):
             # An input image's own size is the default only where it is a size we serve.
             width, height = parse_size(self.defaults["size"].value)
@@ -263,7 +265,7 @@ class DiffusionEngine:
                 param="mask",
             )
 
-    def _check_loras(self, request: OmniDiffusionRequest) -> OmniDiffusionRequest:
+    def _check_loras(self, request: OmniDiffusionRequest, admitted: bool) -> OmniDiffusionRequest:
         """Served adapters (404 naming one that is not), each named once and at most --max-loras-per-request
         of them, their scales filled in and in range."""
         limit = self.od_config.max_loras_per_request
@@ -275,7 +277,7 @@ class DiffusionEngine:
         for index, lora in enumerate(request.loras):
             if index and lora.name == request.loras[index - 1].name:  # the names are sorted: twins are neighbours
                 raise InvalidRequestError(f"LoRA adapter '{lora.name}' is named twice", param="loras")
-            adapter = self.loras.get(lora.name, param="loras")
+            adapter = self.loras.get(lora.name, param="loras", unloading=admitted)
             scale = adapter.scale if lora.scale is None else lora.scale
             if not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
                 raise InvalidRequestError(
@@ -306,7 +308,7 @@ class DiffusionEngine:
         runnable: dict[str, OmniDiffusionRequest] = {}
         for request in requests:
             try:
-                runnable[request.request_id] = self.prepare(request)
+                runnable[request.request_id] = self.prepare(request, admitted=True)
             except InvalidRequestError as error:
                 outputs[request.request_id] = DiffusionOutput(request.request_id, [], request.seed, str(error))
         if runnable:
