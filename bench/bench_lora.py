@@ -66,6 +66,7 @@ def main() -> None:
         return {row: statistics.median(values) for row, values in times.items()}
 
     base_alone = seconds({"base": {}})["base"] if args.compile == "none" else None
+    a, b = {"loras": (LoraWeight("a"),)}, {"loras": (LoraWeight("b"),)}
     with tempfile.TemporaryDirectory(prefix="imagegen-lora-bench-") as folder:
         for name, seed in (("a", 1), ("b", 2)):
             make_lora(Path(folder) / name, config.model_cache_dir, seed)
@@ -73,7 +74,7 @@ def main() -> None:
             print(f"loaded {name}: {report['weights']} weights, {report['weights_bytes'] / 2**20:.2f} MiB, {report['load_s']}s")
         if base_alone is not None:
             rows = {"base, no adapter loaded": base_alone, **seconds(
-                {"base, 2 adapters loaded": {}, "adapter a": {"loras": (LoraWeight("a"),)}, "adapter b": {"loras": (LoraWeight("b"),)}}
+                {"base, 2 adapters loaded": {}, "adapter a": a, "adapter b": b}
             )}
             print(f"\n{'row':28s} {'s/call':>8s} {'ratio':>6s}")
             for row, value in rows.items():
@@ -81,7 +82,6 @@ def main() -> None:
             return
         print(f"\nwarm-up: {worker.levers.description['warmup_s']}s, {worker.levers.description['warmup_compiled_graphs']} graphs")
         print(f"{'call':16s} {'s':>7s} {'graphs':>6s}")
-        a, b = {"loras": (LoraWeight("a"),)}, {"loras": (LoraWeight("b"),)}
         sequence = [("base", {}), ("a", a), ("a", a), ("b", b),
                     ("a at 0.5", {"loras": (LoraWeight("a", 0.5),)}), ("a at 0.7", {"loras": (LoraWeight("a", 0.7),)}),
                     ("base", {}), ("b", b), ("a", a)]

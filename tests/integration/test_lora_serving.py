@@ -183,9 +183,10 @@ def test_edits_take_loras_as_json_and_as_multipart_json_text(server):
         assert response.status_code == 200, response.text
         return decode(response.json()["data"][0]["b64_json"])
 
+    data_url = "data:image/png;base64," + base64.b64encode(png(1)).decode()
     as_json = httpx.post(
         f"{server.base_url}/v1/images/edits", headers=headers, timeout=120,
-        json={**fields, "loras": loras, "images": [{"image_url": "data:image/png;base64," + base64.b64encode(png(1)).decode()}]},
+        json={**fields, "loras": loras, "images": [{"image_url": data_url}]},
     )
     assert as_json.status_code == 200, as_json.text
     with_loras = multipart(loras=json.dumps(loras))
@@ -322,7 +323,7 @@ def test_an_unload_waits_for_a_queued_request_that_holds_the_adapter_among_other
             queued = pool.submit(generate, client, loras=[{"name": "tardy", "scale": 0.5}, {"name": "sharp"}])
             poll(lambda: server.metric("imagegen_num_requests_waiting") > waiting_before, 30, "the request to queue")
             unload = pool.submit(admin, server, "unload_lora_adapter", lora_name="tardy")
-            poll(lambda: "tardy" not in [model.id for model in client.models.list().data], 30, "tardy to leave /v1/models")
+            poll(lambda: "tardy" not in [m.id for m in client.models.list().data], 30, "tardy to leave /v1/models")
             with pytest.raises(openai.NotFoundError):
                 generate(client, loras=[{"name": "tardy"}])
             assert not unload.done()  # the queued request still holds it
