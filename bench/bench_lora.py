@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from lora_adapters import make_lora  # noqa: E402
 
 from workers.config import OmniDiffusionConfig  # noqa: E402
-from workers.data import OmniDiffusionRequest  # noqa: E402
+from workers.data import LoraWeight, OmniDiffusionRequest  # noqa: E402
 from workers.worker import WorkerWrapperBase  # noqa: E402
 
 
@@ -66,6 +66,7 @@ def main() -> None:
         return {row: statistics.median(values) for row, values in times.items()}
 
     base_alone = seconds({"base": {}})["base"] if args.compile == "none" else None
+    a, b = {"loras": (LoraWeight("a"),)}, {"loras": (LoraWeight("b"),)}
     with tempfile.TemporaryDirectory(prefix="imagegen-lora-bench-") as folder:
         for name, seed in (("a", 1), ("b", 2)):
             make_lora(Path(folder) / name, config.model_cache_dir, seed)
@@ -73,7 +74,7 @@ def main() -> None:
             print(f"loaded {name}: {report['weights']} weights, {report['weights_bytes'] / 2**20:.2f} MiB, {report['load_s']}s")
         if base_alone is not None:
             rows = {"base, no adapter loaded": base_alone, **seconds(
-                {"base, 2 adapters loaded": {}, "adapter a": {"lora_name": "a"}, "adapter b": {"lora_name": "b"}}
+                {"base, 2 adapters loaded": {}, "adapter a": a, "adapter b": b}
             )}
             print(f"\n{'row':28s} {'s/call':>8s} {'ratio':>6s}")
             for row, value in rows.items():
@@ -81,9 +82,9 @@ def main() -> None:
             return
         print(f"\nwarm-up: {worker.levers.description['warmup_s']}s, {worker.levers.description['warmup_compiled_graphs']} graphs")
         print(f"{'call':16s} {'s':>7s} {'graphs':>6s}")
-        sequence = [("base", {}), ("a", {"lora_name": "a"}), ("a", {"lora_name": "a"}), ("b", {"lora_name": "b"}),
-                    ("a at 0.5", {"lora_name": "a", "lora_scale": 0.5}), ("a at 0.7", {"lora_name": "a", "lora_scale": 0.7}),
-                    ("base", {}), ("b", {"lora_name": "b"}), ("a", {"lora_name": "a"})]
+        sequence = [("base", {}), ("a", a), ("a", a), ("b", b),
+                    ("a at 0.5", {"loras": (LoraWeight("a", 0.5),)}), ("a at 0.7", {"loras": (LoraWeight("a", 0.7),)}),
+                    ("base", {}), ("b", b), ("a", a)]
         for label, fields in sequence:
             elapsed, graphs = call(**fields)
             print(f"{label:16s} {elapsed:7.2f} {graphs:6d}")

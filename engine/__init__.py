@@ -12,7 +12,7 @@ from engine.errors import (
     RequestTimeoutError,
 )
 from workers.config import OmniDiffusionConfig, parse_size
-from workers.data import OmniDiffusionRequest, StepProgress, Usage
+from workers.data import LoraWeight, OmniDiffusionRequest, StepProgress, Usage
 from workers.logs import configure_logging
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "EngineOverloadedError",
     "GenerationFailedError",
     "InvalidRequestError",
+    "LoraWeight",
     "NotFoundError",
     "OmniDiffusionConfig",
     "OmniDiffusionRequest",

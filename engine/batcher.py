@@ -75,7 +75,7 @@ class AsyncDiffusionEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         # request_id -> the queue of stream() waiting for that request's progress.
         self._progress: dict[str, asyncio.Queue[PartialImages | StepProgress | None]] = {}
-        # LoRA adapter name -> its requests queued or running; an unload waits for its count to reach 0.
+        # LoRA adapter name -> the requests queued or running with it; an unload waits for its count to reach 0.
         self._lora_in_flight: Counter[str] = Counter()
         self._lora_done = asyncio.Event()
         self._waiting = metrics.REQUESTS_WAITING.labels(self._model_name)
@@ -132,9 +132,9 @@ class AsyncDiffusionEngine:
         self._queue.append(queued)
         self._waiting.inc()
         self._changed.set()
-        lora_name = prepared.lora_name
-        if lora_name is not None:
-            self._lora_in_flight[lora_name] += 1
+        # Every adapter of the request: none of them may be unloaded under it.
+        lora_names = [lora.name for lora in prepared.loras]
+        self._lora_in_flight.update(lora_names)
         try:
             return await queued.future
         except asyncio.CancelledError:
@@ -146,8 +146,8 @@ class AsyncDiffusionEngine:
             if queued in self._queue:  # cancelled while still queued: it must not run
                 self._queue.remove(queued)
                 self._waiting.dec()
-            if lora_name is not None:
-                self._lora_in_flight[lora_name] -= 1
+            if lora_names:
+                self._lora_in_flight.subtract(lora_names)
                 self._lora_done.set()
 
     async def load_lora_adapter(self, adapter: LoraModule) -> dict:
@@ -294,8 +294,8 @@ class AsyncDiffusionEngine:
                 output.inference_time_s = elapsed
                 metrics.INFERENCE_TIME.labels(self._model_name).observe(elapsed)
                 metrics.IMAGES_GENERATED.labels(self._model_name).inc(len(output.images))
-                if queued.request.lora_name is not None:
-                    metrics.LORA_REQUESTS.labels(self._model_name, queued.request.lora_name).inc()
+                for lora in queued.request.loras:
+                    metrics.LORA_REQUESTS.labels(self._model_name, lora.name).inc()
                 if not queued.future.done():
                     queued.future.set_result(output)
         finally:

@@ -25,6 +25,7 @@ from executors import (
 )
 from workers.config import OmniDiffusionConfig, parse_size
 from workers.data import (
+    LoraWeight,
     OmniDiffusionRequest,
     PartialImageOutput,
     RequestOutput,
@@ -160,11 +161,13 @@ class DiffusionEngine:
         return "step"
 
     # -- requests ------------------------------------------------------------------------------
-    def prepare(self, request: OmniDiffusionRequest) -> OmniDiffusionRequest:
+    def prepare(self, request: OmniDiffusionRequest, admitted: bool = False) -> OmniDiffusionRequest:
         """Validate ``request`` and fill every default (workers.data.with_defaults decides them).
 
         An input image is resized to the request's size here (and the size defaults to the
         image's own when that is allowed). Preparing a prepared request returns it unchanged.
+        ``admitted``: the request was queued before now (step() checks it again), so a LoRA adapter
+        being unloaded since is still its to run with: the unload waits for it.
         """
         config = self.od_config
         # 1. What the client sent: text, image count, seed list, input image and mask.
@@ -189,7 +192,7 @@ class DiffusionEngine:
                 param="seed",
             )
         self._check_image(request)
-        request = self._check_lora(request)
+        request = self._check_loras(request, admitted)
         if request.image is not None and not self.size_allowed(request.image.shape[1], request.image.shape[0]):
             # An input image's own size is the default only where it is a size we serve.
             width, height = parse_size(self.defaults["size"].value)
@@ -262,21 +265,28 @@ class DiffusionEngine:
                 param="mask",
             )
 
-    def _check_lora(self, request: OmniDiffusionRequest) -> OmniDiffusionRequest:
-        """A served adapter (404 otherwise), its scale filled in and in range; no scale without an adapter."""
-        if request.lora_name is None:
-            if request.lora_scale is not None:
-                raise InvalidRequestError(
-                    "lora_scale needs a LoRA adapter: send its name as model", param="lora_scale"
-                )
-            return request
-        adapter = self.loras.get(request.lora_name)
-        scale = adapter.scale if request.lora_scale is None else request.lora_scale
-        if not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+    def _check_loras(self, request: OmniDiffusionRequest, admitted: bool) -> OmniDiffusionRequest:
+        """Served adapters (404 naming one that is not), each named once and at most --max-loras-per-request
+        of them, their scales filled in and in range."""
+        limit = self.od_config.max_loras_per_request
+        if len(request.loras) > limit:
             raise InvalidRequestError(
-                f"lora_scale must be between {-MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}, got {scale}", param="lora_scale"
+                f"{len(request.loras)} LoRA adapters were named; the limit is {limit} per request", param="loras"
             )
-        return dataclasses.replace(request, lora_scale=float(scale))
+        filled = []
+        for index, lora in enumerate(request.loras):
+            if index and lora.name == request.loras[index - 1].name:  # the names are sorted: twins are neighbours
+                raise InvalidRequestError(f"LoRA adapter '{lora.name}' is named twice", param="loras")
+            adapter = self.loras.get(lora.name, param="loras", unloading=admitted)
+            scale = adapter.scale if lora.scale is None else lora.scale
+            if not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+                raise InvalidRequestError(
+                    f"the scale of LoRA adapter '{lora.name}' must be between {-MAX_LORA_SCALE:g} and "
+                    f"{MAX_LORA_SCALE:g}, got {scale}",
+                    param="loras",
+                )
+            filled.append(LoraWeight(lora.name, float(scale)))
+        return dataclasses.replace(request, loras=tuple(filled))
 
     def size_allowed(self, width: int, height: int) -> bool:
         """A listed size, or any whose sides are multiples of the model's size multiple within max_output_pixels."""
@@ -298,7 +308,7 @@ class DiffusionEngine:
         runnable: dict[str, OmniDiffusionRequest] = {}
         for request in requests:
             try:
-                runnable[request.request_id] = self.prepare(request)
+                runnable[request.request_id] = self.prepare(request, admitted=True)
             except InvalidRequestError as error:
                 outputs[request.request_id] = DiffusionOutput(request.request_id, [], request.seed, str(error))
         if runnable:

@@ -33,17 +33,22 @@ class LoraRegistry:
         self._unloading: set[str] = set()
         self._lock = threading.Lock()  # loads and unloads one at a time
 
-    def get(self, name: str) -> LoraModule:
-        """The adapter served as ``name``; NotFoundError (404 model_not_found) for any other name."""
+    def get(self, name: str, param: str = "model", unloading: bool = False) -> LoraModule:
+        """The adapter served as ``name`` (``unloading``: or being unloaded, as it is for the requests admitted
+        before); NotFoundError (404 model_not_found, naming ``param``) for any other name: one sent as ``model``
+        may be the base model's, one sent in ``loras`` is an adapter's."""
         adapter = self._adapters.get(name)
-        if adapter is None or name in self._unloading:
-            raise NotFoundError(
-                f"The model '{name}' does not exist; this server serves '{self._base_model_name}'"
-                + "".join(f", '{served.name}'" for served in self.served())
-                + ".",
-                param="model",
-                code="model_not_found",
-            )
+        if adapter is None or (name in self._unloading and not unloading):
+            served = ", ".join(f"'{adapter.name}'" for adapter in self.served())
+            if param == "model":
+                message = f"The model '{name}' does not exist; this server serves '{self._base_model_name}'" + (
+                    f", {served}." if served else "."
+                )
+            else:
+                message = f"The LoRA adapter '{name}' does not exist; this server serves " + (
+                    f"the adapters {served}." if served else "no LoRA adapters."
+                )
+            raise NotFoundError(message, param=param, code="model_not_found")
         return adapter
 
     def served(self) -> list[LoraModule]:

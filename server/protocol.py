@@ -6,12 +6,22 @@ docs/openai-compatibility.md for what each field does here.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Seed = Annotated[int, Field(ge=0)]
 Quality = Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"]
+
+
+class LoraRequest(BaseModel):
+    """One LoRA adapter of a request's ``loras`` (an extension)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="a served adapter's model id (GET /v1/models)")
+    scale: float | None = Field(None, description="its strength (default: the adapter's own, 1 unless set)")
 
 
 class ImageOptions(BaseModel):
@@ -37,6 +47,22 @@ class ImageOptions(BaseModel):
     lora_scale: float | None = Field(
         None, description="with a LoRA adapter as model: its strength (default: the adapter's own, 1 unless set)"
     )
+    loras: list[LoraRequest] | None = Field(
+        None,
+        description="LoRA adapters to run the base model with together, each at its scale (a multipart form sends "
+        "the list as a JSON string)",
+    )
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_from_form(cls, loras):
+        # A multipart form has no lists of objects: its loras field is the list as JSON text.
+        if isinstance(loras, str):
+            try:
+                return json.loads(loras)
+            except ValueError as error:
+                raise ValueError(f"loras is not valid JSON: {error}") from None
+        return loras
 
 
 class PromptedOptions(ImageOptions):
@@ -116,6 +142,7 @@ class ImageEditForm(BaseModel):
     stream: bool = False
     partial_images: int | None = None
     progress: bool = False
+    loras: str | None = Field(None, description='LoRA adapters as JSON text: [{"name": "sharp", "scale": 0.8}]')
 
 
 class ImageVariationForm(BaseModel):

@@ -25,6 +25,7 @@ from engine import (
     EngineError,
     GenerationFailedError,
     InvalidRequestError,
+    LoraWeight,
     OmniDiffusionRequest,
     PartialImages,
     StepProgress,
@@ -74,7 +75,7 @@ class ImageServing:
     def check_options(self, body: ImageOptions, route: str) -> None:
         """Refuse what this server cannot do for any request (a model it does not serve, 404; a transparent
         background)."""
-        self._lora_name(body)
+        self._loras(body)
         if getattr(body, "background", None) == "transparent":
             raise InvalidRequestError(
                 f"background 'transparent' is not supported by the model '{self.model_name}': its pipeline makes "
@@ -86,11 +87,25 @@ class ImageServing:
             self._logged_unknown_fields.add(name)
             logger.warning("ignoring unknown field '%s' (first sent to %s); not logged again", name, route)
 
-    def _lora_name(self, body: ImageOptions) -> str | None:
-        """The LoRA adapter ``model`` names (None: the base model); NotFoundError for a model not served."""
-        if body.model is None or body.model == self.model_name:
-            return None
-        return self.engine.loras.get(body.model).name
+    def _loras(self, body: ImageOptions) -> tuple[LoraWeight, ...]:
+        """The LoRA adapters the request runs with: the one ``model`` names (at ``lora_scale``), or ``loras``
+        with the base model. NotFoundError for a model not served; InvalidRequestError for both forms at once,
+        or a ``lora_scale`` without an adapter as model. The engine checks the names in ``loras``."""
+        if body.model is not None and body.model != self.model_name:
+            adapter = self.engine.loras.get(body.model).name
+            if body.loras:
+                raise InvalidRequestError(
+                    f"The model '{adapter}' is a LoRA adapter, and loras names adapters too: name them all in "
+                    f"loras, with model '{self.model_name}'",
+                    param="loras",
+                )
+            return (LoraWeight(adapter, body.lora_scale),)
+        if body.lora_scale is not None:
+            raise InvalidRequestError(
+                "lora_scale needs a LoRA adapter: send its name as model (with loras, give each adapter its scale)",
+                param="lora_scale",
+            )
+        return tuple(LoraWeight(lora.name, lora.scale) for lora in body.loras or ())
 
     def request_fields(self, body: ImageOptions) -> dict:
         """OmniDiffusionRequest fields from the options every route shares."""
@@ -113,8 +128,7 @@ class ImageServing:
             "partial_images": (getattr(body, "partial_images", None) or 0) if streamed else 0,
             "progress": streamed and getattr(body, "progress", False),
             "cache": body.cache,
-            "lora_name": self._lora_name(body),
-            "lora_scale": body.lora_scale,
+            "loras": self._loras(body),
         }
 
     # -- 2. generate, 3. encode, 4. answer ---------------------------------------------------------

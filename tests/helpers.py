@@ -25,6 +25,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
+# The tests folder, for the test programs in it.
+TESTS = ROOT / "tests"
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
 
 
@@ -399,16 +401,17 @@ def queue_held_full(server: ServerProcess, headers: dict | None = None, timeout_
 
 
 class WorkerProcess:
-    """`python -m server.cli worker ...` on a free loopback port (or ``port``), stopped by the test."""
+    """`python -m server.cli worker ...` (or ``program``'s ``worker ...``) on a free loopback port (or
+    ``port``), stopped by the test."""
 
     def __init__(self, rank: int, *flags: str, port: int | None = None, env: dict[str, str] | None = None,
-                 wait: bool = True, ready_timeout_s: float = 180):
+                 wait: bool = True, ready_timeout_s: float = 180, program: tuple[str, ...] = ("-m", "server.cli")):
         self.rank = rank
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"imagegen-worker{rank}-", suffix=".log")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "worker", "--port", str(self.port), "--rank", str(rank), *flags],
+            [sys.executable, *program, "worker", "--port", str(self.port), "--rank", str(rank), *flags],
             cwd=ROOT,
             env={**os.environ, **(env or {})},
             stdout=self.log,

@@ -1,9 +1,9 @@
 """Workers own devices and diffusers pipelines. Nothing here knows about HTTP or executors."""
 
 from workers.config import OmniDiffusionConfig
-from workers.data import OmniDiffusionRequest, RequestOutput
+from workers.data import LoraWeight, OmniDiffusionRequest, RequestOutput
 
-__all__ = ["OmniDiffusionConfig", "OmniDiffusionRequest", "RequestOutput", "WorkerWrapperBase"]
+__all__ = ["LoraWeight", "OmniDiffusionConfig", "OmniDiffusionRequest", "RequestOutput", "WorkerWrapperBase"]
 
 
 def __getattr__(name: str):

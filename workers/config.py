@@ -279,6 +279,11 @@ class OmniDiffusionConfig(BaseSettings):
     max_upload_image_pixels: int = Field(
         4096 * 4096, ge=1, description="most pixels an uploaded image may decode to (larger ones get 400)"
     )
+    inpaint_keep_unmasked: bool = Field(
+        True,
+        description="after inpainting, paste the input's own pixels back outside the mask (feathered a few pixels, "
+        "so the seam does not show); false keeps what the pipeline decoded everywhere",
+    )
     # -- speed levers; see docs/benchmarks.md ("Speed levers") --------------------------------------
     cache_method: Literal["none", "first-block", "taylorseer", "faster", "pab"] = Field(
         "none",
@@ -317,6 +322,9 @@ class OmniDiffusionConfig(BaseSettings):
         description="LoRA adapters loaded at start-up, as name=path or name=path:scale (a diffusers/PEFT folder "
         "or a .safetensors file, kohya keys too); a request picks one with model=name",
         json_schema_extra={"cli_nargs": "+"},
+    )
+    max_loras_per_request: int = Field(
+        4, ge=1, description="most LoRA adapters one request may name in loras (more are refused with 400)"
     )
     allow_runtime_lora: bool = Field(
         False, description="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --admin-api-key)"

@@ -16,6 +16,14 @@ from workers.config import MODEL_DEFAULTS_FILE, OmniDiffusionConfig, parse_size
 
 
 @dataclass(frozen=True)
+class LoraWeight:
+    """A LoRA adapter a request runs with, by name, at ``scale`` (None: the adapter's own)."""
+
+    name: str
+    scale: float | None = None
+
+
+@dataclass(frozen=True)
 class OmniDiffusionRequest:
     """One request for ``num_images`` images: text-to-image, or image-to-image when ``image`` is given.
 
@@ -24,7 +32,9 @@ class OmniDiffusionRequest:
     ``image`` is a uint8 HxWx3 array of the request's size; ``mask`` (uint8 HxW, 255 = repaint)
     turns image-to-image into inpainting. ``partial_images`` asks for that many intermediate
     decodes at evenly spaced denoising steps; ``progress`` for a StepProgress after every step.
-    ``lora_name`` picks a loaded LoRA adapter, run at ``lora_scale``.
+    ``loras`` are the loaded LoRA adapters it runs with together (none: the base model), always held in
+    one canonical order, by name, so the same set is the same key and the same pixels whatever order
+    it was written in.
     """
 
     prompt: str
@@ -44,9 +54,12 @@ class OmniDiffusionRequest:
     progress: bool = False
     # False runs it without the step cache (--cache-method); such requests never share a call with cached ones.
     cache: bool = True
-    # The LoRA adapter it runs with (None: the base model) and at what scale (None: the adapter's own).
-    lora_name: str | None = None
-    lora_scale: float | None = None
+    # The LoRA adapters it runs with, and at what scales (empty: the base model).
+    loras: tuple[LoraWeight, ...] = ()
+
+    def __post_init__(self):
+        # Frozen: the canonical order is set once, here. The adapters' weighted sum is added in this order.
+        object.__setattr__(self, "loras", tuple(sorted(self.loras, key=lambda lora: lora.name)))
 
     @property
     def task(self) -> str:
@@ -76,9 +89,8 @@ class OmniDiffusionRequest:
             self.task,
             self.strength,
             self.cache,
-            # Adapters are switched per denoiser call: different adapters or scales never share one.
-            self.lora_name,
-            self.lora_scale,
+            # Adapters are switched per denoiser call: different sets or scales never share one.
+            self.loras,
         )
 
 

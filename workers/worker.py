@@ -38,6 +38,7 @@ from workers.runtime.stages import (
     StageTimer,
     count_usage,
     decode_latents,
+    keep_unmasked,
     partial_image_steps,
     to_uint8,
 )
@@ -369,12 +370,13 @@ class WorkerWrapperBase:
             kwargs["callback_on_step_end"] = self._step_callback(group, sink)
         if self._cfg_hooks is not None:
             self._cfg_hooks.images_in_call = len(prompts)
-        # 3. Denoise and decode, with the group's LoRA adapter (or none) in effect.
-        self.loras.activate(first.lora_name, first.lora_scale)
+        # 3. Denoise and decode, with the group's LoRA adapters (or none) in effect.
+        self.loras.activate(first.loras)
         with self.levers.pipeline_call(pipeline, first.cache) as call, StageTimer(pipeline, self.device) as timer:
             images = pipeline(**kwargs).images
         cancelled = self.cancellations.take(r.request_id for r in group)
-        # 4. float [0, 1] -> uint8, split back per request and image.
+        # 4. float [0, 1] -> uint8, split back per request and image; an inpainted image keeps its input's
+        #    pixels outside the mask.
         pixels = to_uint8(images)
         outputs = {}
         for r, own in image_slices(group):
@@ -385,6 +387,8 @@ class WorkerWrapperBase:
                     compiled_graphs=compiled_graphs,
                 )
                 continue
+            if r.mask is not None and self.od_config.inpaint_keep_unmasked:
+                pixels[own] = keep_unmasked(pipeline, pixels[own], r.image, r.mask)
             outputs[r.request_id] = RequestOutput(
                 r.request_id,
                 list(pixels[own]),

@@ -13,7 +13,7 @@ import pytest
 from helpers import ServerProcess, WorkerProcess, decode, local_ray, poll, start_workers
 from lora_adapters import make_lora
 
-from engine import DiffusionEngine, EngineDeadError, OmniDiffusionConfig, OmniDiffusionRequest
+from engine import DiffusionEngine, EngineDeadError, LoraWeight, OmniDiffusionConfig, OmniDiffusionRequest
 from workers.config import LoraModule
 
 pytestmark = pytest.mark.slow
@@ -115,7 +115,8 @@ def test_a_replaced_ray_actor_reloads_its_adapters(adapters):
     sharp, fresh = adapters
     config = OmniDiffusionConfig(model="tiny", distributed_executor_backend="ray", lora_modules=[f"sharp={sharp}"])
     requests = [
-        OmniDiffusionRequest("a red fox", height=64, width=64, num_inference_steps=3, seed=3, lora_name=name)
+        OmniDiffusionRequest("a red fox", height=64, width=64, num_inference_steps=3, seed=3,
+                             loras=(LoraWeight(name),) if name else ())
         for name in (None, "sharp", "fresh")
     ]
     with local_ray(num_cpus=2), DiffusionEngine(config) as engine:
@@ -155,7 +156,8 @@ def test_a_named_ray_actor_started_again_gets_the_engines_adapters(adapters):
         lora_modules=[f"sharp={sharp}"],
     )
     requests = [
-        OmniDiffusionRequest("a red fox", height=64, width=64, num_inference_steps=3, seed=3, lora_name=name)
+        OmniDiffusionRequest("a red fox", height=64, width=64, num_inference_steps=3, seed=3,
+                             loras=(LoraWeight(name),) if name else ())
         for name in (None, "sharp", "fresh")
     ]
     with local_ray(num_cpus=2):

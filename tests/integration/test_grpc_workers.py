@@ -15,13 +15,23 @@ import numpy as np
 import openai
 import pytest
 from google.protobuf.message import DecodeError
-from helpers import ServerProcess, WorkerProcess, assert_pixels_close, free_port, poll, run_cli, start_workers
+from helpers import (
+    TESTS,
+    ServerProcess,
+    WorkerProcess,
+    assert_pixels_close,
+    free_port,
+    poll,
+    run_cli,
+    start_workers,
+)
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from lora_adapters import make_lora
 
 from engine import DiffusionEngine, OmniDiffusionConfig, OmniDiffusionRequest, RequestTimeoutError
 from executors import WorkerRpcError, WorkerStartupError
-from workers.hosts.grpc_messages import pixels_to_proto, request_to_proto
+from workers.hosts.grpc_messages import CONTRACT_VERSION, REQUEST_FIELDS_SINCE, pixels_to_proto, request_to_proto
 from workers.hosts.proto import worker_pb2 as pb
 from workers.hosts.proto import worker_pb2_grpc as pb_grpc
 
@@ -121,6 +131,41 @@ def test_hung_worker_gets_504_at_rpc_timeout_naming_the_rank(workers):
     assert "cannot restart" in engine.fatal_error
     engine.close()
     workers[1].wait_serving()
+
+
+# -- contract versions -----------------------------------------------------------------------------
+def test_a_worker_and_a_server_of_this_commit_speak_the_same_contract_version(workers):
+    channel, worker_stub = stub(workers[0])
+    with channel:
+        reply = worker_stub.Initialize(pb.InitializeRequest(), timeout=30, metadata=AUTH)
+    assert reply.contract_version == CONTRACT_VERSION
+
+
+@pytest.fixture(scope="module")
+def two_adapters(model_cache, tmp_path_factory) -> tuple[str, ...]:
+    root = tmp_path_factory.mktemp("contract-loras")
+    return tuple(f"{name}={make_lora(root / name, model_cache, seed=seed)}" for seed, name in enumerate(("a", "b")))
+
+
+def test_a_worker_too_old_for_a_field_fails_the_requests_that_set_it_naming_the_versions(two_adapters):
+    old = WorkerProcess(0, "--model", "tiny", program=(str(TESTS / "old_contract_worker.py"),))
+    try:
+        server = ServerProcess("--model", "tiny", "--backend", "grpc", "--worker-addresses", old.address,
+                               "--lora-modules", *two_adapters)
+        try:
+            body = {"num_inference_steps": 2, "seed": 1}
+            both = server.post(loras=[{"name": "a"}, {"name": "b"}], **body)
+            one = server.post(model="a", **body)  # the one-adapter form every version reads
+        finally:
+            server.stop()
+    finally:
+        old.stop()
+    assert both.status_code == 500, both.text
+    needed = REQUEST_FIELDS_SINCE["loras"]
+    assert (
+        f"speaks worker contract version {needed - 1}, and this request needs version {needed} for its field 'loras'"
+    ) in both.json()["error"]["message"]
+    assert one.status_code == 200, one.text
 
 
 # -- start-up -------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ admin key, path confinement, and the switch that is off by default."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import io
+import json
 import threading
 
 import httpx
@@ -46,7 +48,7 @@ def server(lora_dir):
         "--lora-modules", f"sharp={lora_dir / 'sharp'}", f"pastel={lora_dir / 'pastel'}:0.7",
         f"kohya={lora_dir / 'kohya.safetensors'}",
         "--lora-dir", str(lora_dir), "--allow-runtime-lora", "--api-key", USER_KEY,
-        "--max-num-inference-steps", "1000", "--batch-timeout-ms", "50",
+        "--max-num-inference-steps", "1000", "--batch-timeout-ms", "50", "--max-loras-per-request", "2",
         env={"IMAGEGEN_ADMIN_API_KEY": ADMIN_KEY},
     )
     yield server
@@ -127,6 +129,69 @@ def test_an_unknown_model_is_404_model_not_found_on_every_image_route(client, se
     with pytest.raises(openai.BadRequestError) as caught:
         generate(client, "tiny", lora_scale=0.5)
     assert caught.value.body["param"] == "lora_scale"
+
+
+def test_two_adapters_together_differ_from_each_alone_and_the_base_is_unchanged_after(client):
+    base = generate(client)
+    sharp, pastel = generate(client, loras=[{"name": "sharp"}]), generate(client, loras=[{"name": "pastel"}])
+    both = generate(client, loras=[{"name": "sharp", "scale": 1.0}, {"name": "pastel", "scale": 0.7}])
+    for alone in (sharp, pastel, base):
+        assert np.abs(both - alone).max() > 8
+    # One adapter in loras is model=<adapter>'s computation, at the adapter's own scale: bit for bit.
+    assert np.array_equal(sharp, generate(client, "sharp"))
+    assert np.array_equal(pastel, generate(client, "pastel", lora_scale=0.7))
+    assert np.array_equal(generate(client, loras=[{"name": "sharp", "scale": 0}, {"name": "pastel", "scale": 0}]), base)
+    assert np.array_equal(generate(client), base)
+
+
+def test_the_order_adapters_are_written_in_changes_no_pixel(client):
+    written = [{"name": "sharp", "scale": 0.6}, {"name": "kohya", "scale": 1.3}]
+    assert np.array_equal(generate(client, loras=written), generate(client, loras=written[::-1]))
+
+
+@pytest.mark.parametrize(
+    "body, status, param, words",
+    [
+        ({"loras": [{"name": "sharp"}, {"name": "blurry"}]}, 404, "loras", "LoRA adapter 'blurry' does not exist"),
+        ({"model": "sharp", "loras": [{"name": "pastel"}]}, 400, "loras", "name them all in loras"),
+        ({"model": "sharp", "loras": [{"name": "sharp"}]}, 400, "loras", "name them all in loras"),
+        ({"loras": [{"name": "sharp"}], "lora_scale": 0.5}, 400, "lora_scale", "give each adapter its scale"),
+        ({"loras": [{"name": "sharp"}, {"name": "pastel"}, {"name": "kohya"}]}, 400, "loras", "the limit is 2"),
+        ({"loras": [{"name": "sharp"}, {"name": "sharp", "scale": 0.5}]}, 400, "loras", "named twice"),
+        ({"loras": [{"name": "sharp", "scale": 11}]}, 400, "loras", "between -10 and 10"),
+        ({"loras": [{"name": "sharp", "weight": 1}]}, 400, "loras", ""),
+        ({"loras": "sharp"}, 400, "loras", ""),
+    ],
+)
+def test_bad_loras_are_openai_errors_naming_the_param(server, body, status, param, words):
+    response = server.post(headers={"Authorization": f"Bearer {USER_KEY}"}, **body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_edits_take_loras_as_json_and_as_multipart_json_text(server):
+    headers = {"Authorization": f"Bearer {USER_KEY}"}
+    loras = [{"name": "pastel"}, {"name": "sharp", "scale": 0.8}]
+    fields = {"prompt": "a fox", "seed": 3, **STEPS}
+
+    def multipart(**extra) -> np.ndarray:
+        response = httpx.post(
+            f"{server.base_url}/v1/images/edits", files={"image": ("a.png", png(1), "image/png")},
+            data={**fields, **extra}, headers=headers, timeout=120,
+        )
+        assert response.status_code == 200, response.text
+        return decode(response.json()["data"][0]["b64_json"])
+
+    data_url = "data:image/png;base64," + base64.b64encode(png(1)).decode()
+    as_json = httpx.post(
+        f"{server.base_url}/v1/images/edits", headers=headers, timeout=120,
+        json={**fields, "loras": loras, "images": [{"image_url": data_url}]},
+    )
+    assert as_json.status_code == 200, as_json.text
+    with_loras = multipart(loras=json.dumps(loras))
+    assert np.array_equal(decode(as_json.json()["data"][0]["b64_json"]), with_loras)
+    assert np.abs(with_loras - multipart()).max() > 8
 
 
 def test_edits_variations_and_streams_run_with_the_adapter(client):
@@ -237,6 +302,35 @@ def test_unloading_refuses_new_requests_at_once_and_lets_running_ones_finish(cli
         unloading.join(120)
     assert events[-1] == "image_generation.completed"
     assert unload["response"].status_code == 200
+
+
+def test_an_unload_waits_for_a_queued_request_that_holds_the_adapter_among_others(client, server):
+    """A two-adapter request queued behind a long one: unloading its second adapter ("tardy" sorts after
+    "sharp") waits for it. Were only one adapter counted, the unload would reach the worker ahead of the
+    queued request, which would then fail."""
+    assert admin(server, "load_lora_adapter", lora_name="tardy", lora_path="pastel").status_code == 200
+    long_stream = {"model": "sharp", "prompt": "a fox", "size": "64x64", "seed": 1, "num_inference_steps": 80,
+                   "stream": True, "progress": True}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool, httpx.Client(
+        timeout=120, headers={"Authorization": f"Bearer {USER_KEY}"}
+    ) as http:
+        with http.stream("POST", f"{server.base_url}/v1/images/generations", json=long_stream) as running:
+            assert running.status_code == 200
+            lines = running.iter_lines()
+            assert next(line for line in lines if line.startswith("event:")) == "event: image_generation.progress"
+            # Another set of adapters cannot join the running step: it waits in the queue until it ends.
+            waiting_before = server.metric("imagegen_num_requests_waiting")
+            queued = pool.submit(generate, client, loras=[{"name": "tardy", "scale": 0.5}, {"name": "sharp"}])
+            poll(lambda: server.metric("imagegen_num_requests_waiting") > waiting_before, 30, "the request to queue")
+            unload = pool.submit(admin, server, "unload_lora_adapter", lora_name="tardy")
+            poll(lambda: "tardy" not in [m.id for m in client.models.list().data], 30, "tardy to leave /v1/models")
+            with pytest.raises(openai.NotFoundError):
+                generate(client, loras=[{"name": "tardy"}])
+            assert not unload.done()  # the queued request still holds it
+            events = [line.removeprefix("event: ") for line in lines if line.startswith("event:")]
+        assert events[-1] == "image_generation.completed"
+        assert queued.result(timeout=120).shape == (64, 64, 3)
+        assert unload.result(timeout=120).status_code == 200
 
 
 def test_a_cancelled_adapter_request_does_not_hold_up_its_unload(server):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lora_adapters import make_kohya_lora, make_lora
 
-from engine import OmniDiffusionConfig, OmniDiffusionRequest
+from engine import LoraWeight, OmniDiffusionConfig, OmniDiffusionRequest
 from workers.worker import WorkerWrapperBase
 
 
@@ -58,11 +58,16 @@ def test_adapters_share_the_base_weights_and_leave_base_pixels_bit_for_bit(worke
     for name, (pointer, value) in before.items():
         assert after[name][0] == pointer, name
         assert torch.equal(after[name][1], value), name
-    with_sharp, with_kohya = _image(worker, lora_name="sharp"), _image(worker, lora_name="kohya")
+    with_sharp, with_kohya = _image(worker, loras=(LoraWeight("sharp"),)), _image(worker, loras=(LoraWeight("kohya"),))
     assert np.abs(with_sharp.astype(int) - base).max() > 8
     assert np.abs(with_kohya.astype(int) - base).max() > 8
     assert np.abs(with_kohya.astype(int) - with_sharp).max() > 8
-    assert np.array_equal(_image(worker, lora_name="sharp", lora_scale=0.0), base)
+    assert np.array_equal(_image(worker, loras=(LoraWeight("sharp", 0.0),)), base)
+    # Both at once: their effects summed (set_adapters), unlike either alone; both at scale 0 is the base.
+    both = _image(worker, loras=(LoraWeight("sharp"), LoraWeight("kohya")))
+    assert np.abs(both.astype(int) - with_sharp).max() > 8 and np.abs(both.astype(int) - with_kohya).max() > 8
+    assert np.array_equal(_image(worker, loras=(LoraWeight("kohya"), LoraWeight("sharp"))), both)
+    assert np.array_equal(_image(worker, loras=(LoraWeight("sharp", 0.0), LoraWeight("kohya", 0.0))), base)
     # After adapter calls, and after unloading, the base model's pixels are what they were.
     assert np.array_equal(_image(worker), base)
     assert worker.unload_lora_adapter("sharp") and worker.unload_lora_adapter("kohya")

@@ -10,7 +10,7 @@ import pytest
 from helpers import assert_pixels_close
 from lora_adapters import make_lora
 
-from engine import DiffusionEngine, OmniDiffusionConfig, OmniDiffusionRequest
+from engine import DiffusionEngine, LoraWeight, OmniDiffusionConfig, OmniDiffusionRequest
 from engine.engine import PartialImages
 from workers.config import LoraModule
 from workers.data import StepProgress
@@ -129,7 +129,7 @@ def test_a_lora_adapter_runs_on_both_ranks_of_a_pair(one_pair, alone, model_cach
     one_pair.loras.load(LoraModule("sharp", str(folder)))
     alone.load_lora_adapter("sharp", str(folder))
     try:
-        (request,) = requests_for([11], lora_name="sharp")
+        (request,) = requests_for([11], loras=(LoraWeight("sharp"),))
         (output,) = one_pair.step([request])
         (reference,) = alone.generate([one_pair.prepare(request)])
         (base,) = alone.generate([one_pair.prepare(requests_for([11])[0])])

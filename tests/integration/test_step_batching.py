@@ -13,7 +13,7 @@ from helpers import assert_pixels_close
 from lora_adapters import make_lora
 
 from workers.config import OmniDiffusionConfig
-from workers.data import OmniDiffusionRequest, PartialImageOutput, StepProgress, with_defaults
+from workers.data import LoraWeight, OmniDiffusionRequest, PartialImageOutput, StepProgress, with_defaults
 from workers.runtime.step_batching import CANCELLED, RunningSet, request_refusal, step_mode_refusal
 from workers.worker import WorkerWrapperBase
 
@@ -194,25 +194,26 @@ def test_a_short_request_at_a_full_running_set_goes_first_while_a_long_one_pause
     assert_same_pixels_as_alone(worker, [*longs, short], outputs)
 
 
-def test_requests_with_different_lora_adapters_never_share_a_denoiser_call(worker_of, model_cache, tmp_path):
+def test_requests_with_different_lora_adapter_sets_never_share_a_denoiser_call(worker_of, model_cache, tmp_path):
     worker = worker_of("tiny", max_batch_size=4)  # its own worker: the adapters stay loaded on it
     for name, seed in (("sharp", 1), ("pastel", 2)):
         assert "error" not in worker.load_lora_adapter(name, str(make_lora(tmp_path / name, model_cache, seed)))
-    sharp, pastel = filled(worker, 3, 71, lora_name="sharp", lora_scale=1.0), filled(worker, 3, 72, lora_name="pastel",
-                                                                                     lora_scale=1.0)
-    sharp_too = filled(worker, 2, 73, lora_name="sharp", lora_scale=1.0)
+    sharp = filled(worker, 3, 71, loras=(LoraWeight("sharp", 1.0),))
+    # A set that holds sharp is still another set.
+    both = filled(worker, 3, 72, loras=(LoraWeight("sharp", 1.0), LoraWeight("pastel", 1.0)))
+    sharp_too = filled(worker, 2, 73, loras=(LoraWeight("sharp", 1.0),))
     running = RunningSet(worker)
-    running.add([sharp, sharp_too, pastel])
+    running.add([sharp, sharp_too, both])
     outputs, order, iterations = {}, [], 0
     while not running.idle and iterations < 100:  # bounded: 8 steps in all
         for output in running.iterate():
             outputs[output.request_id] = output
             order.append(output.request_id)
         iterations += 1
-        assert len({r.request.lora_name for r in running.batch}) <= 1
-    # The two sharp requests shared their calls; pastel waited until they had left: 3 + 3 iterations.
-    assert order == [sharp_too.request_id, sharp.request_id, pastel.request_id] and iterations == 6
-    assert_same_pixels_as_alone(worker, [sharp, sharp_too, pastel], outputs)
+        assert len({r.request.loras for r in running.batch}) <= 1
+    # The two sharp requests shared their calls; sharp + pastel waited until they had left: 3 + 3 iterations.
+    assert order == [sharp_too.request_id, sharp.request_id, both.request_id] and iterations == 6
+    assert_same_pixels_as_alone(worker, [sharp, sharp_too, both], outputs)
 
 
 def test_partial_images_and_progress_are_each_requests_own(worker_of):

@@ -15,13 +15,18 @@ from executors import WorkerStartupError, get_executor_class
 from executors.grpc_external import GrpcExternalDiffusionExecutor, expand_addresses
 from server.cli import build_parser
 from workers.config import OmniDiffusionConfig
-from workers.data import OmniDiffusionRequest, PartialImageOutput, RequestOutput, Usage
+from workers.data import LoraWeight, OmniDiffusionRequest, PartialImageOutput, RequestOutput, Usage
 from workers.hosts.grpc_messages import (
+    CONTRACT_VERSION,
+    REQUEST_FIELDS_SINCE,
+    ContractVersionError,
+    check_contract_version,
     output_from_proto,
     output_to_proto,
     pixels_from_proto,
     request_from_proto,
     request_to_proto,
+    worker_contract_version,
 )
 from workers.hosts.grpc_server import check_listen_settings, rank_from_hostname
 from workers.hosts.proto import worker_pb2 as pb
@@ -66,8 +71,7 @@ def full_request(**changes) -> OmniDiffusionRequest:
         partial_images=2,
         progress=True,
         cache=False,
-        lora_name="sharp",
-        lora_scale=0.3,
+        loras=(LoraWeight("sharp", 0.3), LoraWeight("pastel")),
     )
     fields.update(changes)
     return OmniDiffusionRequest(**fields)
@@ -78,7 +82,10 @@ def test_every_request_field_crosses_the_wire():
     defaults = OmniDiffusionRequest("p")
     for field in dataclasses.fields(request):
         assert not np.array_equal(getattr(request, field.name), getattr(defaults, field.name)), field.name
-    assert {f.name for f in dataclasses.fields(request)} == set(pb.DiffusionRequest.DESCRIPTOR.fields_by_name)
+    # lora_name and lora_scale: the one-adapter form that workers before loras read.
+    assert {f.name for f in dataclasses.fields(request)} | {"lora_name", "lora_scale"} == set(
+        pb.DiffusionRequest.DESCRIPTOR.fields_by_name
+    )
     back = request_from_proto(pb.DiffusionRequest.FromString(request_to_proto(request).SerializeToString()))
     assert back == request
     assert np.array_equal(back.image, request.image) and np.array_equal(back.mask, request.mask)
@@ -88,6 +95,37 @@ def test_unset_fields_stay_none_and_an_int_seed_stays_an_int():
     request = OmniDiffusionRequest("a red fox", seed=5, request_id="r")
     back = request_from_proto(pb.DiffusionRequest.FromString(request_to_proto(request).SerializeToString()))
     assert back == request and back.seed == 5 and back.height is None and back.image is None
+
+
+def test_one_adapter_travels_in_the_form_every_worker_reads():
+    message = request_to_proto(full_request(loras=(LoraWeight("sharp", 0.3),)))
+    assert (message.lora_name, message.lora_scale) == ("sharp", 0.3) and not message.loras
+    assert request_from_proto(message).loras == (LoraWeight("sharp", 0.3),)
+    message.ClearField("lora_scale")
+    assert request_from_proto(message).loras == (LoraWeight("sharp"),)
+    assert not request_to_proto(full_request()).HasField("lora_name")  # two adapters have no such form
+
+
+def test_a_worker_too_old_for_a_field_is_refused_naming_the_versions_and_the_field():
+    two = request_to_proto(full_request())
+    needed = REQUEST_FIELDS_SINCE["loras"]
+    message = (
+        rf"the worker at w speaks worker contract version {needed - 1}, and this request needs version {needed} "
+        rf"for its field 'loras' \(this server speaks {CONTRACT_VERSION}\)"
+    )
+    with pytest.raises(ContractVersionError, match=message):
+        check_contract_version(two, needed - 1, "the worker at w")
+    check_contract_version(two, CONTRACT_VERSION, "the worker at w")
+    check_contract_version(request_to_proto(full_request(loras=(LoraWeight("sharp"),))), 1, "the worker at w")
+    # A worker from before InitializeReply had the field speaks version 1.
+    assert worker_contract_version(pb.InitializeReply()) == 1
+
+
+def test_adapters_travel_in_their_canonical_order():
+    written = full_request(loras=(LoraWeight("zeta", 0.5), LoraWeight("alpha", 2.0)))
+    assert [lora.name for lora in written.loras] == ["alpha", "zeta"]
+    assert [lora.name for lora in request_to_proto(written).loras] == ["alpha", "zeta"]
+    assert written.batch_key() == full_request(loras=(LoraWeight("alpha", 2.0), LoraWeight("zeta", 0.5))).batch_key()
 
 
 def test_request_output_crosses_the_wire():

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from server.cli import build_parser
 from workers.config import LoraModule, OmniDiffusionConfig, parse_lora_module
-from workers.data import OmniDiffusionRequest, shard_requests
+from workers.data import LoraWeight, OmniDiffusionRequest, shard_requests
 from workers.runtime.lora import LoraLoadError, resolve_lora_path
 
 
@@ -69,14 +69,16 @@ def test_a_lora_path_must_exist_and_hold_safetensors(tmp_path):
 
 
 def test_requests_with_different_adapters_or_scales_never_share_a_call():
-    base = OmniDiffusionRequest("a fox", height=64, width=64, num_inference_steps=2, seed=1)
-    sharp = OmniDiffusionRequest("a cat", height=64, width=64, num_inference_steps=2, seed=2, lora_name="sharp", lora_scale=1.0)
-    sharp_too = OmniDiffusionRequest("a dog", height=64, width=64, num_inference_steps=2, seed=3, lora_name="sharp", lora_scale=1.0)
-    weaker = OmniDiffusionRequest("a cow", height=64, width=64, num_inference_steps=2, seed=4, lora_name="sharp", lora_scale=0.5)
-    pastel = OmniDiffusionRequest("a pig", height=64, width=64, num_inference_steps=2, seed=5, lora_name="pastel", lora_scale=1.0)
+    def request(prompt: str, seed: int, *loras: LoraWeight) -> OmniDiffusionRequest:
+        return OmniDiffusionRequest(prompt, height=64, width=64, num_inference_steps=2, seed=seed, loras=loras)
+
+    base = request("a fox", 1)
+    sharp, sharp_too = request("a cat", 2, LoraWeight("sharp", 1.0)), request("a dog", 3, LoraWeight("sharp", 1.0))
+    weaker, pastel = request("a cow", 4, LoraWeight("sharp", 0.5)), request("a pig", 5, LoraWeight("pastel", 1.0))
+    both = request("a hen", 6, LoraWeight("sharp", 1.0), LoraWeight("pastel", 1.0))
     assert sharp.batch_key() == sharp_too.batch_key()
-    keys = {request.batch_key() for request in (base, sharp, weaker, pastel)}
-    assert len(keys) == 4
+    keys = {r.batch_key() for r in (base, sharp, weaker, pastel, both)}
+    assert len(keys) == 5
     # Sharding keeps a group together: the two sharp requests land on one rank.
     shards = shard_requests([sharp, base, sharp_too, pastel], 2)
     assert any({sharp.request_id, sharp_too.request_id} <= {r.request_id for r in shard} for shard in shards)

@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from workers.data import OmniDiffusionRequest
+from workers.data import LoraWeight, OmniDiffusionRequest
 from workers.runtime.step_batching import request_refusal
 from workers.worker import partial_image_steps
 
@@ -21,7 +21,8 @@ def test_the_step_key_leaves_out_step_counts_and_partial_images_and_the_batch_ke
         dataclasses.replace(base, guidance_scale=7.5),
         dataclasses.replace(base, negative_prompt="blurry"),
         dataclasses.replace(base, cache=False),
-        dataclasses.replace(base, lora_name="sharp"),
+        dataclasses.replace(base, loras=(LoraWeight("sharp"),)),
+        dataclasses.replace(base, loras=(LoraWeight("sharp"), LoraWeight("pastel"))),
     ):
         assert other.step_key() != base.step_key(), other
 

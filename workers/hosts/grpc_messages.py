@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from workers.data import (
+    LoraWeight,
     OmniDiffusionRequest,
     PartialImageOutput,
     RequestOutput,
@@ -31,10 +32,10 @@ _ARRAYS = ("image", "mask")
 
 # The worker contract's version, raised with every change to worker.proto that a worker must understand
 # (the rule is in its header). 1: the contract before workers reported a version; 2: InitializeReply
-# reports it.
+# reports it, and a request runs with several LoRA adapters (loras).
 CONTRACT_VERSION = 2
 # DiffusionRequest fields added after version 1, each with the version that added it.
-REQUEST_FIELDS_SINCE: dict[str, int] = {}
+REQUEST_FIELDS_SINCE: dict[str, int] = {"loras": 2}
 
 
 class ContractVersionError(ValueError):
@@ -99,6 +100,12 @@ def request_to_proto(request: OmniDiffusionRequest) -> pb.DiffusionRequest:
             getattr(message, field.name).CopyFrom(pixels_to_proto(value))
         elif field.name == "seed":
             message.seed.CopyFrom(seed_to_proto(value))
+        elif field.name == "loras" and len(value) == 1:  # the one-adapter form, which every worker reads
+            message.lora_name = value[0].name
+            if value[0].scale is not None:
+                message.lora_scale = value[0].scale
+        elif field.name == "loras":
+            message.loras.extend(pb.LoraWeight(name=lora.name, scale=lora.scale) for lora in value)
         else:
             setattr(message, field.name, value)
     return message
@@ -114,11 +121,22 @@ def request_from_proto(message: pb.DiffusionRequest) -> OmniDiffusionRequest:
             values[field.name] = pixels_from_proto(getattr(message, field.name))
         elif field.name == "seed":
             values[field.name] = seed_from_proto(message.seed)
+        elif field.name == "loras":
+            values[field.name] = loras_from_proto(message)
         else:
             values[field.name] = getattr(message, field.name)
     if not values["request_id"] or values["num_images"] < 1:
         raise ValueError("a request needs a request_id and at least one image")
     return OmniDiffusionRequest(**values)
+
+
+def loras_from_proto(message: pb.DiffusionRequest) -> tuple[LoraWeight, ...]:
+    """A request's adapters: ``loras``, or from a sender before it, the one-adapter ``lora_name``."""
+    if not message.loras and message.HasField("lora_name"):
+        return (LoraWeight(message.lora_name, message.lora_scale if message.HasField("lora_scale") else None),)
+    return tuple(
+        LoraWeight(lora.name, lora.scale if lora.HasField("scale") else None) for lora in message.loras
+    )
 
 
 def partial_to_proto(partial: PartialImageOutput) -> pb.PartialImage:

@@ -1,5 +1,5 @@
 """LoRA adapters on one worker's pipeline: the path checks, loading and unloading them (diffusers'
-``load_lora_weights``, on peft), and switching the one a pipeline call runs with."""
+``load_lora_weights``, on peft), and switching the ones a pipeline call runs with."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from workers.data import LoraWeight
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +55,8 @@ def resolve_lora_path(path: str, lora_dir: Path | None) -> Path:
 
 
 class LoraAdapters:
-    """The adapters loaded on a pipeline (and on the pipelines that share its modules), and the one
-    in effect. ``activate`` before each pipeline call sets exactly what that call asked for, so an
+    """The adapters loaded on a pipeline (and on the pipelines that share its modules), and those in
+    effect. ``activate`` before each pipeline call sets exactly what that call asked for, so an
     adapter never bleeds into a call that did not name it; the base model runs with every adapter off."""
 
     def __init__(self, pipeline: Any, rank: int, lora_dir: Path | None):
@@ -62,7 +64,7 @@ class LoraAdapters:
         self._rank = rank
         self._lora_dir = lora_dir
         self.loaded: dict[str, dict] = {}  # name -> what load() reported
-        self._active: tuple[str | None, float | None] | None = None  # None: unknown, set at the next call
+        self._active: tuple[tuple[str, float], ...] | None = None  # None: unknown, set at the next call
 
     def load(self, name: str, path: str, scale: float) -> dict:
         """Load adapter ``name`` from ``path``; its description (file, weight count and bytes, seconds,
@@ -133,22 +135,25 @@ class LoraAdapters:
         if any(name in names for names in self._pipeline.get_list_adapters().values()):
             self._pipeline.delete_adapters(name)
 
-    def activate(self, name: str | None, scale: float | None) -> None:
-        """Make the next pipeline call run with adapter ``name`` at ``scale`` (default: its own), or with
-        none. Costs nothing when the previous call ran the same."""
-        if name is not None and name not in self.loaded:
-            raise LoraLoadError(f"LoRA adapter '{name}' is not loaded on rank {self._rank}")
-        if name is not None and scale is None:
-            scale = self.loaded[name]["lora_scale"]
-        wanted = (name, scale)
+    def activate(self, loras: tuple[LoraWeight, ...]) -> None:
+        """Make the next pipeline call run with exactly these adapters, each at its scale (None: its own),
+        their effects summed (diffusers' ``set_adapters(names, weights)``), or with none. Costs nothing
+        when the previous call ran the same."""
+        missing = [lora.name for lora in loras if lora.name not in self.loaded]
+        if missing:
+            raise LoraLoadError(f"LoRA adapter '{missing[0]}' is not loaded on rank {self._rank}")
+        wanted = tuple(
+            (lora.name, self.loaded[lora.name]["lora_scale"] if lora.scale is None else lora.scale) for lora in loras
+        )
         if wanted == self._active:
             return
-        if name is None:
+        if not wanted:
             if self._pipeline.get_list_adapters():  # else no layer has an adapter to turn off
                 self._pipeline.disable_lora()
         else:
             self._pipeline.enable_lora()
-            self._pipeline.set_adapters([name], adapter_weights=[scale])
+            names, weights = zip(*wanted)
+            self._pipeline.set_adapters(list(names), adapter_weights=list(weights))
         self._active = wanted
 
 

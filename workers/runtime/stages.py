@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from workers.data import OmniDiffusionRequest, Usage
 
@@ -60,6 +61,26 @@ def decode_latents(pipeline, latents: torch.Tensor, height: int, width: int) -> 
 
 def to_uint8(images) -> np.ndarray:
     return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+# How far (Gaussian radius, pixels) the mask is feathered before the input is pasted back outside it.
+MASK_FEATHER_PX = 4
+
+
+def keep_unmasked(pipeline, images: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``images`` (uint8 NxHxWx3, inpainted) with ``original``'s pixels pasted back outside ``mask``
+    (255 = repainted): the VAE's round trip moves even the pixels an inpaint pipeline kept. The mask is
+    feathered first (``VaeImageProcessor.blur``), so the seam does not show; away from it the kept pixels
+    are the input's exactly. ``original`` and ``mask`` are resized to the output's size if they differ."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    size = (images.shape[2], images.shape[1])
+    init_image = Image.fromarray(original).resize(size, Image.Resampling.LANCZOS)
+    feathered = VaeImageProcessor.blur(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST), MASK_FEATHER_PX)
+    return np.stack(
+        [np.asarray(pipeline.image_processor.apply_overlay(feathered, init_image, Image.fromarray(image)))
+         for image in images]
+    )
 
 
 class StageTimer:

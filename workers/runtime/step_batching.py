@@ -220,10 +220,10 @@ class RunningSet:
         request fails. Returns those started and the outputs of those that failed."""
         if not requests:
             return [], []
-        first = requests[0]  # they share the step key, adapter included
+        first = requests[0]  # they share the step key, adapters included
         try:
-            # The adapter changes the text encoder too: in effect before the prompts are encoded.
-            self.worker.loras.activate(first.lora_name, first.lora_scale)
+            # Adapters change the text encoder too: in effect before the prompts are encoded.
+            self.worker.loras.activate(first.loras)
             schedulers = [type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config) for _ in requests]
             generators = [[torch.Generator().manual_seed(seed) for seed in r.image_seeds()] for r in requests]
             return self._loop.start(requests, schedulers, generators), []
@@ -244,7 +244,7 @@ class RunningSet:
         batch = self.batch
         first = batch[0].request
         try:
-            self.worker.loras.activate(first.lora_name, first.lora_scale)
+            self.worker.loras.activate(first.loras)
             prediction = self._loop.predict(batch)
         except Exception as error:  # noqa: BLE001 - the call was shared: every request in it failed
             logger.exception("rank %d: a step over %d requests failed", self.worker.rank, len(batch))
