@@ -130,12 +130,12 @@ def test_sigterm_finishes_inflight_requests_refuses_new_ones_and_exits_zero():
         with ThreadPoolExecutor(3) as pool:
             inflight = [start_slow_request(server, pool, seed=seed) for seed in (1, 2)]
             server.process.send_signal(signal.SIGTERM)
-            poll(lambda: httpx.get(f"{server.base_url}/ready").status_code == 503, 10, "draining to begin")
+            poll(lambda: httpx.get(f"{server.base_url}/ready").status_code == 503, 30, "draining to begin")
             refused = server.post(num_inference_steps=2)
             assert refused.status_code == 503
             assert [f.result(timeout=120).status_code for f in inflight] == [200, 200]
         assert server.process.wait(timeout=60) == 0
-        poll(lambda: not any(pid_alive(pid) for pid in workers), 10, "workers to exit")
+        poll(lambda: not any(pid_alive(pid) for pid in workers), 30, "workers to exit")
     finally:
         server.stop()
 
