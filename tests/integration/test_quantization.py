@@ -80,13 +80,14 @@ def assert_linear_bytes_drop(card: dict, model: str, factor: float = 3.0) -> dic
     quantized = card["quantization"]["components"]
     assert quantized, card["quantization"]
     plain = reference(model).weights
-    drops = {}
+    drops, linear_drops = {}, {}
     for component in quantized:
         linear = plain["linear_weight_bytes"][component] / card["quantization"]["linear_weight_bytes"][component]
         assert linear >= factor, (component, linear)
-        drops[component] = plain["weight_bytes"][component] / card["weight_bytes"][component]
+        linear_drops[component] = round(linear, 2)
+        drops[component] = round(plain["weight_bytes"][component] / card["weight_bytes"][component], 2)
         assert drops[component] > 1, (component, drops[component])
-    print(f"\n{model} {card['quantization']['method']}: whole-component drops {drops}")
+    print(f"\n{model} {quantized}: linear weights {linear_drops}x smaller, whole components {drops}x")
     return drops
 
 
