@@ -90,7 +90,7 @@ def measure(args, row: str) -> dict:
         "memory_bytes": weights["memory_bytes"], "peak_call_bytes": peak,
         "images": [(image * 255).round().clip(0, 255).astype(np.uint8) for image in images],
     }
-    del pipeline
+    pipeline = None  # freed before the next row is built
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

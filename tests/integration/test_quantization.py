@@ -18,11 +18,11 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from demo_scenes import accuracy, held_out_scenes
 from helpers import ServerProcess, assert_pixels_close, decode, run_cli
 from lora_adapters import make_lora
 from PIL import Image
 
-from demo_scenes import accuracy, held_out_scenes
 from workers.config import OmniDiffusionConfig
 from workers.data import OmniDiffusionRequest
 from workers.models.catalog import resolve_model_path
@@ -43,16 +43,16 @@ def psnr(a, b) -> float:
 
 
 @functools.cache
-def reference(model: str) -> WorkerWrapperBase:
-    """The unquantized model, loaded in this process: its pixels and its weights' bytes."""
-    worker = WorkerWrapperBase(0, OmniDiffusionConfig(model=model, device="cpu"))
+def reference(model: str, quantization: str = "none") -> WorkerWrapperBase:
+    """The model (unquantized by default), loaded in this process: its pixels and its weights' bytes."""
+    worker = WorkerWrapperBase(0, OmniDiffusionConfig(model=model, device="cpu", quantization=quantization))
     worker.initialize()
     return worker
 
 
-def reference_images(model: str, seeds=SEEDS) -> list[np.ndarray]:
+def reference_images(model: str, seeds=SEEDS, quantization: str = "none") -> list[np.ndarray]:
     requests = [OmniDiffusionRequest("a red fox", width=64, height=64, num_inference_steps=STEPS, seed=s) for s in seeds]
-    outputs = reference(model).generate(requests)
+    outputs = reference(model, quantization).generate(requests)
     assert all(output.error is None for output in outputs), [output.error for output in outputs]
     return [np.asarray(output.images[0], dtype=np.int16) for output in outputs]
 
@@ -181,6 +181,43 @@ def test_a_step_cache_on_an_int8wo_transformer_skips_work_and_stays_close(flux_i
     print(f"\ntiny-flux int8wo + taylorseer: PSNR {psnr(cached, uncached):.1f} dB against uncached")
 
 
+# Options that make each method skip within STEPS steps on tiny-flux (as in test_levers.py).
+CACHES = {
+    "taylorseer": {"disable_cache_before_step": 1, "cache_interval": 2},
+    "pab": {},
+    "faster": {},
+    "first-block": {"threshold": 10.0},
+}
+
+
+@pytest.mark.parametrize("method", sorted(CACHES))
+def test_each_step_cache_hooks_an_int8wo_transformer_and_switches_off_per_request(method):
+    """Every step cache on tiny-flux's int8 transformer (workers in this process): cached pixels differ, and a
+    request without the cache gets the quantized model's own pixels bit for bit."""
+    worker = WorkerWrapperBase(0, OmniDiffusionConfig(
+        model="tiny-flux", device="cpu", quantization="int8wo", cache_method=method, cache_options=CACHES[method],
+    ))
+    worker.initialize()
+    try:
+        assert worker.levers.description["cache_hooked_modules"] > 0
+
+        def pixels(cache: bool) -> np.ndarray:
+            request = OmniDiffusionRequest("a red fox", width=64, height=64, num_inference_steps=STEPS, seed=1,
+                                           cache=cache)
+            (output,) = worker.generate([request])
+            assert output.error is None, output.error
+            return np.asarray(output.images[0], dtype=np.int16)
+
+        (quantized,) = reference_images("tiny-flux", seeds=[1], quantization="int8wo")
+        uncached, cached = pixels(False), pixels(True)
+        assert np.array_equal(uncached, quantized)
+        assert not np.array_equal(cached, uncached)
+        assert np.array_equal(pixels(False), uncached)  # no cache state left from the cached call
+        print(f"\ntiny-flux int8wo + {method}: PSNR {psnr(cached, uncached):.1f} dB against uncached")
+    finally:
+        worker.shutdown()
+
+
 # -- compile regional on a CFG pair, with quantized weights -----------------------------------------------
 def test_compile_regional_with_a_step_cache_on_an_int8wo_cfg_pair_serves_close_to_one_rank(tiny_int8wo):
     server = ServerProcess(
@@ -267,17 +304,34 @@ def flux_gguf(model_cache, tmp_path_factory) -> Path:
     return write_gguf(resolve_model_path("tiny-flux", model_cache), tmp_path_factory.mktemp("gguf") / "tiny-flux.gguf")
 
 
-def test_a_gguf_transformer_serves_smaller_and_close_to_the_unquantized_one(flux_gguf):
-    server = ServerProcess("--model", "tiny-flux", "--denoiser-file", str(flux_gguf))
+@pytest.fixture(scope="module")
+def flux_safetensors(model_cache, tmp_path_factory) -> Path:
+    """tiny-flux's transformer as one .safetensors file in diffusers' key layout."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    transformer = FluxTransformer2DModel.from_pretrained(resolve_model_path("tiny-flux", model_cache), subfolder="transformer")
+    path = tmp_path_factory.mktemp("safetensors") / "tiny-flux-transformer.safetensors"
+    save_file({name: tensor.contiguous() for name, tensor in transformer.state_dict().items()}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind, flags, transformer", [
+    ("gguf", (), "gguf"),
+    ("safetensors", ("--quantization", "int8wo"), "int8wo"),
+])
+def test_a_denoiser_file_serves_smaller_and_close_to_the_unquantized_one(kind, flags, transformer, request):
+    """A GGUF Q8_0 transformer, or a .safetensors one quantized to int8 as it loads, in tiny-flux's pipeline."""
+    path = request.getfixturevalue(f"flux_{kind}")
+    server = ServerProcess("--model", "tiny-flux", "--denoiser-file", str(path), *flags)
     try:
         card = card_of(server)
-        assert card["quantization"] == card["quantization"] | {
-            "method": "none", "components": {"transformer": "gguf"}, "denoiser_file": str(flux_gguf),
-        }
+        assert card["quantization"]["denoiser_file"] == str(path)
+        assert card["quantization"]["components"]["transformer"] == transformer
         assert_linear_bytes_drop(card, "tiny-flux")
         for seed, plain in zip(SEEDS, reference_images("tiny-flux")):
             value = psnr(generate(server, seed), plain)
-            print(f"\ntiny-flux GGUF Q8_0 seed {seed}: PSNR {value:.1f} dB")
+            print(f"\ntiny-flux {kind} transformer ({transformer}) seed {seed}: PSNR {value:.1f} dB")
             assert value >= MIN_PSNR_DB
     finally:
         server.stop()

@@ -147,15 +147,14 @@ class QuantizationPlan:
 
         folder = model_folder(od_config.model, od_config.model_cache_dir)
         class_name = pipeline_components(folder)[self.denoiser][1]
+        quantization_config = None
         if self.from_file_format == "gguf":
             # GGUF dequantizes with plain torch; diffusers' GGUF CUDA kernels stay off (they fetch code from the hub).
             quantization_config = diffusers.GGUFQuantizationConfig(compute_dtype=dtype)
-        elif self.denoiser in self.components:
+        elif self.denoiser in self.components and self.method in BITSANDBYTES_METHODS:
             quantization_config = component_config(self.method, "diffusers", dtype)
-        else:
-            quantization_config = None
         try:
-            return getattr(diffusers, class_name).from_single_file(
+            denoiser = getattr(diffusers, class_name).from_single_file(
                 str(self.denoiser_file), config=str(folder), subfolder=self.denoiser, torch_dtype=dtype,
                 quantization_config=quantization_config, local_files_only=True,
             )
@@ -165,14 +164,18 @@ class QuantizationPlan:
                 f"--denoiser-file {self.denoiser_file} does not fit {od_config.model}'s {self.denoiser} "
                 f"({folder / self.denoiser / 'config.json'}): {type(error).__name__}: {reason}"
             ) from None
+        if self.denoiser in self.components and self.method in TORCHAO_METHODS:
+            from torchao.quantization import quantize_
+
+            # from_single_file loads a TorchAoConfig's weights unquantized (diffusers 0.42): quantize them here.
+            quantize_(denoiser, torchao_config(self.method))
+        return denoiser
 
     def describe(self) -> dict[str, Any]:
         """The plan, for the model card: the method, what each quantized component runs, the denoiser file."""
         quantized = {name: self.method for name in self.components}
-        if self.denoiser_file is not None:
-            quantized[self.denoiser] = self.from_file_format if self.from_file_format == "gguf" else (
-                self.method if self.denoiser in self.components else "none"
-            )
+        if self.from_file_format == "gguf":
+            quantized[self.denoiser] = "gguf"
         return {
             "method": self.method,
             "components": quantized,
