@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 from demo_scenes import accuracy, held_out_scenes
 from helpers import ServerProcess, assert_pixels_close, decode, run_cli
 from lora_adapters import make_lora
@@ -334,6 +335,15 @@ def test_a_denoiser_file_serves_smaller_and_close_to_the_unquantized_one(kind, f
             assert value >= MIN_PSNR_DB
     finally:
         server.stop()
+
+
+def test_with_a_gguf_denoiser_the_method_covers_the_other_components(flux_gguf):
+    from workers.runtime.quantization import QuantizationPlan
+
+    config = OmniDiffusionConfig(model="tiny-flux", device="cpu", quantization="int8wo", denoiser_file=flux_gguf)
+    plan = QuantizationPlan.for_config(config, torch.device("cpu"), torch.float32)
+    assert plan.components == {"text_encoder_2": "transformers"}
+    assert plan.describe()["components"] == {"text_encoder_2": "int8wo", "transformer": "gguf"}
 
 
 # -- refusals ------------------------------------------------------------------------------------------------

@@ -106,7 +106,10 @@ class QuantizationPlan:
                 f"--quantize-components {', '.join(unknown)}: {od_config.model} has no such component "
                 f"(it has {', '.join(sorted(components))})"
             )
-        plan.components = {name: components[name][0] for name in wanted}
+        # A GGUF denoiser keeps the file's own quantization; the method covers the other components.
+        plan.components = {
+            name: components[name][0] for name in wanted if not (name == denoiser and plan.from_file_format == "gguf")
+        }
         return plan
 
     @property
