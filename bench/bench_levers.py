@@ -13,6 +13,10 @@ order rotating from seed to seed), so that other work on a shared machine slows 
     python bench/bench_levers.py --model random-flux-dev --size 1024 --steps 28 --device cuda \\
         --rows raw,plain,compile+taylorseer
     python bench/bench_levers.py --quality-model demo              # also: PSNR of each cache on the demo model
+    python bench/bench_levers.py --rows plain,quant                # each --quantization method that runs here
+
+A quantized row (``quant`` or ``quant:<method>``) also reports the bytes of the worker's weights (the
+/v1/models card's ``weight_bytes``, summed) and its PSNR against the unquantized (plain) output.
 
 Peak memory is the worker's (or the raw pipeline process's): peak resident set on CPU, the peak
 that nvidia-smi reports for that process on CUDA. Adaptive caches (first-block) are also reported
@@ -193,8 +197,9 @@ class ServerRow(Row):
         log = self.logs / f"{self.name.replace(' ', '-').replace('+', 'and')}.log"
         self.process = start(command, self.port, log, timeout_s=1800)
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=1800)
-        levers = self.http.get("/v1/models").json()["data"][0].get("levers") or {}
-        self.result["warmup_s"] = levers.get("warmup_s")
+        card = self.http.get("/v1/models").json()["data"][0]
+        self.result["warmup_s"] = (card.get("levers") or {}).get("warmup_s")
+        self.result["weight_bytes"] = sum((card.get("weight_bytes") or {}).values())
         return worker_pid(self.process.pid)
 
     def _image(self, seed: int) -> np.ndarray:
@@ -312,7 +317,8 @@ def main() -> None:
     parser.add_argument("--compile", default="regional", choices=["regional", "full"], help="the compile rows' mode")
     parser.add_argument("--rows", default="raw,plain,caches,compile,compile+best",
                         help="comma-separated: raw, plain, caches (every method that hooks the model) or "
-                        "cache:<method>, compile, compile+best or compile+<method>")
+                        "cache:<method>, compile, compile+best or compile+<method>, quant (each torchao "
+                        "--quantization method that runs on the device) or quant:<method>")
     parser.add_argument("--quality-model", help="also: PSNR of each cache that hooks this model (e.g. demo)")
     parser.add_argument("--cache-dir", default=os.environ.get("IMAGEGEN_MODEL_CACHE_DIR") or tempfile.mkdtemp())
     parser.add_argument("--json", help="also write the rows (without images) to this file")
@@ -358,6 +364,8 @@ def main() -> None:
         if row.cache_method in ADAPTIVE:
             result["skip_rate"] = skip_rate(args, row.cache_method)
             notes.append(f"skip rate {result['skip_rate']:.2f} (random weights: means nothing)")
+        if result.get("weight_bytes"):
+            notes.append(f"weights {result['weight_bytes'] / 2**20:.1f} MiB")
         if result.get("warmup_s"):
             notes.append(f"warm-up {result['warmup_s']:.0f} s")
         def cell(key: str, width: int, digits: int) -> str:
@@ -405,12 +413,17 @@ def main() -> None:
     rows: list[Row] = []
     if "raw" in wanted:
         rows.append(RawRow("raw pipeline", args, logs))
-    if "plain" in wanted or any(r.startswith(("cache", "compile+")) for r in wanted):
+    if "plain" in wanted or any(r.startswith(("cache", "compile+", "quant")) for r in wanted):
         rows.append(ServerRow("imagegen plain", args, logs, []))
     cache_rows = methods if "caches" in wanted else [r.split(":", 1)[1] for r in wanted if r.startswith("cache:")]
     rows += [ServerRow(f"imagegen {method}", args, logs, ["--cache-method", method]) for method in cache_rows]
     if "compile" in wanted:
         rows.append(ServerRow(f"imagegen compile {args.compile}", args, logs, ["--compile", args.compile]))
+    quant_rows = [r.split(":", 1)[1] for r in wanted if r.startswith("quant:")]
+    if "quant" in wanted:
+        # float8dq needs a GPU of compute capability 8.9; bitsandbytes (nf4, int8) is not measured here.
+        quant_rows += ["int8wo", "int8dq", "float8wo", *(["float8dq"] if args.device == "cuda" else [])]
+    rows += [ServerRow(f"imagegen {method}", args, logs, ["--quantization", method]) for method in quant_rows]
     combined = [r.split("+", 1)[1] for r in wanted if r.startswith("compile+")]
     if args.interleave:
         rows += [ServerRow(f"imagegen compile {args.compile} + {m}", args, logs, ["--compile", args.compile,

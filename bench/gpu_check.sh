@@ -8,18 +8,27 @@
 #   4. random-sdxl 1024x1024, 20 steps: raw, plain, compile regional (120 s)
 #   5. a CFG pair on the one GPU (two ranks share it, gloo between them) against one rank,
 #      tiny model at 512x512, 20 steps                        (30 s)
-# Expects the project's wheels (diffusers, transformers, accelerate, fastapi, ...) in .whl/ and writes
-# to $OUT. Sections 3-4 build the random-weight models on the GPU (34 GB and 7 GB in bfloat16).
+#   6. quantization: random-flux-dev 1024x1024, 28 steps, bfloat16 against int8wo and a float8dq
+#      transformer with an int8wo T5; seconds per image and the peak memory of a call, which
+#      must stay under 24 GiB for the quantized FLUX-dev-size pipeline   (150 s)
+# Arguments pick sections by name (cuda-tests bench-tiny-512 levers-flux-dev levers-sdxl cfg-pair-512
+# quantization); none runs them all, about 11 minutes:
+#   bash bench/gpu_check.sh quantization cfg-pair-512
+# Expects the project's wheels (diffusers, transformers, accelerate, torchao, gguf, fastapi, ...) in .whl/
+# and writes to $OUT. Sections 3, 4 and 6 build the random-weight models on the GPU (34 GB and 7 GB in
+# bfloat16).
 set -uo pipefail
+SECTIONS=" $* "
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 IMAGEGEN_MODEL_CACHE_DIR=/tmp/imagegen-models
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, diffusers, transformers, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" | tee -a "$OUT/gpu.txt"
+python3 -c "import torch, diffusers, transformers, accelerate, torchao; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'torchao', torchao.__version__)" | tee -a "$OUT/gpu.txt"
 uptime | tee -a "$OUT/gpu.txt"
 
 section() {  # section NAME SECONDS COMMAND...: run COMMAND under a budget, log to $OUT/NAME.log
     local name=$1 budget=$2; shift 2
+    if [[ "$SECTIONS" != "  " && "$SECTIONS" != *" $name "* ]]; then return; fi
     echo "== $name (budget ${budget}s)"
     local started=$SECONDS
     timeout --kill-after=10 "$budget" "$@" > "$OUT/$name.log" 2>&1
@@ -36,3 +45,5 @@ section levers-sdxl 120 python3 bench/bench_levers.py --model random-sdxl --size
     --device cuda --requests 2 --rows raw,plain,compile --json "$OUT/levers-sdxl.json"
 section cfg-pair-512 30 python3 bench/bench_serving.py --backends mp,mp_cfg_parallel --size 512 --steps 20 \
     --device cuda --raw-calls 4 --single-requests 4 --requests-per-client 1 --skip-naive --json "$OUT/cfg-pair-512.json"
+section quantization 150 python3 bench/bench_quantization.py --model random-flux-dev --size 1024 --steps 28 \
+    --device cuda --rows bf16,int8wo,float8dq+int8wo-t5 --limit-gib 24 --json "$OUT/quantization.json"

@@ -93,6 +93,16 @@ class PartialImages:
     images: list[Image.Image]
 
 
+def memory_per_device(descriptions: list[dict]) -> dict[str, int]:
+    """The memory the ranks' weights hold, per device, from their describe() replies (ranks that share
+    a device, CPU ranks among them, add up)."""
+    total: dict[str, int] = {}
+    for description in descriptions:
+        for device, size in (description.get("memory_bytes") or {}).items():
+            total[device] = total.get(device, 0) + size
+    return total
+
+
 class DiffusionEngine:
     """Owns the executor and turns requests into images, one ``step()`` at a time.
 
@@ -122,7 +132,8 @@ class DiffusionEngine:
         try:
             # Every rank's reply, then rank 0's: a custom executor that takes unique_reply_rank=0 for
             # "no rank" (the guide's `if unique_reply_rank` idiom) still gives the engine a good answer.
-            self.model_info: dict[str, Any] = self.collective_rpc("describe")[0]
+            descriptions = self.collective_rpc("describe")
+            self.model_info: dict[str, Any] = {**descriptions[0], "memory_bytes": memory_per_device(descriptions)}
             # The start-up adapters (--lora-modules), on every rank, before the first request.
             self.loras = LoraRegistry(self.executor, od_config.model_name)
             for adapter in od_config.lora_adapters:
@@ -143,6 +154,8 @@ class DiffusionEngine:
             metrics.WORKER_UP.labels(od_config.model_name, str(rank)).set(1)
         if od_config.compile != "none":
             metrics.RECOMPILES.labels(od_config.model_name)  # exported from the start, at 0
+        for component, size in (self.model_info.get("weight_bytes") or {}).items():
+            metrics.MODEL_WEIGHT_BYTES.labels(od_config.model_name, component).set(size)
         logger.info("engine ready: %s", self.model_info)
         logger.info(
             "defaults in force: %s",

@@ -56,3 +56,9 @@ RUNNING_SET_ADMISSIONS = Histogram(
     ["model_name"],
     buckets=(0, 1, 2, 4, 8, 16, 32),
 )
+MODEL_WEIGHT_BYTES = Gauge(
+    "imagegen_model_weight_bytes",
+    "Bytes of the loaded weights of each pipeline component on rank 0, as stored (quantized weights at their "
+    "quantized size; --quantization)",
+    ["model_name", "component"],
+)

@@ -240,6 +240,11 @@ class ModelCard(BaseModel):
     max_num_inference_steps: int
     tasks: list[str] = Field(description="text2img, and img2img / inpaint where the model's pipelines allow edits")
     levers: dict | None = Field(None, description="the speed levers in effect on its workers (cache, compile, ...)")
+    quantization: dict | None = Field(
+        None, description="the quantization in effect: method, what each quantized component runs, the denoiser file"
+    )
+    memory_bytes: dict[str, int] | None = Field(None, description="bytes its weights hold on each device, all ranks")
+    weight_bytes: dict[str, int] | None = Field(None, description="bytes of each component's weights on one rank")
     # vLLM's fields: a LoRA adapter names the base model it runs on as parent, and its weights as root.
     parent: str | None = Field(None, description="for a LoRA adapter: the id of the base model it runs on")
     root: str | None = Field(None, description="the model's weights: the base model, or a LoRA adapter's path")

@@ -315,6 +315,23 @@ class OmniDiffusionConfig(BaseSettings):
         False, description="decode large images tile by tile (less memory, slightly different pixels)"
     )
     vae_slicing: bool = Field(False, description="decode a batch one image at a time (less memory)")
+    # -- quantized weights; see docs/quantization.md ------------------------------------------------
+    quantization: Literal["none", "int8wo", "int8dq", "float8wo", "float8dq", "nf4", "int8"] = Field(
+        "none",
+        description="quantize weights at load time: torchao int8wo, int8dq, float8wo (CPU and CUDA), float8dq "
+        "(CUDA compute capability 8.9+); bitsandbytes nf4, int8 (CUDA)",
+    )
+    # NoDecode: "transformer,text_encoder_2" from the environment is split below, as from the command line.
+    quantize_components: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="pipeline components --quantization applies to, comma-separated (default: the denoiser and "
+        "the T5/UMT5 text encoders)",
+    )
+    denoiser_file: Path | None = Field(
+        None,
+        description="load the denoiser (transformer or UNet) of --model from this .gguf or .safetensors file, "
+        "with the model folder's config; nothing is fetched",
+    )
     # -- LoRA adapters; see docs/lora.md -------------------------------------------------------------
     # NoDecode: "a=/x,b=/y" from the environment is split below; the flag takes them space-separated.
     lora_modules: Annotated[list[str], NoDecode] = Field(
@@ -344,7 +361,7 @@ class OmniDiffusionConfig(BaseSettings):
 
     @field_validator(
         "allowed_sizes", "worker_actor_names", "worker_addresses", "api_key", "compile_warmup_sizes", "lora_modules",
-        mode="before",
+        "quantize_components", mode="before",
     )
     @classmethod
     def _split_comma_lists(cls, value: Any, info: ValidationInfo) -> Any:
@@ -353,7 +370,9 @@ class OmniDiffusionConfig(BaseSettings):
             return value
         items = [item.strip() for item in value.split(",") if item.strip()]
         # No actor names, addresses or keys means the setting is unset; an empty size list stays a list.
-        return items if items or info.field_name in ("allowed_sizes", "compile_warmup_sizes", "lora_modules") else None
+        return items if items or info.field_name in (
+            "allowed_sizes", "compile_warmup_sizes", "lora_modules", "quantize_components"
+        ) else None
 
     @field_validator("ray_rank_resources", mode="before")
     @classmethod

@@ -23,9 +23,10 @@ from workers.data import (
     with_defaults,
 )
 from workers.logs import describe_error, recent_log_buffer
-from workers.models.catalog import ModelDefaults, load_pipeline, model_folder, read_model_defaults
+from workers.models.catalog import ModelDefaults, model_folder, read_model_defaults
 from workers.runtime.levers import Levers, apply_levers, load_device, warm_up
 from workers.runtime.lora import LoraAdapters, LoraLoadError
+from workers.runtime.quantization import QuantizationPlan, measure_weights
 from workers.runtime.rank_group import (
     CfgParallelHooks,
     RankGroup,
@@ -68,6 +69,10 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
 class WorkerWrapperBase:
     """Owns one device and the pipeline on it. Every public method is callable by name over RPC."""
 
@@ -91,6 +96,9 @@ class WorkerWrapperBase:
         self._logs = recent_log_buffer()
         # The speed levers in effect (workers/runtime/levers.py); none until initialize() applies them.
         self.levers = Levers()
+        # What initialize() quantized, and the bytes the loaded weights take (workers/runtime/quantization.py).
+        self.quantization = QuantizationPlan()
+        self.weights: dict = {}
         # The LoRA adapters on the pipeline; the engine loads them (load_lora_adapter) once the model is up.
         self.loras: LoraAdapters | None = None
         # The ranks this one makes each image with (None: it makes its images alone), and the hooks
@@ -115,10 +123,13 @@ class WorkerWrapperBase:
         self._model_defaults = read_model_defaults(model_folder(config.model, config.model_cache_dir))
         if config.ulysses_degree * config.ring_degree > 1:
             check_context_parallel(config, self.device)
-        pipeline = load_pipeline(config.model, config.model_cache_dir, self.dtype, load_device(config, self.device))
+        # Decided (and refused) before minutes of loading, like imagegen.json.
+        self.quantization = QuantizationPlan.for_config(config, self.device, self.dtype)
+        pipeline = self.quantization.load(config, self.dtype, load_device(config, self.device))
         pipeline.set_progress_bar_config(disable=True)
         self._join_rank_group(pipeline)
         self.levers = apply_levers(pipeline, config, self.device, self.dtype)
+        self.weights = measure_weights(pipeline, self.device)
         self.pipeline = pipeline
         self.pipelines = {"text2img": self.pipeline}
         self.loras = LoraAdapters(pipeline, self.rank, config.lora_dir)
@@ -135,6 +146,12 @@ class WorkerWrapperBase:
         }
         name = type(pipeline).__name__
         logger.info("rank %d loaded %s (%s) on %s (%s)", self.rank, name, config.model, self.device, self.dtype)
+        logger.info(
+            "rank %d weights (quantization %s): %s; memory on %s",
+            self.rank, self.quantization.method,
+            ", ".join(f"{component} {_mib(size)}" for component, size in self.weights["weight_bytes"].items()),
+            ", ".join(f"{device} {_mib(size)}" for device, size in self.weights["memory_bytes"].items()),
+        )
         self._description = self._describe_model()
         if config.compile != "none":
             # Before the handshake, so /ready waits for it and no client pays the compile.
@@ -235,6 +252,12 @@ class WorkerWrapperBase:
             },
             # The speed levers in effect; the same dict object, so the warm-up's figures show up too.
             "levers": self.levers.description,
+            # What the weights take (workers/runtime/quantization.py): per component, and on the device.
+            "quantization": {
+                **self.quantization.describe(), "linear_weight_bytes": self.weights["linear_weight_bytes"]
+            },
+            "weight_bytes": self.weights["weight_bytes"],
+            "memory_bytes": self.weights["memory_bytes"],
             # Why --scheduling step would run as request here (None: it can run), for the engine to say.
             "step_mode_refusal": self._step_mode_refusal(),
         }

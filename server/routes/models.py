@@ -24,6 +24,9 @@ def base_model_card(http_request: Request) -> ModelCard:
         max_num_inference_steps=config.max_num_inference_steps,
         tasks=engine.model_info["tasks"],
         levers=engine.model_info.get("levers"),
+        quantization=engine.model_info.get("quantization"),
+        memory_bytes=engine.model_info.get("memory_bytes"),
+        weight_bytes=engine.model_info.get("weight_bytes"),
         root=config.model,
     )
 

@@ -59,15 +59,15 @@ def model_folder(model: str, cache_dir: Path) -> Path:
     return resolve_model_path(model, cache_dir)
 
 
-def load_pipeline(model: str, cache_dir: Path, dtype, device):
+def load_pipeline(model: str, cache_dir: Path, dtype, device, **from_pretrained_kwargs):
     """The pipeline of ``model`` in ``dtype``: random-weight models are built on ``device``; every other
-    model is loaded from its folder onto the CPU (the caller places it)."""
+    model is loaded from its folder onto the CPU (the caller places it), with ``from_pretrained_kwargs``
+    (a quantization_config, a component loaded elsewhere) passed on."""
     from diffusers import DiffusionPipeline
 
     if model in RANDOM_WEIGHT_MODELS:
         return build_random_weight_pipeline(model, device, dtype)
-    return DiffusionPipeline.from_pretrained(resolve_model_path(model, cache_dir), dtype=dtype)
-
+    return DiffusionPipeline.from_pretrained(resolve_model_path(model, cache_dir), dtype=dtype, **from_pretrained_kwargs)
 
 
 BUILTIN_MODELS: dict[str, Callable[[], object]] = {
