@@ -64,8 +64,10 @@ def recent_log_buffer() -> RecentLogBuffer:
 
 def configure_logging(log_format: str, process: str) -> None:
     """Root logging for this process; ``process`` names it in text lines (server, worker0, ...)."""
-    # transformers prints through a handler of its own, in its own format, as soon as it is imported.
+    # transformers and diffusers print through handlers of their own, in their own format, as soon as they
+    # are imported (diffusers warns then when torchao lacks a tensor type it knows).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
@@ -73,6 +75,17 @@ def configure_logging(log_format: str, process: str) -> None:
         handler.setFormatter(logging.Formatter(f"%(asctime)s {process} %(name)s %(levelname)s %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     recent_log_buffer()
+
+
+def adopt_library_loggers() -> None:
+    """Once torch is imported, before diffusers is: torch's loggers get a handler of torch's own (its own
+    line format) that does not propagate, so their lines go through this process's handler instead; and
+    torchao's import-time warnings about kernels built for GPUs it cannot load here are dropped."""
+    torch_logger = logging.getLogger("torch")
+    for handler in list(torch_logger.handlers):
+        torch_logger.removeHandler(handler)
+    torch_logger.propagate = True
+    logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
 def describe_error(error: BaseException) -> str:

@@ -22,7 +22,7 @@ from workers.data import (
     rank_group_share,
     with_defaults,
 )
-from workers.logs import describe_error, recent_log_buffer
+from workers.logs import adopt_library_loggers, describe_error, recent_log_buffer
 from workers.models.catalog import ModelDefaults, model_folder, read_model_defaults
 from workers.runtime.levers import Levers, apply_levers, load_device, warm_up
 from workers.runtime.lora import LoraAdapters, LoraLoadError
@@ -109,6 +109,7 @@ class WorkerWrapperBase:
     # -- lifecycle -------------------------------------------------------------------------
     def initialize(self) -> dict:
         """Load the model onto this rank's device. Returns the model description."""
+        adopt_library_loggers()
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
