@@ -1,1 +1,1 @@
-"""The ways to reach the worker contract: the mp worker program, the Ray actor and the gRPC worker, with the pipeline thread they share."""
+"""The ways to reach the worker contract: the mp worker program, the Ray actor, the gRPC worker."""

@@ -1,4 +1,5 @@
-"""The mp worker program (``python -m workers.hosts.process``) that MultiProcDiffusionExecutor starts, and its wire protocol.
+"""The mp worker program (``python -m workers.hosts.process``) that MultiProcDiffusionExecutor starts, and its
+wire protocol.
 
 Each worker is a program of its own, not a multiprocessing child: it never imports the module
 that started the engine, so a plain script without an ``if __name__ == "__main__":`` guard can

@@ -67,7 +67,8 @@ def load_pipeline(model: str, cache_dir: Path, dtype, device, **from_pretrained_
 
     if model in RANDOM_WEIGHT_MODELS:
         return build_random_weight_pipeline(model, device, dtype)
-    return DiffusionPipeline.from_pretrained(resolve_model_path(model, cache_dir), dtype=dtype, **from_pretrained_kwargs)
+    folder = resolve_model_path(model, cache_dir)
+    return DiffusionPipeline.from_pretrained(folder, dtype=dtype, **from_pretrained_kwargs)
 
 
 BUILTIN_MODELS: dict[str, Callable[[], object]] = {

@@ -1,1 +1,1 @@
-"""What runs on the device under the worker contract: stage timing, step batching and its denoise loops, the speed levers, LoRA adapters, rank groups."""
+"""What runs on the device under the worker contract: step batching, levers, LoRA, quantization, rank groups."""

@@ -189,7 +189,9 @@ class QuantizationPlan:
 def _check_method(method: str, model: str, device: torch.device, dtype: torch.dtype) -> None:
     if method in BITSANDBYTES_METHODS:
         if device.type != "cuda":
-            raise QuantizationError(f"--quantization {method} (bitsandbytes) needs a CUDA device, but the device is {device}")
+            raise QuantizationError(
+                f"--quantization {method} (bitsandbytes) needs a CUDA device, but the device is {device}"
+            )
         if model in RANDOM_WEIGHT_MODELS:
             raise QuantizationError(
                 f"--quantization {method} (bitsandbytes) quantizes while loading, and {model} is built, not loaded; "
@@ -205,10 +207,13 @@ def _check_method(method: str, model: str, device: torch.device, dtype: torch.dt
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         if capability is None or capability < (8, 9):
             where = f"compute capability {capability[0]}.{capability[1]}" if capability else str(device)
-            raise QuantizationError(f"--quantization float8dq needs a CUDA GPU of compute capability 8.9 or later, not {where}")
+            raise QuantizationError(
+                f"--quantization float8dq needs a CUDA GPU of compute capability 8.9 or later, not {where}"
+            )
     if method in TORCHAO_METHODS and device.type == "cpu" and dtype != torch.float32:
         # torchao turns the convolutions to the weights' dtype on the CPU, and the call fails.
-        raise QuantizationError(f"--quantization {method} on the CPU runs in float32, not {str(dtype).removeprefix('torch.')}")
+        dtype_name = str(dtype).removeprefix("torch.")
+        raise QuantizationError(f"--quantization {method} on the CPU runs in float32, not {dtype_name}")
 
 
 def _check_denoiser_file(od_config, denoiser: str | None, folder: Path) -> Path:
@@ -216,7 +221,9 @@ def _check_denoiser_file(od_config, denoiser: str | None, folder: Path) -> Path:
     if denoiser is None:
         raise QuantizationError(f"--denoiser-file {path}: {od_config.model} has no transformer or unet to load it into")
     if od_config.model in RANDOM_WEIGHT_MODELS:
-        raise QuantizationError(f"--denoiser-file {path}: {od_config.model} is built from configs, not loaded; use a model folder")
+        raise QuantizationError(
+            f"--denoiser-file {path}: {od_config.model} is built from configs, not loaded; use a model folder"
+        )
     if path.suffix not in DENOISER_FILE_SUFFIXES:
         raise QuantizationError(f"--denoiser-file {path} is not a {' or '.join(DENOISER_FILE_SUFFIXES)} file")
     if not path.is_file():
@@ -272,6 +279,8 @@ def measure_weights(pipeline, device: torch.device) -> dict[str, Any]:
         memory = sum(tensor_bytes(t, seen) for m in modules.values() for t in [*m.parameters(), *m.buffers()])
     return {
         "weight_bytes": weight_bytes,
-        "linear_weight_bytes": {name: module_weight_bytes(module, linear_only=True) for name, module in modules.items()},
+        "linear_weight_bytes": {
+            name: module_weight_bytes(module, linear_only=True) for name, module in modules.items()
+        },
         "memory_bytes": {str(device): memory},
     }
