@@ -28,6 +28,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_levers import psnr  # noqa: E402 - after the path set-up
 
 PROMPT = "a red fox in the snow"
 
@@ -95,11 +98,6 @@ def measure(args, row: str) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))
 
 
 def main() -> None:
