@@ -132,6 +132,8 @@ class AsyncDiffusionEngine:
         self._queue.append(queued)
         self._waiting.inc()
         self._changed.set()
+        # On time even while every slot is taken and the scheduler waits for one, not for the queue.
+        expiry = loop.call_later(self._request_timeout_s, self._expire_overdue, queued.deadline)
         # Every adapter of the request: none of them may be unloaded under it.
         lora_names = [lora.name for lora in prepared.loras]
         self._lora_in_flight.update(lora_names)
@@ -143,6 +145,7 @@ class AsyncDiffusionEngine:
                 self.engine.cancel([queued.request.request_id])
             raise
         finally:
+            expiry.cancel()
             if queued in self._queue:  # cancelled while still queued: it must not run
                 self._queue.remove(queued)
                 self._waiting.dec()

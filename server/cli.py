@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "worker":
         from workers.hosts.grpc_server import run_worker
+        from workers.logs import exit_at_once
 
-        return run_worker(config)
+        exit_at_once(run_worker(config))
     configure_logging(config.log_format, "server")
     return serve(config)
 

@@ -26,60 +26,67 @@ def start_slow_request(server: ServerProcess, pool: ThreadPoolExecutor, **body):
     return future
 
 
-def test_killed_worker_fails_inflight_with_503_then_restarts():
+@pytest.fixture(scope="module")
+def restarting_server():
+    """One server whose worker the tests kill: each begins once it is ready again."""
     server = ServerProcess("--on-worker-death", "restart")
-    try:
-        (worker,) = server.worker_pids()
-        with ThreadPoolExecutor(2) as pool:
-            inflight = start_slow_request(server, pool)
-            os.kill(worker, signal.SIGKILL)
-            response = inflight.result(timeout=5)
-            # Sent while the worker is down: it waits in the queue for the replacement.
-            during_restart = pool.submit(server.post, num_inference_steps=2, seed=1)
-            assert response.status_code == 503
-            message = response.json()["error"]["message"]
-            assert "rank 0" in message and "SIGKILL" in message
-            assert httpx.get(f"{server.base_url}/health").status_code == 200  # alive: restarting, not dead
-            assert during_restart.result(timeout=120).status_code == 200
-        poll(lambda: httpx.get(f"{server.base_url}/ready").status_code == 200, 60, "/ready after the restart")
-        (replacement,) = server.worker_pids()
-        assert replacement != worker
-        assert server.metric("imagegen_worker_restarts_total") == 1
-        assert server.metric("imagegen_worker_up", rank="0") == 1
-        assert server.post(num_inference_steps=2).status_code == 200
-    finally:
-        server.stop()
+    yield server
+    server.stop()
 
 
-def test_worker_killed_after_the_first_partial_image_ends_the_stream_with_an_error_event():
-    server = ServerProcess("--on-worker-death", "restart")
-    try:
-        (worker,) = server.worker_pids()
-        body = {"prompt": "a red fox", **SLOW, "num_inference_steps": 150, "partial_images": 3, "stream": True}
-        url = f"{server.base_url}/v1/images/generations"
-        with httpx.stream("POST", url, json=body, timeout=120) as response:
-            lines = response.iter_lines()
-            assert next(line for line in lines if line.startswith("event: ")) == "event: image_generation.partial_image"
-            # The 200 is sent: the failure can only be told in the stream, as OpenAI's error event.
-            os.kill(worker, signal.SIGKILL)
-            rest = [line for line in lines if line]
-        assert [line for line in rest if line.startswith("event: ")] == ["event: error"]
-        error = json.loads(rest[-1].removeprefix("data: "))["error"]
-        assert error["type"] == "server_error"
-        assert "rank 0" in error["message"] and "SIGKILL" in error["message"]
-    finally:
-        server.stop()
+def ready(server: ServerProcess) -> bool:
+    return httpx.get(f"{server.base_url}/ready").status_code == 200
 
 
-def test_ready_is_503_while_a_worker_restarts():
-    server = ServerProcess("--on-worker-death", "restart")
-    try:
-        (worker,) = server.worker_pids()
+def test_killed_worker_fails_inflight_with_503_then_restarts(restarting_server):
+    server = restarting_server
+    poll(lambda: ready(server), 60, "/ready before the test")
+    restarts = server.metric("imagegen_worker_restarts_total")
+    (worker,) = server.worker_pids()
+    with ThreadPoolExecutor(2) as pool:
+        inflight = start_slow_request(server, pool)
         os.kill(worker, signal.SIGKILL)
-        poll(lambda: httpx.get(f"{server.base_url}/ready").status_code == 503, 10, "/ready to turn 503")
-        poll(lambda: httpx.get(f"{server.base_url}/ready").status_code == 200, 60, "/ready to recover")
-    finally:
-        server.stop()
+        response = inflight.result(timeout=5)
+        # Sent while the worker is down: it waits in the queue for the replacement.
+        during_restart = pool.submit(server.post, num_inference_steps=2, seed=1)
+        assert response.status_code == 503
+        message = response.json()["error"]["message"]
+        assert "rank 0" in message and "SIGKILL" in message
+        assert httpx.get(f"{server.base_url}/health").status_code == 200  # alive: restarting, not dead
+        assert during_restart.result(timeout=120).status_code == 200
+    poll(lambda: ready(server), 60, "/ready after the restart")
+    (replacement,) = server.worker_pids()
+    assert replacement != worker
+    assert server.metric("imagegen_worker_restarts_total") == restarts + 1
+    assert server.metric("imagegen_worker_up", rank="0") == 1
+    assert server.post(num_inference_steps=2).status_code == 200
+
+
+def test_worker_killed_after_the_first_partial_image_ends_the_stream_with_an_error_event(restarting_server):
+    server = restarting_server
+    poll(lambda: ready(server), 60, "/ready before the test")
+    (worker,) = server.worker_pids()
+    body = {"prompt": "a red fox", **SLOW, "num_inference_steps": 150, "partial_images": 3, "stream": True}
+    url = f"{server.base_url}/v1/images/generations"
+    with httpx.stream("POST", url, json=body, timeout=120) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("event: ")) == "event: image_generation.partial_image"
+        # The 200 is sent: the failure can only be told in the stream, as OpenAI's error event.
+        os.kill(worker, signal.SIGKILL)
+        rest = [line for line in lines if line]
+    assert [line for line in rest if line.startswith("event: ")] == ["event: error"]
+    error = json.loads(rest[-1].removeprefix("data: "))["error"]
+    assert error["type"] == "server_error"
+    assert "rank 0" in error["message"] and "SIGKILL" in error["message"]
+
+
+def test_ready_is_503_while_a_worker_restarts(restarting_server):
+    server = restarting_server
+    poll(lambda: ready(server), 60, "/ready before the test")
+    (worker,) = server.worker_pids()
+    os.kill(worker, signal.SIGKILL)
+    poll(lambda: not ready(server), 10, "/ready to turn 503")
+    poll(lambda: ready(server), 60, "/ready to recover")
 
 
 def test_exit_policy_makes_the_server_exit_nonzero_without_orphans():
@@ -96,7 +103,7 @@ def test_exit_policy_makes_the_server_exit_nonzero_without_orphans():
 
 
 def test_hung_worker_fails_with_504_and_is_replaced():
-    server = ServerProcess("--rpc-timeout-s", "10")
+    server = ServerProcess("--rpc-timeout-s", "4")
     try:
         (worker,) = server.worker_pids()
         with ThreadPoolExecutor(1) as pool:
@@ -104,7 +111,7 @@ def test_hung_worker_fails_with_504_and_is_replaced():
             os.kill(worker, signal.SIGSTOP)  # hangs it: alive, but never answers
             response = inflight.result(timeout=30)
         assert response.status_code == 504
-        assert "timed out after 10s" in response.json()["error"]["message"]
+        assert "timed out after 4s" in response.json()["error"]["message"]
         poll(lambda: not pid_alive(worker), 30, "the hung worker to be killed")
         poll(lambda: httpx.get(f"{server.base_url}/ready").status_code == 200, 60, "the replacement")
         assert server.post(num_inference_steps=2).status_code == 200
@@ -128,7 +135,8 @@ def test_sigterm_finishes_inflight_requests_refuses_new_ones_and_exits_zero():
     try:
         workers = server.worker_pids()
         with ThreadPoolExecutor(3) as pool:
-            inflight = [start_slow_request(server, pool, seed=seed) for seed in (1, 2)]
+            # Each runs for a few seconds: the drain below begins while both are in flight.
+            inflight = [start_slow_request(server, pool, seed=seed, num_inference_steps=20) for seed in (1, 2)]
             server.process.send_signal(signal.SIGTERM)
             poll(lambda: httpx.get(f"{server.base_url}/ready").status_code == 503, 30, "draining to begin")
             refused = server.post(num_inference_steps=2)

@@ -23,7 +23,6 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -158,6 +157,7 @@ if __name__ == "__main__":
     # Run as a program, this file is __main__; the message classes must be workers.hosts.process's own,
     # the names the engine unpickles them by.
     from workers.hosts.process import main as program_main
+    from workers.logs import exit_at_once
 
     program_main()
-    sys.exit(0)
+    exit_at_once(0)
