@@ -467,12 +467,14 @@ def test_tls_worker_serves_a_server_that_trusts_its_ca(tls_worker, tls_files):
         model="tiny", distributed_executor_backend="grpc", worker_addresses=[tls_worker.address],
         worker_tls_ca=tls_files / "ca.pem",
     )
+    # Without TLS the port does not answer; the plaintext health port does, for the kubelet's probe. Asked
+    # while the worker idles: a step that runs past the worker's 2 s rpc_timeout_s on a loaded machine
+    # turns it NOT_SERVING for a while (the next test's subject).
+    assert tls_worker.health() == "UNAVAILABLE"
+    assert tls_worker.health(port=tls_worker.health_port) == "SERVING"
     with DiffusionEngine(config) as engine:
         (output,) = engine.step(requests_for([5]))
         assert output.error is None and output.images[0].size == (64, 64)
-    # Without TLS the port does not answer; the plaintext health port does, for the kubelet's probe.
-    assert tls_worker.health() == "UNAVAILABLE"
-    assert tls_worker.health(port=tls_worker.health_port) == "SERVING"
 
 
 def test_a_pipeline_call_past_rpc_timeout_turns_health_not_serving(tls_worker, tls_files):

@@ -5,6 +5,7 @@ combinations that must stop `imagegen serve` with one line. torch.compile is in 
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 import openai
@@ -87,14 +88,15 @@ def test_first_block_cache_gives_a_request_the_same_pixels_whatever_its_batch_ma
 
 # -- servers ---------------------------------------------------------------------------------
 SERVED_LEVERS = [
-    (("--model", "tiny-flux", "--cache-method", "taylorseer", "--cache-options", '{"cache_interval": 3}'),
-     {"cache_method": "taylorseer", "cache_hooked_modules": 2, "cache_options": {"cache_interval": 3}}),
+    # Levers that do not touch each other share a server (each server start costs seconds).
+    (("--model", "tiny-flux", "--cache-method", "taylorseer", "--cache-options", '{"cache_interval": 3}',
+      "--attention-backend", "native"),
+     {"cache_method": "taylorseer", "cache_hooked_modules": 2, "cache_options": {"cache_interval": 3},
+      "attention_backend": "native", "attention_processors": 2}),
     (("--model", "tiny-flux", "--cache-method", "first-block"), {"cache_method": "first-block"}),
     (("--model", "tiny-flux", "--cache-method", "faster"), {"cache_method": "faster", "cache_hooked_modules": 2}),
-    (("--model", "tiny", "--cache-method", "pab"), {"cache_method": "pab", "cache_hooked_modules": 4}),
-    (("--model", "tiny-flux", "--attention-backend", "native"),
-     {"attention_backend": "native", "attention_processors": 2}),
-    (("--model", "tiny", "--vae-tiling", "true", "--vae-slicing", "true"), {"vae_tiling": True, "vae_slicing": True}),
+    (("--model", "tiny", "--cache-method", "pab", "--vae-tiling", "true", "--vae-slicing", "true"),
+     {"cache_method": "pab", "cache_hooked_modules": 4, "vae_tiling": True, "vae_slicing": True}),
 ]
 
 
@@ -116,15 +118,27 @@ def test_server_with_a_lever_serves_the_official_client_and_reports_it(flags, re
 
 
 @pytest.mark.parametrize(
+    "settings, problem",
+    [
+        ({"cache_method": "taylorseer"}, "taylorseer hooks nothing in UNet2DConditionModel; methods that do: pab"),
+        ({"offload": "model"}, "--offload model moves weights between the CPU and an accelerator"),
+        ({"attention_backend": "flash_hub"}, "flash_hub downloads kernels at run time"),
+        ({"attention_backend": "native"}, "cannot reach UNet2DConditionModel's attention processors"),
+        ({"model": "tiny-flux", "attention_backend": "flash"}, "not usable because of missing package"),
+        ({"model": "tiny-sd3", "cache_method": "taylorseer"}, "StableDiffusion3Pipeline does not; pab or faster"),
+    ],
+)
+def test_bad_lever_combinations_stop_a_worker_at_start_up(settings, problem):
+    # A worker in this process; the test below proves once that such an error stops the server with one line.
+    config = OmniDiffusionConfig(**{"model": "tiny", "device": "cpu", **settings})
+    with pytest.raises(Exception, match=re.escape(problem)):
+        WorkerWrapperBase(0, config).initialize()
+
+
+@pytest.mark.parametrize(
     "flags, problem",
     [
         (("--cache-options", "{not json"), "invalid configuration: --cache-options: must be a JSON object"),
-        (("--cache-method", "taylorseer"), "taylorseer hooks nothing in UNet2DConditionModel; methods that do: pab"),
-        (("--offload", "model"), "--offload model moves weights between the CPU and an accelerator"),
-        (("--attention-backend", "flash_hub"), "flash_hub downloads kernels at run time"),
-        (("--attention-backend", "native"), "cannot reach UNet2DConditionModel's attention processors"),
-        (("--model", "tiny-flux", "--attention-backend", "flash"), "not usable because of missing package"),
-        (("--model", "tiny-sd3", "--cache-method", "taylorseer"), "StableDiffusion3Pipeline does not; pab or faster"),
         (("--model", "tiny-flux", "--cache-method", "pab", "--cache-options", '{"skip": 2}'),
          "--cache-options for pab has no skip; it takes"),
     ],
