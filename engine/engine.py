@@ -240,6 +240,9 @@ class DiffusionEngine:
                 raise InvalidRequestError(f"seed must be between 0 and {MAX_SEED}, got {seed}", param="seed")
         if request.image is None:
             return request
+        if self.model_info.get("edit_model") and request.mask is None:
+            # An instruction-edit model's references keep their own size (no strength: its own call).
+            return request
         strength = request.strength
         if not 0 < strength <= 1:
             raise InvalidRequestError(f"strength must be in (0, 1], got {strength}", param="strength")

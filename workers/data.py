@@ -56,6 +56,8 @@ class OmniDiffusionRequest:
     cache: bool = True
     # The LoRA adapters it runs with, and at what scales (empty: the base model).
     loras: tuple[LoraWeight, ...] = ()
+    # OpenAI's input_fidelity for edit models ("low" lets Kontext resize its reference; workers/runtime/edits.py).
+    input_fidelity: str | None = None
 
     def __post_init__(self):
         # Frozen: the canonical order is set once, here. The adapters' weighted sum is added in this order.
@@ -88,6 +90,7 @@ class OmniDiffusionRequest:
             self.negative_prompt is not None,
             self.task,
             self.strength,
+            self.input_fidelity,
             self.cache,
             # Adapters are switched per denoiser call: different sets or scales never share one.
             self.loras,

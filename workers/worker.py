@@ -24,6 +24,7 @@ from workers.data import (
 )
 from workers.logs import adopt_library_loggers, describe_error, recent_log_buffer
 from workers.models.catalog import ModelDefaults, model_folder, read_model_defaults
+from workers.runtime.edits import EditPipeline, edit_kwargs, edit_pipeline, edit_pipelines
 from workers.runtime.levers import Levers, apply_levers, load_device, warm_up
 from workers.runtime.lora import LoraAdapters, LoraLoadError
 from workers.runtime.quantization import QuantizationPlan, measure_weights
@@ -105,6 +106,8 @@ class WorkerWrapperBase:
         # that give it half of each CFG call.
         self.rank_group: RankGroup | None = None
         self._cfg_hooks: CfgParallelHooks | None = None
+        # The edit table's entry for an instruction-edit model (workers/runtime/edits.py); None otherwise.
+        self.edit: EditPipeline | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def initialize(self) -> dict:
@@ -134,7 +137,12 @@ class WorkerWrapperBase:
         self.pipeline = pipeline
         self.pipelines = {"text2img": self.pipeline}
         self.loras = LoraAdapters(pipeline, self.rank, config.lora_dir)
+        self.edit = edit_pipeline(pipeline)
+        if self.edit is not None:  # an instruction-edit model: its own call takes the references
+            self.pipelines = edit_pipelines(pipeline)
         for task, auto_class in (("img2img", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
+            if self.edit is not None:
+                break
             try:
                 # from_pipe reuses the loaded modules: no second copy of the weights.
                 derived = auto_class.from_pipe(self.pipeline)
@@ -245,6 +253,8 @@ class WorkerWrapperBase:
             "model_defaults": self._model_defaults.model_dump(exclude_none=True),
             "size_multiple": self._size_multiple(),
             "tasks": sorted(self.pipelines),
+            "edit_model": self.edit is not None,
+            "max_input_images": self.edit.max_input_images if self.edit is not None else 1,
             # What the engine fills in when an edit names no strength: each pipeline's own default.
             "default_strength": {
                 task: parameters["strength"].default
@@ -340,7 +350,10 @@ class WorkerWrapperBase:
         requests = self.fill_in(requests)
         groups: dict[tuple, list[OmniDiffusionRequest]] = defaultdict(list)
         for request in requests:
-            groups[self.levers.call_key(request)].append(request)
+            key = self.levers.call_key(request)
+            if self.edit is not None and not self.edit.batches_references and request.image is not None:
+                key = (*key, request.request_id)  # its references go to every prompt of a call: one request per call
+            groups[key].append(request)
         outputs: dict[str, RequestOutput] = {}
         for group in groups.values():
             try:
@@ -381,7 +394,9 @@ class WorkerWrapperBase:
         if first.negative_prompt is not None and "negative_prompt" in parameters:
             kwargs["negative_prompt"] = [r.negative_prompt for r in group for _ in range(r.num_images)]
         # 2. The images to start from, and (inpainting) where to repaint.
-        if first.image is not None:
+        if first.image is not None and self.edit is not None:
+            kwargs.update(edit_kwargs(self.edit, group, parameters, first.input_fidelity))
+        elif first.image is not None:
             kwargs["image"] = [Image.fromarray(r.image) for r in group for _ in range(r.num_images)]
             kwargs["strength"] = first.strength
         if first.mask is not None:

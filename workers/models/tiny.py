@@ -204,6 +204,13 @@ def build_tiny_flux():
     )
 
 
+def build_tiny_kontext():
+    """FluxKontextPipeline (instruction edits, one reference image) on tiny-flux's components."""
+    from diffusers import FluxKontextPipeline
+
+    return FluxKontextPipeline(**build_tiny_flux().components)
+
+
 def build_tiny_sd3():
     """A Stable Diffusion 3 (DiT, flow matching) pipeline of the same tiny size. Its guidance is true
     classifier-free guidance: each step runs the transformer on the unconditional and the conditional
