@@ -394,7 +394,7 @@ class WorkerWrapperBase:
         if first.negative_prompt is not None and "negative_prompt" in parameters:
             kwargs["negative_prompt"] = [r.negative_prompt for r in group for _ in range(r.num_images)]
         # 2. The images to start from, and (inpainting) where to repaint.
-        if first.image is not None and self.edit is not None:
+        if self.edit is not None:
             kwargs.update(edit_kwargs(self.edit, group, parameters, first.input_fidelity))
         elif first.image is not None:
             kwargs["image"] = [Image.fromarray(r.image) for r in group for _ in range(r.num_images)]

@@ -49,21 +49,23 @@ def edit_pipelines(pipeline) -> dict:
 
 
 def edit_kwargs(entry: EditPipeline, group: list, parameters: dict, input_fidelity: str | None) -> dict:
-    """The reference-image arguments of one edit call over ``group`` (requests with an image).
+    """The arguments an edit model's call over ``group`` takes beyond a text-to-image call's.
 
     A Kontext batch gives each prompt its own reference; other pipelines take one request per call
     and all its references, and make ``n`` images with ``num_images_per_prompt``."""
     kwargs: dict = {}
-    if entry.batches_references:
+    first = group[0]
+    if first.image is None:
+        pass  # text-to-image on an edit model: no references
+    elif entry.batches_references:
         kwargs["image"] = [Image.fromarray(r.image) for r in group for _ in range(r.num_images)]
     else:
         (request,) = group
         kwargs["image"] = [Image.fromarray(request.image)]
         kwargs["num_images_per_prompt"] = request.num_images
         kwargs["prompt"] = request.prompt
-    first = group[0]
     if "max_area" in parameters:
-        # Kontext scales its output to max_area (1024² by default): keep the requested size.
+        # Kontext scales its output to max_area (1024² by default), images or not: keep the requested size.
         kwargs["max_area"] = first.width * first.height
     if "_auto_resize" in parameters:
         # "low" lets Kontext resize references to its preferred sizes; otherwise they go as sent.
