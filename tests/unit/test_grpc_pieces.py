@@ -72,6 +72,7 @@ def full_request(**changes) -> OmniDiffusionRequest:
         progress=True,
         cache=False,
         loras=(LoraWeight("sharp", 0.3), LoraWeight("pastel")),
+        input_fidelity="high",
     )
     fields.update(changes)
     return OmniDiffusionRequest(**fields)
@@ -107,7 +108,7 @@ def test_one_adapter_travels_in_the_form_every_worker_reads():
 
 
 def test_a_worker_too_old_for_a_field_is_refused_naming_the_versions_and_the_field():
-    two = request_to_proto(full_request())
+    two = request_to_proto(full_request(input_fidelity=None))
     needed = REQUEST_FIELDS_SINCE["loras"]
     message = (
         rf"the worker at w speaks worker contract version {needed - 1}, and this request needs version {needed} "
@@ -116,7 +117,12 @@ def test_a_worker_too_old_for_a_field_is_refused_naming_the_versions_and_the_fie
     with pytest.raises(ContractVersionError, match=message):
         check_contract_version(two, needed - 1, "the worker at w")
     check_contract_version(two, CONTRACT_VERSION, "the worker at w")
-    check_contract_version(request_to_proto(full_request(loras=(LoraWeight("sharp"),))), 1, "the worker at w")
+    check_contract_version(
+        request_to_proto(full_request(loras=(LoraWeight("sharp"),), input_fidelity=None)), 1, "the worker at w"
+    )
+    # An edit model's input_fidelity is version 3: a version-2 worker is never sent it.
+    with pytest.raises(ContractVersionError, match=r"version 2, and this request needs version 3 .*'input_fidelity'"):
+        check_contract_version(request_to_proto(full_request()), 2, "the worker at w")
     # A worker from before InitializeReply had the field speaks version 1.
     assert worker_contract_version(pb.InitializeReply()) == 1
 

@@ -32,10 +32,10 @@ _ARRAYS = ("image", "mask")
 
 # The worker contract's version, raised with every change to worker.proto that a worker must understand
 # (the rule is in its header). 1: the contract before workers reported a version; 2: InitializeReply
-# reports it, and a request runs with several LoRA adapters (loras).
-CONTRACT_VERSION = 2
+# reports it, and a request runs with several LoRA adapters (loras); 3: an edit model's input_fidelity.
+CONTRACT_VERSION = 3
 # DiffusionRequest fields added after version 1, each with the version that added it.
-REQUEST_FIELDS_SINCE: dict[str, int] = {"loras": 2}
+REQUEST_FIELDS_SINCE: dict[str, int] = {"loras": 2, "input_fidelity": 3}
 
 
 class ContractVersionError(ValueError):
