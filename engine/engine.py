@@ -240,7 +240,10 @@ class DiffusionEngine:
                 raise InvalidRequestError(f"seed must be between 0 and {MAX_SEED}, got {seed}", param="seed")
         if request.image is None:
             return request
-        if self.model_info.get("edit_model") and request.mask is None:
+        if not self.model_info.get("edit_model") and request.input_fidelity is not None:
+            # No effect on other models, and a gRPC worker before contract version 3 is never sent it.
+            request = dataclasses.replace(request, input_fidelity=None)
+        elif request.mask is None:
             # An instruction-edit model's references keep their own size (no strength: its own call).
             return request
         strength = request.strength

@@ -111,7 +111,9 @@ class ImageEditRequest(PromptedOptions):
 
     images: list[ImageReference] = Field(default_factory=list, description="JSON form of multipart `image`")
     mask: ImageReference | None = None
-    input_fidelity: Literal["high", "low"] | None = Field(None, description="accepted and ignored")
+    input_fidelity: Literal["high", "low"] | None = Field(
+        None, description="edit models: Kontext resizes its reference on low; elsewhere no effect"
+    )
     strength: float | None = Field(
         None, gt=0, le=1, description="how far from the input image (default: the pipeline's)"
     )
@@ -139,6 +141,7 @@ class ImageEditForm(BaseModel):
     response_format: Literal["b64_json", "url"] | None = None
     output_format: Literal["png", "jpeg", "webp"] = "png"
     strength: float | None = None
+    input_fidelity: Literal["high", "low"] | None = None
     stream: bool = False
     partial_images: int | None = None
     progress: bool = False
@@ -239,6 +242,7 @@ class ModelCard(BaseModel):
     default_guidance_scale: float | None = Field(description="guidance of a request that names none; null: the pipeline's own")
     max_num_inference_steps: int
     tasks: list[str] = Field(description="text2img, and img2img / inpaint where the model's pipelines allow edits")
+    max_input_images: int = Field(1, description="the most images an edit takes (instruction-edit models)")
     levers: dict | None = Field(None, description="the speed levers in effect on its workers (cache, compile, ...)")
     quantization: dict | None = Field(
         None, description="the quantization in effect: method, what each quantized component runs, the denoiser file"

@@ -95,6 +95,7 @@ async def edit_image(http_request: Request, images: ImageServing = Depends(servi
         image=image,
         mask=mask,
         strength=body.strength,
+        input_fidelity=body.input_fidelity,
         **images.request_fields(body),
     )
     return await images.answer(http_request, body, request, "image_edit")

@@ -23,6 +23,7 @@ def base_model_card(http_request: Request) -> ModelCard:
         default_guidance_scale=engine.defaults["guidance_scale"].value,
         max_num_inference_steps=config.max_num_inference_steps,
         tasks=engine.model_info["tasks"],
+        max_input_images=engine.model_info.get("max_input_images", 1),
         levers=engine.model_info.get("levers"),
         quantization=engine.model_info.get("quantization"),
         memory_bytes=engine.model_info.get("memory_bytes"),

@@ -1,9 +1,14 @@
 """Instruction-edit models (workers/runtime/edits.py) on an in-process worker: tiny-kontext."""
 
-import numpy as np
-import pytest
+import base64
+import io
 
-from helpers import assert_pixels_close
+import numpy as np
+import openai
+import pytest
+from helpers import ServerProcess, assert_pixels_close
+from PIL import Image
+
 from workers import OmniDiffusionConfig, OmniDiffusionRequest, WorkerWrapperBase
 
 
@@ -55,3 +60,25 @@ def test_kontext_inpaint_keeps_the_unmasked_region_within_1_of_255(kontext):
     assert output.error is None
     kept = np.abs(output.images[0][:, 40:].astype(int) - image[:, 40:].astype(int))  # away from the seam
     assert kept.mean() <= 1
+
+
+@pytest.fixture(scope="module")
+def kontext_server(model_cache):
+    server = ServerProcess("--model", "tiny-kontext")
+    yield openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    server.stop()
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_kontext_edit_through_the_openai_client_keeps_the_reference_size(kontext_server):
+    result = kontext_server.images.edit(
+        model="tiny-kontext", image=("ref.png", png(reference(7))), prompt="make it red", input_fidelity="high"
+    )
+    assert Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).size == (64, 64)
+    card = kontext_server.models.retrieve("tiny-kontext").model_extra
+    assert card["max_input_images"] == 1 and "img2img" in card["tasks"]
