@@ -240,7 +240,7 @@ class DiffusionEngine:
                 raise InvalidRequestError(f"seed must be between 0 and {MAX_SEED}, got {seed}", param="seed")
         if request.image is None:
             return request
-        if not self.model_info.get("edit_model") and request.input_fidelity is not None:
+        if not self.model_info.get("edit_model"):
             # No effect on other models, and a gRPC worker before contract version 3 is never sent it.
             request = dataclasses.replace(request, input_fidelity=None)
         elif request.mask is None:
