@@ -82,3 +82,15 @@ def test_kontext_edit_through_the_openai_client_keeps_the_reference_size(kontext
     assert Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).size == (64, 64)
     card = kontext_server.models.retrieve("tiny-kontext").model_extra
     assert card["max_input_images"] == 1 and "img2img" in card["tasks"]
+
+
+def test_kontext_edit_returns_its_partial_images_and_progress(kontext):
+    progress = []
+    kontext.progress_sink = progress.append
+    try:
+        (output,) = kontext.generate([edit("a fox", 8, image=reference(8), partial_images=1, progress=True)])
+    finally:
+        kontext.progress_sink = None
+    assert output.error is None
+    kinds = {type(item).__name__ for item in progress}
+    assert {"PartialImageOutput", "StepProgress"} <= kinds, kinds
