@@ -74,6 +74,23 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
 
 
+def _auto_pipelines(pipeline) -> dict:
+    """Task -> pipeline for a text-to-image model: itself, and the img2img and inpaint variants diffusers
+    has for its family."""
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    pipelines = {"text2img": pipeline}
+    for task, auto_class in (("img2img", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
+        try:
+            # from_pipe reuses the loaded modules: no second copy of the weights.
+            derived = auto_class.from_pipe(pipeline)
+        except ValueError:  # diffusers has no such pipeline for this model family
+            continue
+        derived.set_progress_bar_config(disable=True)
+        pipelines[task] = derived
+    return pipelines
+
+
 class WorkerWrapperBase:
     """Owns one device and the pipeline on it. Every public method is callable by name over RPC."""
 
@@ -113,7 +130,6 @@ class WorkerWrapperBase:
     def initialize(self) -> dict:
         """Load the model onto this rank's device. Returns the model description."""
         adopt_library_loggers()
-        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
@@ -135,21 +151,10 @@ class WorkerWrapperBase:
         self.levers = apply_levers(pipeline, config, self.device, self.dtype)
         self.weights = measure_weights(pipeline, self.device)
         self.pipeline = pipeline
-        self.pipelines = {"text2img": self.pipeline}
         self.loras = LoraAdapters(pipeline, self.rank, config.lora_dir)
         self.edit = edit_pipeline(pipeline)
-        if self.edit is not None:  # an instruction-edit model: its own call takes the references
-            self.pipelines = edit_pipelines(pipeline)
-        for task, auto_class in (("img2img", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
-            if self.edit is not None:
-                break
-            try:
-                # from_pipe reuses the loaded modules: no second copy of the weights.
-                derived = auto_class.from_pipe(self.pipeline)
-            except ValueError:  # diffusers has no such pipeline for this model family
-                continue
-            derived.set_progress_bar_config(disable=True)
-            self.pipelines[task] = derived
+        # An instruction-edit model's own call takes the references; others edit through AutoPipeline's variants.
+        self.pipelines = edit_pipelines(pipeline) if self.edit is not None else _auto_pipelines(pipeline)
         self._call_parameters = {
             task: dict(inspect.signature(p.__call__).parameters) for task, p in self.pipelines.items()
         }
