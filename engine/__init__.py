@@ -1,7 +1,7 @@
 """The engine owns requests, batching and pre/post-processing. No HTTP here."""
 
 from engine.batcher import AsyncDiffusionEngine
-from engine.engine import DiffusionEngine, DiffusionOutput, PartialImages, steps_for_quality
+from engine.engine import DiffusionEngine, DiffusionOutput, PartialImages
 from engine.errors import (
     EngineDeadError,
     EngineError,
@@ -11,6 +11,7 @@ from engine.errors import (
     NotFoundError,
     RequestTimeoutError,
 )
+from engine.requests import steps_for_quality
 from workers.config import OmniDiffusionConfig, parse_size
 from workers.data import LoraWeight, OmniDiffusionRequest, StepProgress, Usage
 from workers.logs import configure_logging

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from engine import metrics
 from engine.errors import EngineDeadError, InvalidRequestError, from_executor_error
-from engine.images import resize_pixels, to_pil
+from engine.images import to_pil
 from engine.lora import LoraRegistry
+from engine.requests import RequestRules
 from executors import (
     ExecutorError,
     RpcTimeoutError,
@@ -23,9 +22,8 @@ from executors import (
     WorkerRpcError,
     get_executor_class,
 )
-from workers.config import OmniDiffusionConfig, parse_size
+from workers.config import OmniDiffusionConfig
 from workers.data import (
-    LoraWeight,
     OmniDiffusionRequest,
     PartialImageOutput,
     RequestOutput,
@@ -34,34 +32,9 @@ from workers.data import (
     Usage,
     WorkerProgress,
     defaults_in_force,
-    with_defaults,
 )
 
 logger = logging.getLogger(__name__)
-
-MAX_IMAGES_PER_REQUEST = 10  # OpenAI's limit on n
-MAX_GUIDANCE_SCALE = 50.0
-MAX_SEED = 2**63 - 1 - MAX_IMAGES_PER_REQUEST  # image i uses seed + i, which must stay a valid int64
-MAX_PARTIAL_IMAGES = 3  # OpenAI's limit on partial_images
-MAX_LORA_SCALE = 10.0  # far past any adapter's useful range; negative scales (the opposite effect) too
-# OpenAI quality -> multiple of default_num_inference_steps (capped at max_num_inference_steps).
-QUALITY_STEP_FACTORS = {
-    "low": 0.5,
-    "medium": 1.0,
-    "auto": 1.0,
-    "standard": 1.0,
-    "high": 2.0,
-    "hd": 2.0,
-    "xhigh": 3.0,
-    "max": 4.0,
-}
-
-
-def steps_for_quality(quality: str, default_steps: int, max_steps: int) -> int:
-    """Denoising steps for an OpenAI ``quality``: the default step count in force x
-    QUALITY_STEP_FACTORS[quality], within 1..max_steps."""
-    steps = round(default_steps * QUALITY_STEP_FACTORS[quality])
-    return max(1, min(steps, max_steps))
 
 
 @dataclass
@@ -146,6 +119,7 @@ class DiffusionEngine:
             raise
         # What a request that names nothing runs with (a setting, the model's imagegen.json, built-in).
         self.defaults = defaults_in_force(od_config, self.model_info)
+        self.rules = RequestRules(od_config, self.model_info, self.defaults, self.loras)
         # request or step (--scheduling): whether a step carries one request the workers run in their running set.
         self.scheduling = self._scheduling_in_force()
         # Step mode: images sent to each rank group and not answered yet (see _route).
@@ -175,147 +149,8 @@ class DiffusionEngine:
 
     # -- requests ------------------------------------------------------------------------------
     def prepare(self, request: OmniDiffusionRequest, admitted: bool = False) -> OmniDiffusionRequest:
-        """Validate ``request`` and fill every default (workers.data.with_defaults decides them).
-
-        An input image is resized to the request's size here (and the size defaults to the
-        image's own when that is allowed). Preparing a prepared request returns it unchanged.
-        ``admitted``: the request was queued before now (step() checks it again), so a LoRA adapter
-        being unloaded since is still its to run with: the unload waits for it.
-        """
-        config = self.od_config
-        # 1. What the client sent: text, image count, seed list, input image and mask.
-        if not isinstance(request.prompt, str) or (request.image is None and not request.prompt.strip()):
-            raise InvalidRequestError("prompt must be a non-empty string", param="prompt")
-        for name in ("prompt", "negative_prompt"):
-            text = getattr(request, name)
-            if text is not None and len(text) > config.max_prompt_length:
-                raise InvalidRequestError(
-                    f"{name} is {len(text)} characters long; the limit is {config.max_prompt_length}", param=name
-                )
-        if not 1 <= request.num_images <= MAX_IMAGES_PER_REQUEST:
-            raise InvalidRequestError(
-                f"num_images must be between 1 and {MAX_IMAGES_PER_REQUEST}, got {request.num_images}",
-                param="num_images",
-            )
-        if isinstance(request.seed, list):
-            request = dataclasses.replace(request, seed=tuple(request.seed))
-        if isinstance(request.seed, tuple) and len(request.seed) != request.num_images:
-            raise InvalidRequestError(
-                f"seed lists one seed per image: expected {request.num_images} seeds, got {len(request.seed)}",
-                param="seed",
-            )
-        self._check_image(request)
-        request = self._check_loras(request, admitted)
-        if request.image is not None and not self.size_allowed(request.image.shape[1], request.image.shape[0]):
-            # An input image's own size is the default only where it is a size we serve.
-            width, height = parse_size(self.defaults["size"].value)
-            request = dataclasses.replace(request, width=request.width or width, height=request.height or height)
-        # 2. Defaults, then the ranges of what the request will run with.
-        request = with_defaults(request, config, self.model_info)
-        if not self.size_allowed(request.width, request.height):
-            raise InvalidRequestError(
-                f"size {request.width}x{request.height} is not supported; choose one of "
-                f"{', '.join(config.allowed_sizes)}, or a size whose sides are multiples of "
-                f"{self.model_info['size_multiple']} with at most {config.max_output_pixels} pixels",
-                param="size",
-            )
-        steps = request.num_inference_steps
-        if not 1 <= steps <= config.max_num_inference_steps:
-            raise InvalidRequestError(
-                f"num_inference_steps must be between 1 and {config.max_num_inference_steps}, got {steps}",
-                param="num_inference_steps",
-            )
-        guidance = request.guidance_scale
-        if guidance is not None and not 0 <= guidance <= MAX_GUIDANCE_SCALE:
-            raise InvalidRequestError(
-                f"guidance_scale must be between 0 and {MAX_GUIDANCE_SCALE:g}, got {guidance}", param="guidance_scale"
-            )
-        if not 0 <= request.partial_images <= MAX_PARTIAL_IMAGES:
-            raise InvalidRequestError(
-                f"partial_images must be between 0 and {MAX_PARTIAL_IMAGES}, got {request.partial_images}",
-                param="partial_images",
-            )
-        for seed in request.image_seeds():
-            if not 0 <= seed <= MAX_SEED:
-                raise InvalidRequestError(f"seed must be between 0 and {MAX_SEED}, got {seed}", param="seed")
-        if request.image is None:
-            return request
-        if not self.model_info.get("edit_model"):
-            # No effect on other models, and a gRPC worker before contract version 3 is never sent it.
-            request = dataclasses.replace(request, input_fidelity=None)
-        elif request.mask is None:
-            # An instruction-edit model's references keep their own size (no strength: its own call).
-            return request
-        strength = request.strength
-        if not 0 < strength <= 1:
-            raise InvalidRequestError(f"strength must be in (0, 1], got {strength}", param="strength")
-        # img2img runs only the last steps * strength steps; diffusers refuses to run none.
-        if int(steps * strength) < 1:
-            raise InvalidRequestError(
-                f"num_inference_steps ({steps}) x strength ({strength:g}) must be at least 1", param="strength"
-            )
-        # 3. The input image (and mask) at the output size.
-        return dataclasses.replace(
-            request,
-            image=resize_pixels(request.image, request.width, request.height),
-            mask=None if request.mask is None else resize_pixels(request.mask, request.width, request.height),
-        )
-
-    def _check_image(self, request: OmniDiffusionRequest) -> None:
-        """An input image and mask the model can take (text-to-image requests have neither)."""
-        if request.image is None:
-            if request.mask is not None:
-                raise InvalidRequestError("a mask needs an image to apply to", param="mask")
-            return
-        task = request.task
-        if task not in self.model_info["tasks"]:
-            raise InvalidRequestError(
-                f"The model '{self.od_config.model_name}' does not support {task} "
-                f"(its pipeline is {self.model_info['pipeline']}).",
-                param="mask" if task == "inpaint" else "image",
-            )
-        image, mask = request.image, request.mask
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise InvalidRequestError("image must be a uint8 HxWx3 array", param="image")
-        if mask is not None and mask.shape[:2] != image.shape[:2]:
-            raise InvalidRequestError(
-                f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {image.shape[1]}x{image.shape[0]}; "
-                "they must be the same size",
-                param="mask",
-            )
-
-    def _check_loras(self, request: OmniDiffusionRequest, admitted: bool) -> OmniDiffusionRequest:
-        """Served adapters (404 naming one that is not), each named once and at most --max-loras-per-request
-        of them, their scales filled in and in range."""
-        limit = self.od_config.max_loras_per_request
-        if len(request.loras) > limit:
-            raise InvalidRequestError(
-                f"{len(request.loras)} LoRA adapters were named; the limit is {limit} per request", param="loras"
-            )
-        filled = []
-        for index, lora in enumerate(request.loras):
-            if index and lora.name == request.loras[index - 1].name:  # the names are sorted: twins are neighbours
-                raise InvalidRequestError(f"LoRA adapter '{lora.name}' is named twice", param="loras")
-            adapter = self.loras.get(lora.name, param="loras", unloading=admitted)
-            scale = adapter.scale if lora.scale is None else lora.scale
-            if not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
-                raise InvalidRequestError(
-                    f"the scale of LoRA adapter '{lora.name}' must be between {-MAX_LORA_SCALE:g} and "
-                    f"{MAX_LORA_SCALE:g}, got {scale}",
-                    param="loras",
-                )
-            filled.append(LoraWeight(lora.name, float(scale)))
-        return dataclasses.replace(request, loras=tuple(filled))
-
-    def size_allowed(self, width: int, height: int) -> bool:
-        """A listed size, or any whose sides are multiples of the model's size multiple within max_output_pixels."""
-        if f"{width}x{height}" in self.od_config.allowed_sizes:
-            return True
-        multiple = self.model_info["size_multiple"]
-        return (
-            width > 0 and height > 0 and width % multiple == 0 and height % multiple == 0
-            and width * height <= self.od_config.max_output_pixels
-        )
+        """``request`` checked and with every default filled in (engine.requests.RequestRules.prepare)."""
+        return self.rules.prepare(request, admitted)
 
     def step(self, requests: list[OmniDiffusionRequest]) -> list[DiffusionOutput]:
         """Generate ``requests`` (spread over all ranks); one output per request, in order.

@@ -83,7 +83,11 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = HTTPException(413, f"The request body is larger than the limit of {self.max_bytes} bytes.")
+        too_large = HTTPException(
+            413,
+            f"The request body is larger than the limit of {self.max_bytes} bytes (--max-request-body-bytes); "
+            "every image and mask of an edit counts toward it.",
+        )
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 await _send_error(scope, receive, send, too_large)

@@ -109,7 +109,9 @@ class ImageEditRequest(PromptedOptions):
 
     model_config = ConfigDict(json_schema_extra=_json_needs_images)
 
-    images: list[ImageReference] = Field(default_factory=list, description="JSON form of multipart `image`")
+    images: list[ImageReference] = Field(
+        default_factory=list, max_length=16, description="JSON form of multipart `image` (OpenAI takes up to 16)"
+    )
     mask: ImageReference | None = None
     input_fidelity: Literal["high", "low"] | None = Field(
         None, description="edit models: Kontext resizes its reference on low; elsewhere no effect"

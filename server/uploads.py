@@ -63,16 +63,18 @@ async def read_body(http_request: Request, model: type[M], max_upload_bytes: int
 
 async def read_pixels(
     sources: list[bytes], param: str, to_pixels: Callable[..., np.ndarray], config: OmniDiffusionConfig
-) -> np.ndarray:
-    """Exactly one uploaded image, decoded and turned into pixels off the event loop."""
+) -> tuple[np.ndarray, ...]:
+    """Every uploaded image (at least one), decoded and turned into pixels off the event loop, in order.
+    The caller has checked how many it may take."""
     if not sources:
         raise InvalidRequestError(f"Missing required parameter: '{param}'.", param=param)
-    if len(sources) > 1:
-        raise InvalidRequestError(
-            f"{len(sources)} images were sent; the model '{config.model_name}' edits one image per request.",
-            param=param,
+    pixel_limit = config.max_upload_image_pixels
+    return await asyncio.to_thread(
+        lambda: tuple(
+            to_pixels(decode_upload(source, param if len(sources) == 1 else f"{param}[{index}]", pixel_limit))
+            for index, source in enumerate(sources)
         )
-    return await asyncio.to_thread(lambda: to_pixels(decode_upload(sources[0], param, config.max_upload_image_pixels)))
+    )
 
 
 def json_images(references: list[ImageReference], max_bytes: int) -> list[bytes]:

@@ -1,5 +1,6 @@
-"""LoRA adapters for the tiny Stable Diffusion model, made in the tests: random LoRA weights on its
-UNet and text encoder (peft), saved by diffusers as a real adapter is, or in the kohya key layout."""
+"""LoRA adapters made in the tests: random LoRA weights (peft) on the tiny Stable Diffusion model's UNet and
+text encoder, saved by diffusers as a real adapter is or in the kohya key layout, and on a tiny Flux
+transformer."""
 
 from __future__ import annotations
 
@@ -57,3 +58,21 @@ def make_kohya_lora(file: Path, model_cache: Path, seed: int, rank: int = 4) -> 
     file.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in convert_state_dict_to_kohya(peft_layers).items()}, file)
     return file
+
+
+def make_flux_lora(folder: Path, model: str, model_cache: Path, seed: int, rank: int = 4) -> Path:
+    """A diffusers/PEFT adapter folder for the transformer of a tiny Flux-family model (tiny-flux, tiny-kontext)."""
+    import torch
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = FluxTransformer2DModel.from_pretrained(resolve_model_path(model, model_cache) / "transformer")
+    torch.manual_seed(seed)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=UNET_TARGETS), transformer)
+    folder.mkdir(parents=True, exist_ok=True)
+    FluxPipeline.save_lora_weights(
+        folder, transformer_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(transformer))
+    )
+    return folder

@@ -25,12 +25,14 @@ class LoraWeight:
 
 @dataclass(frozen=True)
 class OmniDiffusionRequest:
-    """One request for ``num_images`` images: text-to-image, or image-to-image when ``image`` is given.
+    """One request for ``num_images`` images: text-to-image, or an edit when ``images`` are given.
 
     Fields left as None are filled from the config by the engine before a worker sees them.
     ``seed`` is an int (image ``i`` is drawn with ``seed + i``) or one seed per image.
-    ``image`` is a uint8 HxWx3 array of the request's size; ``mask`` (uint8 HxW, 255 = repaint)
-    turns image-to-image into inpainting. ``partial_images`` asks for that many intermediate
+    ``images`` are uint8 HxWx3 arrays, in order: for a text-to-image model, the one image to start
+    from, at the request's size; for an instruction-edit model, its references (up to the model's
+    ``max_input_images``), each at its own size. ``mask`` (uint8 HxW, 255 = repaint) turns an edit
+    into inpainting. ``partial_images`` asks for that many intermediate
     decodes at evenly spaced denoising steps; ``progress`` for a StepProgress after every step.
     ``loras`` are the loaded LoRA adapters it runs with together (none: the base model), always held in
     one canonical order, by name, so the same set is the same key and the same pixels whatever order
@@ -47,7 +49,7 @@ class OmniDiffusionRequest:
     num_images: int = 1
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Arrays compare element-wise, so they stay out of the generated __eq__.
-    image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    images: tuple[np.ndarray, ...] = field(default=(), compare=False, repr=False)
     mask: np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float | None = None
     partial_images: int = 0
@@ -62,11 +64,12 @@ class OmniDiffusionRequest:
     def __post_init__(self):
         # Frozen: the canonical order is set once, here. The adapters' weighted sum is added in this order.
         object.__setattr__(self, "loras", tuple(sorted(self.loras, key=lambda lora: lora.name)))
+        object.__setattr__(self, "images", tuple(self.images))
 
     @property
     def task(self) -> str:
         """Which pipeline serves it: text2img, img2img or inpaint."""
-        if self.image is None:
+        if not self.images:
             return "text2img"
         return "img2img" if self.mask is None else "inpaint"
 
@@ -144,17 +147,17 @@ def with_defaults(
     values (the same seed above all); a worker called directly fills whatever is still unset by
     the same rules. ``model_info`` is a worker's ``describe()``.
 
-    - size: an input image's own size, else the default size in force (defaults_in_force);
+    - size: the first input image's own size, else the default size in force (defaults_in_force);
     - steps and guidance: the defaults in force (guidance None leaves the pipeline's own);
     - seed: a random one; strength (edits): the pipeline's own default for the task.
     """
     defaults = defaults_in_force(od_config, model_info)
-    if request.image is not None:
-        default_height, default_width = request.image.shape[:2]
+    if request.images:
+        default_height, default_width = request.images[0].shape[:2]
     else:
         default_width, default_height = parse_size(defaults["size"].value)
     strength = request.strength
-    if strength is None and request.image is not None:
+    if strength is None and request.images:
         strength = model_info["default_strength"].get(request.task)
     guidance = request.guidance_scale
     return dataclasses.replace(

@@ -356,7 +356,7 @@ class WorkerWrapperBase:
         groups: dict[tuple, list[OmniDiffusionRequest]] = defaultdict(list)
         for request in requests:
             key = self.levers.call_key(request)
-            if self.edit is not None and not self.edit.batches_references and request.image is not None:
+            if self.edit is not None and not self.edit.batches_references and request.images:
                 key = (*key, request.request_id)  # its references go to every prompt of a call: one request per call
             groups[key].append(request)
         outputs: dict[str, RequestOutput] = {}
@@ -401,8 +401,8 @@ class WorkerWrapperBase:
         # 2. The images to start from, and (inpainting) where to repaint.
         if self.edit is not None:
             kwargs.update(edit_kwargs(self.edit, group, parameters, first.input_fidelity))
-        elif first.image is not None:
-            kwargs["image"] = [Image.fromarray(r.image) for r in group for _ in range(r.num_images)]
+        elif first.images:
+            kwargs["image"] = [Image.fromarray(r.images[0]) for r in group for _ in range(r.num_images)]
             kwargs["strength"] = first.strength
         if first.mask is not None:
             kwargs["mask_image"] = [Image.fromarray(r.mask) for r in group for _ in range(r.num_images)]
@@ -432,7 +432,7 @@ class WorkerWrapperBase:
                 )
                 continue
             if r.mask is not None and self.od_config.inpaint_keep_unmasked:
-                pixels[own] = keep_unmasked(pipeline, pixels[own], r.image, r.mask)
+                pixels[own] = keep_unmasked(pipeline, pixels[own], r.images[0], r.mask)
             outputs[r.request_id] = RequestOutput(
                 r.request_id,
                 list(pixels[own]),

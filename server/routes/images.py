@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, TypeVar
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
-from engine import OmniDiffusionRequest
+from engine import InvalidRequestError, OmniDiffusionRequest
 from engine.images import mask_pixels, rgb_pixels
 from server.errors import ERROR_RESPONSES
 from server.protocol import (
@@ -54,13 +54,16 @@ def _request_body(json_model: type[BaseModel], form_model: type[BaseModel]) -> d
 
 async def _read_image_body(
     http_request: Request, model: type[M], images: ImageServing, route: str
-) -> tuple[M, dict[str, list[bytes]], np.ndarray]:
-    """The body of a route that takes an input image (JSON or multipart), checked, with the uploaded
-    files and the image's pixels."""
+) -> tuple[M, dict[str, list[bytes]], tuple[np.ndarray, ...]]:
+    """The body of a route that takes input images (JSON or multipart), checked, with the uploaded
+    files and the images' pixels: as many as the route and the model take, counted before decoding."""
     config = images.config
     body, uploads = await read_body(http_request, model, config.max_upload_image_bytes)
     images.check_options(body, route)
     sources = uploads.get("image", []) + json_images(body.images, config.max_upload_image_bytes)
+    if model is ImageVariationRequest and len(sources) > 1:
+        raise InvalidRequestError(f"A variation is made from one image; {len(sources)} were sent.", param="image")
+    images.engine.rules.check_image_count(len(sources))
     return body, uploads, await read_pixels(sources, "image", rgb_pixels, config)
 
 
@@ -85,14 +88,16 @@ async def create_image(body: ImageGenerationRequest, http_request: Request, imag
 )
 async def edit_image(http_request: Request, images: ImageServing = Depends(serving)):
     """Image-to-image; inpainting when a mask is given (its fully transparent pixels are repainted)."""
-    body, uploads, image = await _read_image_body(http_request, ImageEditRequest, images, "/v1/images/edits")
+    body, uploads, pixels = await _read_image_body(http_request, ImageEditRequest, images, "/v1/images/edits")
     masks = uploads.get("mask", [])
     if body.mask is not None:
         masks.append(data_url_bytes(body.mask, "mask.image_url", images.config.max_upload_image_bytes))
-    mask = await read_pixels(masks, "mask", mask_pixels, images.config) if masks else None
+    if len(masks) > 1:
+        raise InvalidRequestError(f"An edit takes one mask; {len(masks)} were sent.", param="mask")
+    (mask,) = await read_pixels(masks, "mask", mask_pixels, images.config) if masks else (None,)
     request = OmniDiffusionRequest(
         prompt=body.prompt,
-        image=image,
+        images=pixels,
         mask=mask,
         strength=body.strength,
         input_fidelity=body.input_fidelity,
@@ -110,6 +115,6 @@ async def edit_image(http_request: Request, images: ImageServing = Depends(servi
 )
 async def create_variation(http_request: Request, images: ImageServing = Depends(serving)):
     """Image-to-image from the image alone (an empty prompt)."""
-    body, _, image = await _read_image_body(http_request, ImageVariationRequest, images, "/v1/images/variations")
-    request = OmniDiffusionRequest(prompt="", image=image, strength=body.strength, **images.request_fields(body))
+    body, _, pixels = await _read_image_body(http_request, ImageVariationRequest, images, "/v1/images/variations")
+    request = OmniDiffusionRequest(prompt="", images=pixels, strength=body.strength, **images.request_fields(body))
     return await images.answer(http_request, body, request, None)

@@ -63,8 +63,8 @@ def test_edits_inpainting_and_partial_images_on_cuda():
         partials = []
         engine.progress_listeners.append(partials.append)
         img2img, inpaint, streamed = engine.step([
-            OmniDiffusionRequest("a fox", image=image, **common),
-            OmniDiffusionRequest("a fox", image=image, mask=mask, **common),
+            OmniDiffusionRequest("a fox", images=[image], **common),
+            OmniDiffusionRequest("a fox", images=[image], mask=mask, **common),
             OmniDiffusionRequest("a fox", width=64, height=64, partial_images=2, **common),
         ])
     for output in (img2img, inpaint, streamed):

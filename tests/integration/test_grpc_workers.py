@@ -393,7 +393,7 @@ def test_a_step_of_eight_1792x1024_edits_with_masks_goes_out(large_image_worker)
     edits = [
         OmniDiffusionRequest(
             "a red fox", 1024, 1792, num_inference_steps=1, seed=seed, strength=0.5,
-            image=rng.integers(0, 256, (1024, 1792, 3), dtype=np.uint8), mask=np.full((1024, 1792), 255, np.uint8),
+            images=[rng.integers(0, 256, (1024, 1792, 3), dtype=np.uint8)], mask=np.full((1024, 1792), 255, np.uint8),
         )
         for seed in range(8)
     ]
@@ -403,7 +403,7 @@ def test_a_step_of_eight_1792x1024_edits_with_masks_goes_out(large_image_worker)
         (outputs,) = engine.executor.collective_rpc("generate", args=(edits,))
     assert [output.request_id for output in outputs] == [edit.request_id for edit in edits]
     assert all(output.error and output.images == [] for output in outputs)
-    assert sum(len(pixels_to_proto(e.image).data) + len(pixels_to_proto(e.mask).data) for e in edits) > 58_000_000
+    assert sum(len(pixels_to_proto(e.images[0]).data) + len(pixels_to_proto(e.mask).data) for e in edits) > 58_000_000
 
 
 # -- TLS ------------------------------------------------------------------------------------------

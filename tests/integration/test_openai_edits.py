@@ -197,8 +197,8 @@ def test_edit_pipelines_share_the_loaded_modules(model_cache, model, modules):
     mask = np.zeros((64, 64), np.uint8)
     mask[:, 32:] = 255
     requests = [
-        OmniDiffusionRequest("a fox", 64, 64, num_inference_steps=2, seed=1, image=noise(), mask=mask, strength=1.0),
-        OmniDiffusionRequest("a fox", 64, 64, num_inference_steps=2, seed=1, image=noise(), strength=0.5),
+        OmniDiffusionRequest("a fox", 64, 64, num_inference_steps=2, seed=1, images=[noise()], mask=mask, strength=1.0),
+        OmniDiffusionRequest("a fox", 64, 64, num_inference_steps=2, seed=1, images=[noise()], strength=0.5),
     ]
     for output in worker.generate(requests):
         assert output.error is None and output.images[0].shape == (64, 64, 3)

@@ -247,7 +247,7 @@ def test_unsupported_pipelines_and_edits_are_refused_with_the_reason(worker_of, 
     # Decided from the settings, before anything is compiled.
     compiled = WorkerWrapperBase(0, OmniDiffusionConfig(model="tiny", compile="regional", scheduling="step"))
     assert step_mode_refusal(compiled) == "--compile regional is warmed up for request mode's calls"
-    edit = OmniDiffusionRequest("a red fox", image=tiny.generate([filled(tiny, 1, 0)])[0].images[0])
+    edit = OmniDiffusionRequest("a red fox", images=tiny.generate([filled(tiny, 1, 0)])[0].images[:1])
     assert request_refusal(edit) == "img2img runs in request mode (its pipeline starts from an image)"
     with pytest.raises(ValueError, match="img2img"):
         RunningSet(tiny).add([edit])

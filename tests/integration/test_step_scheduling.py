@@ -125,7 +125,7 @@ def test_the_guides_generate_call_keeps_its_reply_in_step_mode(step_engine, requ
 
 def test_edits_in_step_mode_run_in_request_mode(step_engine, request_engine):
     source = np.asarray(request_engine.step([fox(2, 21)])[0].images[0])
-    edit = OmniDiffusionRequest("a blue fox", image=source, num_inference_steps=4, strength=0.5, seed=22)
+    edit = OmniDiffusionRequest("a blue fox", images=[source], num_inference_steps=4, strength=0.5, seed=22)
     (made,) = step_engine.step([edit])
     (wanted,) = request_engine.step([edit])
     assert (pixels(made)[0] == pixels(wanted)[0]).all()  # the same pipeline call, by itself

@@ -65,7 +65,7 @@ def full_request(**changes) -> OmniDiffusionRequest:
         seed=(11, 12),
         num_images=2,
         request_id="req-1",
-        image=np.arange(48 * 64 * 3, dtype=np.uint8).reshape(48, 64, 3),
+        images=[np.arange(48 * 64 * 3, dtype=np.uint8).reshape(48, 64, 3), np.zeros((32, 16, 3), np.uint8)],
         mask=np.full((48, 64), 255, dtype=np.uint8),
         strength=0.375,
         partial_images=2,
@@ -83,19 +83,20 @@ def test_every_request_field_crosses_the_wire():
     defaults = OmniDiffusionRequest("p")
     for field in dataclasses.fields(request):
         assert not np.array_equal(getattr(request, field.name), getattr(defaults, field.name)), field.name
-    # lora_name and lora_scale: the one-adapter form that workers before loras read.
-    assert {f.name for f in dataclasses.fields(request)} | {"lora_name", "lora_scale"} == set(
+    # lora_name and lora_scale, image: the one-adapter and one-image forms that workers before loras and images read.
+    assert {f.name for f in dataclasses.fields(request)} | {"lora_name", "lora_scale", "image"} == set(
         pb.DiffusionRequest.DESCRIPTOR.fields_by_name
     )
     back = request_from_proto(pb.DiffusionRequest.FromString(request_to_proto(request).SerializeToString()))
     assert back == request
-    assert np.array_equal(back.image, request.image) and np.array_equal(back.mask, request.mask)
+    assert len(back.images) == 2 and np.array_equal(back.mask, request.mask)
+    assert all(np.array_equal(b, r) for b, r in zip(back.images, request.images, strict=True))
 
 
 def test_unset_fields_stay_none_and_an_int_seed_stays_an_int():
     request = OmniDiffusionRequest("a red fox", seed=5, request_id="r")
     back = request_from_proto(pb.DiffusionRequest.FromString(request_to_proto(request).SerializeToString()))
-    assert back == request and back.seed == 5 and back.height is None and back.image is None
+    assert back == request and back.seed == 5 and back.height is None and back.images == ()
 
 
 def test_one_adapter_travels_in_the_form_every_worker_reads():
@@ -107,8 +108,17 @@ def test_one_adapter_travels_in_the_form_every_worker_reads():
     assert not request_to_proto(full_request()).HasField("lora_name")  # two adapters have no such form
 
 
+def test_one_image_travels_in_the_form_every_worker_reads():
+    (image,) = full_request(images=[np.full((8, 16, 3), 7, np.uint8)]).images
+    message = request_to_proto(full_request(images=[image]))
+    assert message.HasField("image") and not message.images
+    (back,) = request_from_proto(message).images
+    assert np.array_equal(back, image)
+    assert not request_to_proto(full_request()).HasField("image")  # two images go in images, in order
+
+
 def test_a_worker_too_old_for_a_field_is_refused_naming_the_versions_and_the_field():
-    two = request_to_proto(full_request(input_fidelity=None))
+    two = request_to_proto(full_request(input_fidelity=None, images=full_request().images[:1]))
     needed = REQUEST_FIELDS_SINCE["loras"]
     message = (
         rf"the worker at w speaks worker contract version {needed - 1}, and this request needs version {needed} "
@@ -118,11 +128,15 @@ def test_a_worker_too_old_for_a_field_is_refused_naming_the_versions_and_the_fie
         check_contract_version(two, needed - 1, "the worker at w")
     check_contract_version(two, CONTRACT_VERSION, "the worker at w")
     check_contract_version(
-        request_to_proto(full_request(loras=(LoraWeight("sharp"),), input_fidelity=None)), 1, "the worker at w"
+        request_to_proto(full_request(loras=(LoraWeight("sharp"),), input_fidelity=None, images=[])), 1, "the worker at w"
     )
     # An edit model's input_fidelity is version 3: a version-2 worker is never sent it.
     with pytest.raises(ContractVersionError, match=r"version 2, and this request needs version 3 .*'input_fidelity'"):
-        check_contract_version(request_to_proto(full_request()), 2, "the worker at w")
+        check_contract_version(request_to_proto(full_request(images=())), 2, "the worker at w")
+    # Several reference images are version 4; one travels as `image`, which every version reads.
+    with pytest.raises(ContractVersionError, match=r"version 3, and this request needs version 4 .*'images'"):
+        check_contract_version(request_to_proto(full_request()), 3, "the worker at w")
+    check_contract_version(request_to_proto(full_request(images=full_request().images[:1])), 3, "the worker at w")
     # A worker from before InitializeReply had the field speaks version 1.
     assert worker_contract_version(pb.InitializeReply()) == 1
 

@@ -30,9 +30,9 @@ def test_the_step_key_leaves_out_step_counts_and_partial_images_and_the_batch_ke
 def test_edits_and_inpainting_are_refused_a_running_set():
     image = np.zeros((64, 64, 3), dtype=np.uint8)
     assert request_refusal(OmniDiffusionRequest("a fox")) is None
-    assert "img2img" in request_refusal(OmniDiffusionRequest("a fox", image=image))
+    assert "img2img" in request_refusal(OmniDiffusionRequest("a fox", images=[image]))
     mask = np.zeros((64, 64), dtype=np.uint8)
-    assert "inpaint" in request_refusal(OmniDiffusionRequest("a fox", image=image, mask=mask))
+    assert "inpaint" in request_refusal(OmniDiffusionRequest("a fox", images=[image], mask=mask))
 
 
 def test_partial_images_are_evenly_spaced_and_never_the_last_step():

@@ -28,14 +28,14 @@ from workers.hosts.proto import worker_pb2 as pb
 # 1 GiB leaves room for large batches and sizes, and still refuses an absurd message.
 MAX_MESSAGE_BYTES = 1 << 30
 # Fields whose wire form is not the dataclass value itself.
-_ARRAYS = ("image", "mask")
 
 # The worker contract's version, raised with every change to worker.proto that a worker must understand
 # (the rule is in its header). 1: the contract before workers reported a version; 2: InitializeReply
-# reports it, and a request runs with several LoRA adapters (loras); 3: an edit model's input_fidelity.
-CONTRACT_VERSION = 3
+# reports it, and a request runs with several LoRA adapters (loras); 3: an edit model's input_fidelity;
+# 4: an edit model's several reference images (images).
+CONTRACT_VERSION = 4
 # DiffusionRequest fields added after version 1, each with the version that added it.
-REQUEST_FIELDS_SINCE: dict[str, int] = {"loras": 2, "input_fidelity": 3}
+REQUEST_FIELDS_SINCE: dict[str, int] = {"loras": 2, "input_fidelity": 3, "images": 4}
 
 
 class ContractVersionError(ValueError):
@@ -96,8 +96,12 @@ def request_to_proto(request: OmniDiffusionRequest) -> pb.DiffusionRequest:
         value = getattr(request, field.name)
         if value is None:
             continue  # an unset optional field (or message) is None on the other side
-        if field.name in _ARRAYS:
-            getattr(message, field.name).CopyFrom(pixels_to_proto(value))
+        if field.name == "mask":
+            message.mask.CopyFrom(pixels_to_proto(value))
+        elif field.name == "images" and len(value) == 1:  # the one-image form, which every worker reads
+            message.image.CopyFrom(pixels_to_proto(value[0]))
+        elif field.name == "images":
+            message.images.extend(pixels_to_proto(image) for image in value)
         elif field.name == "seed":
             message.seed.CopyFrom(seed_to_proto(value))
         elif field.name == "loras" and len(value) == 1:  # the one-adapter form, which every worker reads
@@ -117,8 +121,12 @@ def request_from_proto(message: pb.DiffusionRequest) -> OmniDiffusionRequest:
         descriptor = message.DESCRIPTOR.fields_by_name[field.name]
         if descriptor.has_presence and not message.HasField(field.name):
             values[field.name] = None
-        elif field.name in _ARRAYS:
-            values[field.name] = pixels_from_proto(getattr(message, field.name))
+        elif field.name == "mask":
+            values[field.name] = pixels_from_proto(message.mask)
+        elif field.name == "images":
+            # Several in ``images``; one (from any sender) in ``image``.
+            images = message.images or ([message.image] if message.HasField("image") else [])
+            values[field.name] = tuple(pixels_from_proto(image) for image in images)
         elif field.name == "seed":
             values[field.name] = seed_from_proto(message.seed)
         elif field.name == "loras":

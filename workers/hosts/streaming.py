@@ -149,7 +149,8 @@ class PipelineThread:
 
         refusal = step_mode_refusal(worker)
         if refusal is not None:
-            logger.info("rank %d: --scheduling step runs as request: %s", worker.rank, refusal)  # the engine warns
+            # The engine says it once at start-up, with the reason from describe().
+            logger.debug("rank %d: --scheduling step runs as request: %s", worker.rank, refusal)
             return
         self._steps = StepLoop(worker)
 

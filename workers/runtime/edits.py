@@ -55,13 +55,14 @@ def edit_kwargs(entry: EditPipeline, group: list, parameters: dict, input_fideli
     and all its references, and make ``n`` images with ``num_images_per_prompt``."""
     kwargs: dict = {}
     first = group[0]
-    if first.image is None:
+    if not first.images:
         pass  # text-to-image on an edit model: no references
     elif entry.batches_references:
-        kwargs["image"] = [Image.fromarray(r.image) for r in group for _ in range(r.num_images)]
+        # One reference per prompt (max_input_images is 1 for such pipelines).
+        kwargs["image"] = [Image.fromarray(r.images[0]) for r in group for _ in range(r.num_images)]
     else:
         (request,) = group
-        kwargs["image"] = [Image.fromarray(request.image)]
+        kwargs["image"] = [Image.fromarray(image) for image in request.images]
         kwargs["num_images_per_prompt"] = request.num_images
         kwargs["prompt"] = request.prompt
     if "max_area" in parameters:

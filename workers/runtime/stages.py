@@ -132,13 +132,13 @@ class StageTimer:
 
 
 def count_usage(pipeline, request: OmniDiffusionRequest) -> Usage:
-    """Prompt tokens by the pipeline's (first) tokenizer; an image counts its latent positions."""
+    """Prompt tokens by the pipeline's (first) tokenizer; an image counts its latent positions (each input
+    image at its own size: an edit model's references are not resized)."""
     tokenizer = getattr(pipeline, "tokenizer", None) or getattr(pipeline, "tokenizer_2", None)
     text_tokens = len(tokenizer(request.prompt).input_ids) if tokenizer is not None else 0
     scale = getattr(pipeline, "vae_scale_factor", 8)
-    per_image = (request.height // scale) * (request.width // scale)
     return Usage(
         text_tokens=text_tokens,
-        input_image_tokens=per_image if request.image is not None else 0,
-        output_image_tokens=per_image * request.num_images,
+        input_image_tokens=sum((image.shape[0] // scale) * (image.shape[1] // scale) for image in request.images),
+        output_image_tokens=(request.height // scale) * (request.width // scale) * request.num_images,
     )

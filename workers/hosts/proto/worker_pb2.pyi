@@ -23,7 +23,7 @@ class Seed(_message.Message):
     def __init__(self, values: _Optional[_Iterable[int]] = ..., per_image: _Optional[bool] = ...) -> None: ...
 
 class DiffusionRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "height", "width", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "num_images", "image", "mask", "strength", "partial_images", "progress", "cache", "lora_name", "lora_scale", "loras", "input_fidelity")
+    __slots__ = ("request_id", "prompt", "height", "width", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "num_images", "image", "mask", "strength", "partial_images", "progress", "cache", "lora_name", "lora_scale", "loras", "input_fidelity", "images")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class DiffusionRequest(_message.Message):
     LORA_SCALE_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIDELITY_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     height: int
@@ -62,7 +63,8 @@ class DiffusionRequest(_message.Message):
     lora_scale: float
     loras: _containers.RepeatedCompositeFieldContainer[LoraWeight]
     input_fidelity: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., negative_prompt: _Optional[str] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[_Union[Seed, _Mapping]] = ..., num_images: _Optional[int] = ..., image: _Optional[_Union[Pixels, _Mapping]] = ..., mask: _Optional[_Union[Pixels, _Mapping]] = ..., strength: _Optional[float] = ..., partial_images: _Optional[int] = ..., progress: _Optional[bool] = ..., cache: _Optional[bool] = ..., lora_name: _Optional[str] = ..., lora_scale: _Optional[float] = ..., loras: _Optional[_Iterable[_Union[LoraWeight, _Mapping]]] = ..., input_fidelity: _Optional[str] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[Pixels]
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., negative_prompt: _Optional[str] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[_Union[Seed, _Mapping]] = ..., num_images: _Optional[int] = ..., image: _Optional[_Union[Pixels, _Mapping]] = ..., mask: _Optional[_Union[Pixels, _Mapping]] = ..., strength: _Optional[float] = ..., partial_images: _Optional[int] = ..., progress: _Optional[bool] = ..., cache: _Optional[bool] = ..., lora_name: _Optional[str] = ..., lora_scale: _Optional[float] = ..., loras: _Optional[_Iterable[_Union[LoraWeight, _Mapping]]] = ..., input_fidelity: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Pixels, _Mapping]]] = ...) -> None: ...
 
 class LoraWeight(_message.Message):
     __slots__ = ("name", "scale")
