@@ -223,7 +223,7 @@ def raw_child(args) -> None:
     import torch
 
     from workers.models.catalog import load_pipeline
-    from workers.worker import resolve_device, resolve_dtype
+    from workers.runtime.pipelines import resolve_device, resolve_dtype
 
     device = resolve_device(args.device, 0)
     dtype = resolve_dtype("auto", device)

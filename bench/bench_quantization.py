@@ -57,8 +57,8 @@ def measure(args, row: str) -> dict:
     from torchao.quantization import quantize_
 
     from workers.models.catalog import load_pipeline, model_folder
+    from workers.runtime.pipelines import resolve_device, resolve_dtype
     from workers.runtime.quantization import measure_weights, pipeline_components, torchao_config
-    from workers.worker import resolve_device, resolve_dtype
 
     device = resolve_device(args.device, 0)
     dtype = resolve_dtype("auto", device)

@@ -63,7 +63,7 @@ def bench_raw(args) -> list[dict]:
     from diffusers import DiffusionPipeline
 
     from workers.models.catalog import resolve_model_path
-    from workers.worker import resolve_device, resolve_dtype
+    from workers.runtime.pipelines import resolve_device, resolve_dtype
 
     device = resolve_device(args.device, 0)
     dtype = resolve_dtype("auto", device)
@@ -204,7 +204,7 @@ EXTRA_BACKENDS = ("mp_cfg_parallel",)
 
 
 def use_gpus(args) -> bool:
-    from workers.worker import resolve_device
+    from workers.runtime.pipelines import resolve_device
 
     return resolve_device(args.device, 0).type == "cuda"
 

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from naive_server import Body, load_pipeline, reply  # noqa: E402
 
-from workers.worker import resolve_device  # noqa: E402 - naive_server put the repository on the path
+from workers.runtime.pipelines import resolve_device  # noqa: E402 - naive_server put the repository on the path
 
 
 class ImagesAPI(litserve.LitAPI):

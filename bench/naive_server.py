@@ -24,7 +24,7 @@ from pydantic import BaseModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workers.config import default_cache_dir  # noqa: E402
 from workers.models.catalog import resolve_model_path  # noqa: E402
-from workers.worker import resolve_device  # noqa: E402
+from workers.runtime.pipelines import resolve_device  # noqa: E402
 
 
 class Body(BaseModel):

@@ -24,16 +24,17 @@ from workers.data import (
 )
 from workers.logs import adopt_library_loggers, describe_error, recent_log_buffer
 from workers.models.catalog import ModelDefaults, model_folder, read_model_defaults
-from workers.runtime.edits import EditPipeline, edit_kwargs, edit_pipeline, edit_pipelines
+from workers.runtime.edits import EditPipeline, edit_kwargs, edit_pipeline
 from workers.runtime.levers import Levers, apply_levers, load_device, warm_up
 from workers.runtime.lora import LoraAdapters, LoraLoadError
+from workers.runtime.pipelines import native_size, resolve_device, resolve_dtype, size_multiple, task_pipelines
 from workers.runtime.quantization import QuantizationPlan, measure_weights
 from workers.runtime.rank_group import (
     CfgParallelHooks,
     RankGroup,
     RankGroupError,
-    check_cfg_parallel,
     check_context_parallel,
+    form_rank_group,
 )
 from workers.runtime.stages import (
     Cancellations,
@@ -48,47 +49,8 @@ from workers.runtime.step_batching import step_mode_refusal
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Used when a pipeline's VAE does not say which size it was trained at.
-_FALLBACK_NATIVE_SIZE = 512
-
-
-def resolve_device(setting: str, rank: int) -> torch.device:
-    """'auto' | 'cuda' | 'cpu' -> the device for this rank (ranks wrap around the visible GPUs)."""
-    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("device is 'cuda' but no CUDA device is visible")
-    return torch.device("cuda", rank % torch.cuda.device_count())
-
-
-def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
-    if setting != "auto":
-        return _DTYPES[setting]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def _mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
-
-
-def _auto_pipelines(pipeline) -> dict:
-    """Task -> pipeline for a text-to-image model: itself, and the img2img and inpaint variants diffusers
-    has for its family."""
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
-
-    pipelines = {"text2img": pipeline}
-    for task, auto_class in (("img2img", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
-        try:
-            # from_pipe reuses the loaded modules: no second copy of the weights.
-            derived = auto_class.from_pipe(pipeline)
-        except ValueError:  # diffusers has no such pipeline for this model family
-            continue
-        derived.set_progress_bar_config(disable=True)
-        pipelines[task] = derived
-    return pipelines
 
 
 class WorkerWrapperBase:
@@ -147,14 +109,13 @@ class WorkerWrapperBase:
         self.quantization = QuantizationPlan.for_config(config, self.device, self.dtype)
         pipeline = self.quantization.load(config, self.dtype, load_device(config, self.device))
         pipeline.set_progress_bar_config(disable=True)
-        self._join_rank_group(pipeline)
+        self.rank_group, self._cfg_hooks = form_rank_group(pipeline, config, self.rank, self.device)
         self.levers = apply_levers(pipeline, config, self.device, self.dtype)
         self.weights = measure_weights(pipeline, self.device)
         self.pipeline = pipeline
         self.loras = LoraAdapters(pipeline, self.rank, config.lora_dir)
         self.edit = edit_pipeline(pipeline)
-        # An instruction-edit model's own call takes the references; others edit through AutoPipeline's variants.
-        self.pipelines = edit_pipelines(pipeline) if self.edit is not None else _auto_pipelines(pipeline)
+        self.pipelines = task_pipelines(pipeline, self.edit)
         self._call_parameters = {
             task: dict(inspect.signature(p.__call__).parameters) for task, p in self.pipelines.items()
         }
@@ -173,42 +134,6 @@ class WorkerWrapperBase:
             self.levers.description.update(warm_up(self.generate, config, default_size))
         logger.info("rank %d levers: %s", self.rank, self.levers.description)
         return self.describe()
-
-    def _join_rank_group(self, pipeline) -> None:
-        """Check that the pipeline takes this rank group's kinds of parallelism, then form the group
-        with its peers and put the parallelism on the denoiser (before the levers, which wrap it)."""
-        config = self.od_config
-        if config.rank_group_size == 1:
-            return
-        if config.cfg_parallel_size > 1:
-            check_cfg_parallel(type(pipeline).__name__)
-            if config.compile == "full":
-                raise ValueError(
-                    "--cfg-parallel-size 2 with --compile full would trace the pair's collective into the graph; "
-                    "use --compile regional (the repeated blocks only)"
-                )
-            if config.cache_method == "faster":
-                raise ValueError(
-                    "--cache-method faster splits the doubled CFG batch itself, which --cfg-parallel-size 2 has "
-                    "already split over the pair; use pab, or one rank per image"
-                )
-        context_parallel = config.ulysses_degree * config.ring_degree > 1
-        if context_parallel and getattr(pipeline, "transformer", None) is None:
-            raise ValueError(
-                f"--ulysses-degree / --ring-degree split a DiT transformer's sequence; {type(pipeline).__name__} has none"
-            )
-        self.rank_group = RankGroup.join(self.rank, config, self.device)
-        if context_parallel:
-            from diffusers import ContextParallelConfig
-
-            pipeline.transformer.enable_parallelism(
-                config=ContextParallelConfig(
-                    ring_degree=config.ring_degree, ulysses_degree=config.ulysses_degree, mesh=self.rank_group.mesh
-                )
-            )
-        if config.cfg_parallel_size > 1:
-            denoiser = getattr(pipeline, "transformer", None) or pipeline.unet
-            self._cfg_hooks = CfgParallelHooks(denoiser, self.rank_group)
 
     @property
     def is_group_leader(self) -> bool:
@@ -238,8 +163,7 @@ class WorkerWrapperBase:
         return self._description
 
     def _describe_model(self) -> dict:
-        vae_config = getattr(getattr(self.pipeline, "vae", None), "config", None)
-        native = int(getattr(vae_config, "sample_size", None) or _FALLBACK_NATIVE_SIZE)
+        native = native_size(self.pipeline)
         return {
             "rank": self.rank,
             # The shape of its rank group, which every rank and the engine must agree on.
@@ -256,7 +180,7 @@ class WorkerWrapperBase:
             "native_size": f"{native}x{native}",
             # The model folder's imagegen.json, as workers.data.defaults_in_force reads it.
             "model_defaults": self._model_defaults.model_dump(exclude_none=True),
-            "size_multiple": self._size_multiple(),
+            "size_multiple": size_multiple(self.pipeline),
             "tasks": sorted(self.pipelines),
             "edit_model": self.edit is not None,
             "max_input_images": self.edit.max_input_images if self.edit is not None else 1,
@@ -283,14 +207,6 @@ class WorkerWrapperBase:
             # Workers someone else starts (ray_external, grpc) run with their own settings.
             return f"rank {self.rank} runs --scheduling {self.od_config.scheduling}; start it with --scheduling step"
         return step_mode_refusal(self)
-
-    def _size_multiple(self) -> int:
-        """What an image's sides must be multiples of: the VAE's downscale, twice that for DiT
-        pipelines (they pack 2x2 latent patches into one token), and never less than 8."""
-        multiple = int(getattr(self.pipeline, "vae_scale_factor", 8))
-        if getattr(self.pipeline, "transformer", None) is not None:
-            multiple *= 2
-        return max(8, multiple)
 
     def get_rank(self) -> int:
         return self.rank

@@ -209,3 +209,43 @@ def _take(value, batch: int, half: slice):
     if isinstance(value, (list, tuple)):
         return type(value)(_take(item, batch, half) for item in value)
     return value
+
+
+def form_rank_group(
+    pipeline, config: OmniDiffusionConfig, rank: int, device: torch.device
+) -> tuple[RankGroup | None, CfgParallelHooks | None]:
+    """Check that ``pipeline`` takes this rank group's kinds of parallelism, then form the group with
+    the rank's peers and put the parallelism on the denoiser (before the levers, which wrap it). Returns
+    the group and the hooks that give the rank its half of each CFG call (None, None: one rank per image)."""
+    if config.rank_group_size == 1:
+        return None, None
+    if config.cfg_parallel_size > 1:
+        check_cfg_parallel(type(pipeline).__name__)
+        if config.compile == "full":
+            raise ValueError(
+                "--cfg-parallel-size 2 with --compile full would trace the pair's collective into the graph; "
+                "use --compile regional (the repeated blocks only)"
+            )
+        if config.cache_method == "faster":
+            raise ValueError(
+                "--cache-method faster splits the doubled CFG batch itself, which --cfg-parallel-size 2 has "
+                "already split over the pair; use pab, or one rank per image"
+            )
+    context_parallel = config.ulysses_degree * config.ring_degree > 1
+    if context_parallel and getattr(pipeline, "transformer", None) is None:
+        raise ValueError(
+            f"--ulysses-degree / --ring-degree split a DiT transformer's sequence; {type(pipeline).__name__} has none"
+        )
+    group = RankGroup.join(rank, config, device)
+    if context_parallel:
+        from diffusers import ContextParallelConfig
+
+        pipeline.transformer.enable_parallelism(
+            config=ContextParallelConfig(
+                ring_degree=config.ring_degree, ulysses_degree=config.ulysses_degree, mesh=group.mesh
+            )
+        )
+    hooks = None
+    if config.cfg_parallel_size > 1:
+        hooks = CfgParallelHooks(getattr(pipeline, "transformer", None) or pipeline.unet, group)
+    return group, hooks
