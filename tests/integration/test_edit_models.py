@@ -1,6 +1,7 @@
 """Instruction-edit models (workers/runtime/edits.py) on an in-process worker: tiny-kontext."""
 
 import base64
+import dataclasses
 import io
 
 import numpy as np
@@ -163,3 +164,20 @@ def test_a_cancelled_kontext_edit_stops_at_its_next_step(kontext):
     assert output.error.startswith("cancelled") and output.images == []
     assert kontext.pipelines["img2img"].interrupt  # diffusers skipped the 49 steps left
     assert not progress
+
+
+def test_a_step_cache_runs_on_kontext_edits_and_a_request_without_it_gets_the_plain_pixels(kontext):
+    cached_worker = WorkerWrapperBase(
+        0, OmniDiffusionConfig(model="tiny-kontext", device="cpu", cache_method="pab")
+    )
+    cached_worker.initialize()
+    try:
+        request = edit("a fox", 13, images=[reference(13)], num_inference_steps=6)
+        (plain,) = kontext.generate([request])
+        (uncached,) = cached_worker.generate([dataclasses.replace(request, cache=False)])
+        (cached,) = cached_worker.generate([request])
+    finally:
+        cached_worker.shutdown()
+    assert cached_worker.levers.description["cache_hooked_modules"] > 0
+    assert np.array_equal(uncached.images[0], plain.images[0])
+    assert not np.array_equal(cached.images[0], plain.images[0])  # the cache skipped work

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from workers.runtime.pipelines import DTYPES
+
 logger = logging.getLogger(__name__)
 
 # --cache-method -> (diffusers.hooks config class, apply function). MagCache is left out: its
@@ -38,7 +40,6 @@ ADAPTIVE_CACHE_METHODS = frozenset({"first-block"})
 # Methods whose hook state lives in a cache context that the pipeline must open around each denoiser
 # call (``with denoiser.cache_context("cond"):``); Flux's pipelines do, SD3's and PixArt's do not.
 CONTEXT_CACHE_METHODS = frozenset({"first-block", "taylorseer"})
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class LeverError(ValueError):
@@ -63,9 +64,9 @@ def cache_config(method: str, options: dict[str, Any], denoiser: torch.nn.Module
     values = dict(options)
     for name, value in values.items():
         if isinstance(fields[name].default, torch.dtype) or name.endswith("_dtype"):
-            if value not in _DTYPES:
-                raise LeverError(f"--cache-options {name} must be one of {', '.join(_DTYPES)}, got {value!r}")
-            values[name] = _DTYPES[value]
+            if value not in DTYPES:
+                raise LeverError(f"--cache-options {name} must be one of {', '.join(DTYPES)}, got {value!r}")
+            values[name] = DTYPES[value]
     defaults: dict[str, Any] = {}
     if method == "taylorseer":
         # diffusers keeps the Taylor factors in bfloat16; on a float32 CPU pipeline the casts cost more

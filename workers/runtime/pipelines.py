@@ -7,7 +7,7 @@ import torch
 
 from workers.runtime.edits import EditPipeline, edit_pipelines
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Used when a pipeline's VAE does not say which size it was trained at.
 _FALLBACK_NATIVE_SIZE = 512
 
@@ -23,7 +23,7 @@ def resolve_device(setting: str, rank: int) -> torch.device:
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting != "auto":
-        return _DTYPES[setting]
+        return DTYPES[setting]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
