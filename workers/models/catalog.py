@@ -18,7 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from workers.config import MODEL_DEFAULTS_FILE
 from workers.models.random_weights import RANDOM_WEIGHT_MODELS, RANDOM_WEIGHT_MODELS_PATH, build_random_weight_pipeline
-from workers.models.tiny import build_tiny_flux, build_tiny_kontext, build_tiny_sd, build_tiny_sd3
+from workers.models.tiny import (
+    build_tiny_flux,
+    build_tiny_flux2_klein,
+    build_tiny_kontext,
+    build_tiny_sd,
+    build_tiny_sd3,
+)
 
 
 class ModelNotFoundError(RuntimeError):
@@ -75,6 +81,7 @@ BUILTIN_MODELS: dict[str, Callable[[], object]] = {
     "tiny": build_tiny_sd,
     "tiny-flux": build_tiny_flux,
     "tiny-kontext": build_tiny_kontext,
+    "tiny-flux2-klein": build_tiny_flux2_klein,
     "tiny-sd3": build_tiny_sd3,
 }
 

@@ -1,5 +1,5 @@
-"""The built-in tiny pipelines (tiny, tiny-flux, tiny-sd3) and the offline tokenizers they and the
-random-weight models use: built from configs with a fixed seed, never from the hub."""
+"""The built-in tiny pipelines (tiny, tiny-flux, tiny-kontext, tiny-flux2-klein, tiny-sd3) and the offline
+tokenizers they and the random-weight models use: built from configs with a fixed seed, never from the hub."""
 
 from __future__ import annotations
 
@@ -77,6 +77,33 @@ def t5_tokenizer(model_max_length: int = 512):
         tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
         model_max_length=model_max_length,
     )
+
+
+# Qwen's ChatML turns, without Qwen3's <think> block: the tokenizer's chat template, so that pipelines
+# that format their prompt with apply_chat_template run offline.
+_QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def qwen2_tokenizer(model_max_length: int = 512):
+    """A Qwen2 byte-level BPE tokenizer with no merges (one token per byte, so any text tokenizes), its
+    ChatML special tokens and a chat template, built offline."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2TokenizerFast
+
+    tokens = sorted(ByteLevel.alphabet()) + ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Qwen2TokenizerFast(
+        vocab={token: index for index, token in enumerate(tokens)},
+        merges=[],
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=model_max_length,
+    )
+    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
+    return tokenizer
 
 
 def _byte_pair_encode(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -209,6 +236,79 @@ def build_tiny_kontext():
     from diffusers import FluxKontextPipeline
 
     return FluxKontextPipeline(**build_tiny_flux().components)
+
+
+def build_tiny_flux2_klein():
+    """Flux2KleinPipeline (instruction edits, a list of up to 16 reference images) of the same tiny size,
+    with a Qwen3 text encoder."""
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = qwen2_tokenizer()
+    # The prompt embedding stacks the hidden states the pipeline's text_encoder_out_layers name,
+    # (9, 18, 27) by default: the encoder needs 27 layers, and joint_attention_dim is 3 x its width.
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=27,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    # The transformer sees the VAE's latents in 2x2 patches: in_channels is 4 x latent_channels. Its
+    # rotary axes (time, height, width, text position) add up to attention_head_dim.
+    transformer = Flux2Transformer2DModel(
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * 16,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    )
+    # Default initialisation makes the timestep embedding, and the shift/scale/gate it gives each block,
+    # of order 0.03: the gated attention, where the prompt and the reference images reach the image
+    # tokens, would change the output by under one level in 255. Weights 5x larger make both show.
+    with torch.no_grad():
+        for name, module in transformer.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.startswith(
+                ("time_guidance_embed", "double_stream_modulation", "single_stream_modulation")
+            ):
+                module.weight.mul_(5)
+    # Two levels (2x downscale), like tiny_vae's; Flux2's VAE normalises its patched latents itself.
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=64,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    return Flux2KleinPipeline(
+        # The pipeline shifts its timesteps for the image size (mu), which needs dynamic shifting.
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
 
 
 def build_tiny_sd3():
