@@ -160,9 +160,18 @@ class RequestRules:
         if not request.images:
             return
         self.check_image_count(len(request.images))
-        for image in request.images:
+        limits = info.get("reference_limits") or {}
+        for index, image in enumerate(request.images):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise InvalidRequestError("image must be a uint8 HxWx3 array", param="image")
+            height, width = image.shape[:2]
+            too_small = limits and min(width, height) < limits["min_side"]
+            if too_small or (limits and max(width / height, height / width) > limits["max_aspect_ratio"]):
+                raise InvalidRequestError(
+                    f"image {index} is {width}x{height}; the model '{model}' takes references whose sides are at "
+                    f"least {limits['min_side']} pixels, at most {limits['max_aspect_ratio']}:1",
+                    param="image",
+                )
         image, mask = request.images[0], request.mask
         if mask is not None and mask.shape[:2] != image.shape[:2]:
             raise InvalidRequestError(

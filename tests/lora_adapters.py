@@ -70,7 +70,8 @@ def make_flux_lora(folder: Path, model: str, model_cache: Path, seed: int, rank:
 
     transformer = FluxTransformer2DModel.from_pretrained(resolve_model_path(model, model_cache) / "transformer")
     torch.manual_seed(seed)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=UNET_TARGETS), transformer)
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=UNET_TARGETS)
+    inject_adapter_in_model(config, transformer)
     folder.mkdir(parents=True, exist_ok=True)
     FluxPipeline.save_lora_weights(
         folder, transformer_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(transformer))

@@ -24,7 +24,7 @@ from workers.data import (
 )
 from workers.logs import adopt_library_loggers, describe_error, recent_log_buffer
 from workers.models.catalog import ModelDefaults, model_folder, read_model_defaults
-from workers.runtime.edits import EditPipeline, edit_kwargs, edit_pipeline
+from workers.runtime.edits import EditPipeline, edit_kwargs, edit_pipeline, reference_limits
 from workers.runtime.levers import Levers, apply_levers, load_device, warm_up
 from workers.runtime.lora import LoraAdapters, LoraLoadError
 from workers.runtime.pipelines import native_size, resolve_device, resolve_dtype, size_multiple, task_pipelines
@@ -184,6 +184,7 @@ class WorkerWrapperBase:
             "tasks": sorted(self.pipelines),
             "edit_model": self.edit is not None,
             "max_input_images": self.edit.max_input_images if self.edit is not None else 1,
+            "reference_limits": reference_limits(self.pipeline) if self.edit is not None else {},
             # What the engine fills in when an edit names no strength: each pipeline's own default.
             "default_strength": {
                 task: parameters["strength"].default

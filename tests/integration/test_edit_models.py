@@ -96,7 +96,8 @@ def test_kontext_edit_through_the_openai_client_keeps_the_reference_size(kontext
 
 
 def test_an_edit_without_a_size_makes_the_first_images_size_rounded_to_the_models_multiple(kontext_server):
-    odd = np.random.default_rng(11).integers(0, 256, (46, 66, 3), dtype=np.uint8)  # 66x46: 64x48 at a multiple of 8 or 16
+    # 66x46: 64x48 at a multiple of 8 or 16.
+    odd = np.random.default_rng(11).integers(0, 256, (46, 66, 3), dtype=np.uint8)
     result = client(kontext_server).images.edit(image=("ref.png", png(odd)), prompt="make it red", size="auto")
     assert (result.size, pixels_of(result).shape) == ("64x48", (48, 64, 3))
 

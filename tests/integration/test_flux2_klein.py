@@ -1,9 +1,16 @@
 """tiny-flux2-klein (Flux2KleinPipeline, a list of reference images) loaded from its saved folder by an
-in-process worker, and called through the worker and directly."""
+in-process worker and called through it and directly; and served over HTTP by a server whose one
+rank is an `imagegen worker` reached over gRPC, so several references cross the worker contract."""
 
+import base64
+import io
+
+import httpx
 import numpy as np
+import openai
 import pytest
 import torch
+from helpers import ServerProcess, WorkerProcess, assert_pixels_close
 from PIL import Image
 
 from workers import OmniDiffusionConfig, OmniDiffusionRequest, WorkerWrapperBase
@@ -22,7 +29,7 @@ def klein(model_cache):
 
 
 def request(prompt: str, seed: int, **fields) -> OmniDiffusionRequest:
-    return OmniDiffusionRequest(prompt, 64, 64, num_inference_steps=2, seed=seed, **fields)
+    return OmniDiffusionRequest(prompt, seed=seed, **{"height": 64, "width": 64, "num_inference_steps": 2, **fields})
 
 
 def test_klein_is_described_as_an_edit_model_with_up_to_16_input_images(klein, model_cache):
@@ -62,7 +69,107 @@ def test_klein_text_to_image_through_the_worker_keeps_the_requested_size(klein):
 
 
 def test_klein_edit_makes_num_images_from_one_reference(klein):
-    (output,) = klein.generate([request("make it red", 2, image=reference(2), num_images=2)])
+    (output,) = klein.generate([request("make it red", 2, images=[reference(2)], num_images=2)])
     assert output.error is None
     assert [image.shape for image in output.images] == [(64, 64, 3)] * 2
     assert not np.array_equal(*output.images)  # one seed per image
+
+
+def test_two_edits_run_one_call_each_with_their_own_references(klein):
+    a = request("make it red", 3, images=[reference(3), reference(4)])
+    b = request("make it blue", 5, images=[reference(5)])
+    together = klein.generate([a, b])
+    for alone_request, output in zip((a, b), together):
+        (alone,) = klein.generate([alone_request])
+        assert_pixels_close(output.images[0], alone.images[0])
+
+
+# -- over HTTP and gRPC -----------------------------------------------------------------------------
+BODY_LIMIT = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def klein_server(model_cache):
+    worker = WorkerProcess(0, "--model", "tiny-flux2-klein")
+    server = ServerProcess(
+        "--model", "tiny-flux2-klein", "--backend", "grpc", "--worker-addresses", worker.address,
+        "--default-num-inference-steps", "2", "--max-request-body-bytes", str(BODY_LIMIT),
+    )
+    yield server
+    server.stop()
+    worker.stop()
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def answered_pixels(result) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).convert("RGB"))
+
+
+def test_several_references_over_http_and_grpc_make_the_in_process_workers_pixels(klein_server, klein):
+    first = np.random.default_rng(6).integers(0, 256, (98, 67, 3), dtype=np.uint8)  # 64x96 at a multiple of 8 or 16
+    references = [first, reference(7), reference(8)]
+    result = client(klein_server).images.edit(
+        image=[(f"r{index}.png", png(image)) for index, image in enumerate(references)],
+        prompt="put them together",
+        extra_body={"seed": 9},
+    )
+    assert result.size == "64x96"
+    def alone(images: list[np.ndarray]):
+        return klein.generate([request("put them together", 9, height=96, images=images)])[0]
+
+    alone, without_last = alone(references), alone(references[:2])
+    assert_pixels_close(answered_pixels(result), alone.images[0])
+    assert np.abs(without_last.images[0].astype(int) - alone.images[0].astype(int)).mean() > 1  # the third one counts
+    # Each reference counts its own latent positions.
+    assert result.usage.input_tokens_details.image_tokens == alone.usage.input_image_tokens
+    assert alone.usage.input_image_tokens > without_last.usage.input_image_tokens > 0
+
+
+def test_json_images_in_order_and_a_seventeenth_is_a_400(klein_server):
+    def data_url(image: np.ndarray) -> dict:
+        return {"image_url": "data:image/png;base64," + base64.b64encode(png(image)).decode()}
+
+    url = f"{klein_server.base_url}/v1/images/edits"
+    body = {"prompt": "put them together", "seed": 9, "images": [data_url(reference(7)), data_url(reference(8))]}
+    response = httpx.post(url, json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    small = np.zeros((8, 8, 3), np.uint8)
+    response = httpx.post(url, json={**body, "images": [data_url(small)] * 17}, timeout=60)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "images"
+
+
+def test_sixteen_images_over_the_body_limit_get_a_413_naming_the_setting(klein_server):
+    noise = [np.random.default_rng(seed).integers(0, 256, (96, 96, 3), dtype=np.uint8) for seed in range(16)]
+    files = [("image[]", (f"r{index}.png", png(image), "image/png")) for index, image in enumerate(noise)]
+    assert sum(len(file[1][1]) for file in files) > BODY_LIMIT > len(files[0][1][1])
+    response = httpx.post(
+        f"{klein_server.base_url}/v1/images/edits", files=files, data={"prompt": "put them together"}, timeout=60
+    )
+    assert response.status_code == 413
+    assert "--max-request-body-bytes" in response.json()["error"]["message"]
+
+
+def test_a_reference_under_the_pipelines_smallest_side_is_a_400(klein_server):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(klein_server).images.edit(
+            image=[("a.png", png(reference(1))), ("b.png", png(reference(2)[:32]))], prompt="x"
+        )
+    assert caught.value.body["param"] == "image"
+    assert "image 1 is 64x32; the model 'tiny-flux2-klein' takes references whose sides are at least 64" in (
+        caught.value.body["message"]
+    )
+
+
+def test_generations_on_klein_are_text_to_image_at_the_asked_size(klein_server):
+    result = client(klein_server).images.generate(prompt="a fox", size="64x32")
+    assert answered_pixels(result).shape == (32, 64, 3)

@@ -128,7 +128,9 @@ def test_a_worker_too_old_for_a_field_is_refused_naming_the_versions_and_the_fie
         check_contract_version(two, needed - 1, "the worker at w")
     check_contract_version(two, CONTRACT_VERSION, "the worker at w")
     check_contract_version(
-        request_to_proto(full_request(loras=(LoraWeight("sharp"),), input_fidelity=None, images=[])), 1, "the worker at w"
+        request_to_proto(full_request(loras=(LoraWeight("sharp"),), input_fidelity=None, images=[])),
+        1,
+        "the worker at w",
     )
     # An edit model's input_fidelity is version 3: a version-2 worker is never sent it.
     with pytest.raises(ContractVersionError, match=r"version 2, and this request needs version 3 .*'input_fidelity'"):

@@ -73,7 +73,8 @@ def test_a_first_image_over_the_pixel_limit_is_scaled_down_within_it():
 def test_more_images_than_the_model_takes_is_a_400_naming_its_limit():
     error = refused(rules(QWEN_EDIT_PLUS), OmniDiffusionRequest("x", images=[picture(16, 16)] * 17))
     assert error.param == "image" and "17 images were sent; the model 'm' takes at most 16" in str(error)
-    error = refused(rules(described("StableDiffusionPipeline")), OmniDiffusionRequest("x", images=[picture(64, 64)] * 2))
+    two = OmniDiffusionRequest("x", images=[picture(64, 64)] * 2)
+    error = refused(rules(described("StableDiffusionPipeline")), two)
     assert "takes at most 1 per request" in str(error)
 
 
@@ -94,3 +95,11 @@ def test_a_mask_needs_an_image_and_input_fidelity_is_dropped_for_text_to_image_m
     assert prepared.input_fidelity is None
     kept = rules(QWEN_EDIT_PLUS).prepare(OmniDiffusionRequest("x", images=[picture(64, 64)], input_fidelity="high"))
     assert kept.input_fidelity == "high"
+
+
+def test_references_outside_the_pipelines_own_limits_are_a_400_naming_the_image():
+    flux2 = rules({**QWEN_EDIT_PLUS, "reference_limits": {"min_side": 64, "max_aspect_ratio": 8}})
+    flux2.prepare(OmniDiffusionRequest("x", images=[picture(64, 64), picture(512, 64)]))
+    for too_small_or_too_thin in (picture(63, 64), picture(520, 64)):
+        error = refused(flux2, OmniDiffusionRequest("x", images=[picture(64, 64), too_small_or_too_thin]))
+        assert error.param == "image" and str(error).startswith("image 1 is ")

@@ -1,6 +1,7 @@
 """Instruction-edit pipelines: models whose own call takes reference images (Kontext, Flux2,
 Qwen-Image-Edit). They run on a path of their own, with no strength and no AutoPipeline variant."""
 
+import inspect
 from dataclasses import dataclass
 
 from PIL import Image
@@ -30,6 +31,17 @@ EDIT_PIPELINES: dict[str, EditPipeline] = {
 def edit_pipeline(pipeline) -> EditPipeline | None:
     """The edit table's entry for a loaded pipeline, or None for a text-to-image one."""
     return EDIT_PIPELINES.get(type(pipeline).__name__)
+
+
+def reference_limits(pipeline) -> dict:
+    """The smallest side and the most extreme aspect ratio the pipeline takes in a reference image, from
+    its image processor's own check (Flux2's check_image_input); empty where it has none. The engine
+    refuses other references with a 400 before a worker sees them."""
+    check = getattr(getattr(pipeline, "image_processor", None), "check_image_input", None)
+    if check is None:
+        return {}
+    defaults = {name: parameter.default for name, parameter in inspect.signature(check).parameters.items()}
+    return {"min_side": defaults["min_side_length"], "max_aspect_ratio": defaults["max_aspect_ratio"]}
 
 
 def edit_pipelines(pipeline) -> dict:
