@@ -98,8 +98,9 @@ class OmniDiffusionConfig(BaseSettings):
 
     model: str = Field(
         "demo",
-        description="built-in model (demo, tiny, tiny-flux, tiny-sd3; random-sd15, random-sdxl, random-flux-dev: full-size "
-        "architectures with random weights), a diffusers folder, or a cached hub id",
+        description="built-in model (demo, tiny, tiny-flux, tiny-sd3, tiny-kontext, tiny-flux2-klein; random-sd15, "
+        "random-sdxl, random-flux-dev: full-size architectures with random weights), a diffusers folder, or a cached "
+        "hub id",
     )
     served_model_name: str | None = Field(None, description="model id clients send and /v1/models lists (default: --model)")
     model_cache_dir: Path = Field(default_factory=default_cache_dir, description="where built-in models are written")

@@ -14,6 +14,8 @@ from helpers import ServerProcess, WorkerProcess, assert_pixels_close
 from PIL import Image
 
 from workers import OmniDiffusionConfig, OmniDiffusionRequest, WorkerWrapperBase
+from workers.data import PartialImageOutput, StepProgress
+from workers.runtime.stages import decode_latents, to_uint8
 
 
 def reference(seed: int) -> np.ndarray:
@@ -173,3 +175,34 @@ def test_a_reference_under_the_pipelines_smallest_side_is_a_400(klein_server):
 def test_generations_on_klein_are_text_to_image_at_the_asked_size(klein_server):
     result = client(klein_server).images.generate(prompt="a fox", size="64x32")
     assert answered_pixels(result).shape == (32, 64, 3)
+
+
+def test_a_partial_image_decodes_the_latents_as_the_pipeline_itself_does(klein):
+    last = {}
+
+    def keep_latents(pipeline, index, timestep, tensors):
+        last["latents"] = tensors["latents"]
+        return {}
+
+    final = klein.pipeline(
+        prompt="a fox", image=[Image.fromarray(reference(3))], height=64, width=96, num_inference_steps=2,
+        generator=torch.Generator().manual_seed(3), output_type="np", callback_on_step_end=keep_latents,
+    ).images
+    # The last step's latents, decoded as a partial image is, are the pipeline's own output.
+    with torch.inference_mode():  # as the worker's calls run
+        decoded = decode_latents(klein.pipeline, last["latents"], 64, 96)
+    assert_pixels_close(to_uint8(decoded), to_uint8(final))
+
+
+def test_klein_edit_streams_partial_images_and_progress(klein):
+    progress = []
+    klein.progress_sink = progress.append
+    try:
+        edit = request("a fox", 4, images=[reference(4)], num_inference_steps=3, partial_images=2, progress=True)
+        (output,) = klein.generate([edit])
+    finally:
+        klein.progress_sink = None
+    assert output.error is None
+    partials = [item for item in progress if isinstance(item, PartialImageOutput)]
+    assert [p.index for p in partials] == [0, 1] and partials[0].images[0].shape == (64, 64, 3)
+    assert [item.step for item in progress if isinstance(item, StepProgress)] == [1, 2, 3]

@@ -52,9 +52,19 @@ def partial_image_steps(wanted: int, total_steps: int) -> list[int]:
 def decode_latents(pipeline, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
     """The images that ``latents`` would decode to now (float HxWx3 in [0, 1], one per batch entry)."""
     vae = pipeline.vae
-    if latents.ndim == 3:  # Flux-style pipelines pack 2x2 latent patches into a sequence
-        latents = pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
-    latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0)
+    if hasattr(pipeline, "_unpatchify_latents"):
+        # Flux2 packs 2x2 patches into channels, places tokens by position id, and batch-normalises its
+        # latents with the VAE's statistics: undo each as its own call does before decoding.
+        grid = (height // (pipeline.vae_scale_factor * 2), width // (pipeline.vae_scale_factor * 2))
+        ids = pipeline._prepare_latent_ids(latents.new_empty(latents.shape[0], latents.shape[2], *grid))
+        latents = pipeline._unpack_latents_with_ids(latents, ids.to(latents.device), *grid)
+        statistics = vae.bn.running_mean, torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps)
+        mean, std = (value.view(1, -1, 1, 1).to(latents.device, latents.dtype) for value in statistics)
+        latents = pipeline._unpatchify_latents(latents * std + mean)
+    else:
+        if latents.ndim == 3:  # Flux-style pipelines pack 2x2 latent patches into a sequence
+            latents = pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
+        latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0)
     decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     return pipeline.image_processor.postprocess(decoded, output_type="np")
 
