@@ -121,6 +121,18 @@ def test_kontext_inpaint_keeps_the_unmasked_region_of_the_png_it_answers(kontext
     assert np.abs(edited[:, :24] - image[:, :24].astype(int)).mean() > 10  # the masked half was repainted
 
 
+def test_a_kontext_edit_streams_its_partial_images_as_image_edit_events(kontext_server):
+    events = list(
+        client(kontext_server).images.edit(
+            image=("ref.png", png(reference(14))), prompt="make it red", stream=True, partial_images=1,
+            extra_body={"seed": 14, "num_inference_steps": 3},
+        )
+    )
+    assert [event.type for event in events] == ["image_edit.partial_image", "image_edit.completed"]
+    final = np.asarray(Image.open(io.BytesIO(base64.b64decode(events[-1].b64_json))).convert("RGB"))
+    assert final.shape == (64, 64, 3)
+
+
 def test_step_mode_falls_back_to_request_mode_for_kontext_with_one_line_at_start_up(kontext_server):
     lines = [line for line in kontext_server.output().splitlines() if "--scheduling step runs as request" in line]
     assert len(lines) == 1 and "FluxKontextPipeline has no step loop" in lines[0], lines
