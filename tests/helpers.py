@@ -101,6 +101,17 @@ def poll(condition: Callable[[], bool], timeout_s: float, what: str, interval_s:
         time.sleep(interval_s)
 
 
+def random_pixels(seed: int, height: int = 64, width: int = 64) -> np.ndarray:
+    """A uint8 HxWx3 image of uniform noise: an input image whose every pixel matters."""
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def decode(b64_or_bytes: str | bytes) -> np.ndarray:
     import base64
 

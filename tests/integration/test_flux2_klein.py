@@ -3,23 +3,18 @@ in-process worker and called through it and directly; and served over HTTP by a 
 rank is an `imagegen worker` reached over gRPC, so several references cross the worker contract."""
 
 import base64
-import io
 
 import httpx
 import numpy as np
 import openai
 import pytest
 import torch
-from helpers import ServerProcess, WorkerProcess, assert_pixels_close
+from helpers import ServerProcess, WorkerProcess, assert_pixels_close, decode, png_bytes, random_pixels
 from PIL import Image
 
 from workers import OmniDiffusionConfig, OmniDiffusionRequest, WorkerWrapperBase
 from workers.data import PartialImageOutput, StepProgress
 from workers.runtime.stages import decode_latents, to_uint8
-
-
-def reference(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +43,7 @@ def test_each_of_two_references_reaches_the_loaded_pipeline(klein):
     def call(second: Image.Image) -> np.ndarray:
         images = klein.pipeline(
             prompt="put them together",
-            image=[Image.fromarray(reference(1)), second],
+            image=[Image.fromarray(random_pixels(1)), second],
             height=64,
             width=64,
             num_inference_steps=2,
@@ -71,15 +66,15 @@ def test_klein_text_to_image_through_the_worker_keeps_the_requested_size(klein):
 
 
 def test_klein_edit_makes_num_images_from_one_reference(klein):
-    (output,) = klein.generate([request("make it red", 2, images=[reference(2)], num_images=2)])
+    (output,) = klein.generate([request("make it red", 2, images=[random_pixels(2)], num_images=2)])
     assert output.error is None
     assert [image.shape for image in output.images] == [(64, 64, 3)] * 2
     assert not np.array_equal(*output.images)  # one seed per image
 
 
 def test_two_edits_run_one_call_each_with_their_own_references(klein):
-    a = request("make it red", 3, images=[reference(3), reference(4)])
-    b = request("make it blue", 5, images=[reference(5)])
+    a = request("make it red", 3, images=[random_pixels(3), random_pixels(4)])
+    b = request("make it blue", 5, images=[random_pixels(5)])
     together = klein.generate([a, b])
     for alone_request, output in zip((a, b), together):
         (alone,) = klein.generate([alone_request])
@@ -102,25 +97,15 @@ def klein_server(model_cache):
     worker.stop()
 
 
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def client(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
 
 
-def answered_pixels(result) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).convert("RGB"))
-
-
 def test_several_references_over_http_and_grpc_make_the_in_process_workers_pixels(klein_server, klein):
-    first = np.random.default_rng(6).integers(0, 256, (98, 67, 3), dtype=np.uint8)  # 64x96 at a multiple of 8 or 16
-    references = [first, reference(7), reference(8)]
+    first = random_pixels(6, height=98, width=67)  # 64x96 at a multiple of 8 or 16
+    references = [first, random_pixels(7), random_pixels(8)]
     result = client(klein_server).images.edit(
-        image=[(f"r{index}.png", png(image)) for index, image in enumerate(references)],
+        image=[(f"r{index}.png", png_bytes(image)) for index, image in enumerate(references)],
         prompt="put them together",
         extra_body={"seed": 9},
     )
@@ -129,7 +114,7 @@ def test_several_references_over_http_and_grpc_make_the_in_process_workers_pixel
         return klein.generate([request("put them together", 9, height=96, images=images)])[0]
 
     alone, without_last = alone(references), alone(references[:2])
-    assert_pixels_close(answered_pixels(result), alone.images[0])
+    assert_pixels_close(decode(result.data[0].b64_json), alone.images[0])
     assert np.abs(without_last.images[0].astype(int) - alone.images[0].astype(int)).mean() > 1  # the third one counts
     # Each reference counts its own latent positions.
     assert result.usage.input_tokens_details.image_tokens == alone.usage.input_image_tokens
@@ -138,10 +123,11 @@ def test_several_references_over_http_and_grpc_make_the_in_process_workers_pixel
 
 def test_json_images_in_order_and_a_seventeenth_is_a_400(klein_server):
     def data_url(image: np.ndarray) -> dict:
-        return {"image_url": "data:image/png;base64," + base64.b64encode(png(image)).decode()}
+        return {"image_url": "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()}
 
     url = f"{klein_server.base_url}/v1/images/edits"
-    body = {"prompt": "put them together", "seed": 9, "images": [data_url(reference(7)), data_url(reference(8))]}
+    images = [data_url(random_pixels(7)), data_url(random_pixels(8))]
+    body = {"prompt": "put them together", "seed": 9, "images": images}
     response = httpx.post(url, json=body, timeout=120)
     assert response.status_code == 200, response.text
     small = np.zeros((8, 8, 3), np.uint8)
@@ -151,8 +137,8 @@ def test_json_images_in_order_and_a_seventeenth_is_a_400(klein_server):
 
 
 def test_sixteen_images_over_the_body_limit_get_a_413_naming_the_setting(klein_server):
-    noise = [np.random.default_rng(seed).integers(0, 256, (96, 96, 3), dtype=np.uint8) for seed in range(16)]
-    files = [("image[]", (f"r{index}.png", png(image), "image/png")) for index, image in enumerate(noise)]
+    noise = [random_pixels(seed, height=96, width=96) for seed in range(16)]
+    files = [("image[]", (f"r{index}.png", png_bytes(image), "image/png")) for index, image in enumerate(noise)]
     assert sum(len(file[1][1]) for file in files) > BODY_LIMIT > len(files[0][1][1])
     response = httpx.post(
         f"{klein_server.base_url}/v1/images/edits", files=files, data={"prompt": "put them together"}, timeout=60
@@ -164,7 +150,7 @@ def test_sixteen_images_over_the_body_limit_get_a_413_naming_the_setting(klein_s
 def test_a_reference_under_the_pipelines_smallest_side_is_a_400(klein_server):
     with pytest.raises(openai.BadRequestError) as caught:
         client(klein_server).images.edit(
-            image=[("a.png", png(reference(1))), ("b.png", png(reference(2)[:32]))], prompt="x"
+            image=[("a.png", png_bytes(random_pixels(1))), ("b.png", png_bytes(random_pixels(2)[:32]))], prompt="x"
         )
     assert caught.value.body["param"] == "image"
     assert "image 1 is 64x32; the model 'tiny-flux2-klein' takes references whose sides are at least 64" in (
@@ -174,7 +160,7 @@ def test_a_reference_under_the_pipelines_smallest_side_is_a_400(klein_server):
 
 def test_generations_on_klein_are_text_to_image_at_the_asked_size(klein_server):
     result = client(klein_server).images.generate(prompt="a fox", size="64x32")
-    assert answered_pixels(result).shape == (32, 64, 3)
+    assert decode(result.data[0].b64_json).shape == (32, 64, 3)
 
 
 def test_a_partial_image_decodes_the_latents_as_the_pipeline_itself_does(klein):
@@ -185,7 +171,7 @@ def test_a_partial_image_decodes_the_latents_as_the_pipeline_itself_does(klein):
         return {}
 
     final = klein.pipeline(
-        prompt="a fox", image=[Image.fromarray(reference(3))], height=64, width=96, num_inference_steps=2,
+        prompt="a fox", image=[Image.fromarray(random_pixels(3))], height=64, width=96, num_inference_steps=2,
         generator=torch.Generator().manual_seed(3), output_type="np", callback_on_step_end=keep_latents,
     ).images
     # The last step's latents, decoded as a partial image is, are the pipeline's own output.
@@ -198,7 +184,7 @@ def test_klein_edit_streams_partial_images_and_progress(klein):
     progress = []
     klein.progress_sink = progress.append
     try:
-        edit = request("a fox", 4, images=[reference(4)], num_inference_steps=3, partial_images=2, progress=True)
+        edit = request("a fox", 4, images=[random_pixels(4)], num_inference_steps=3, partial_images=2, progress=True)
         (output,) = klein.generate([edit])
     finally:
         klein.progress_sink = None
