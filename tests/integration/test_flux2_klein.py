@@ -158,6 +158,16 @@ def test_a_reference_under_the_pipelines_smallest_side_is_a_400(klein_server):
     )
 
 
+def test_a_mask_on_a_model_without_an_inpaint_variant_is_a_400_naming_the_model(klein_server):
+    mask = np.zeros((64, 64, 4), np.uint8)  # all transparent: repaint everything
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(klein_server).images.edit(
+            image=("a.png", png_bytes(random_pixels(1))), mask=("m.png", png_bytes(mask)), prompt="x"
+        )
+    assert caught.value.body["param"] == "mask"
+    assert "'tiny-flux2-klein' does not support inpaint" in caught.value.body["message"]
+
+
 def test_generations_on_klein_are_text_to_image_at_the_asked_size(klein_server):
     result = client(klein_server).images.generate(prompt="a fox", size="64x32")
     assert decode(result.data[0].b64_json).shape == (32, 64, 3)
