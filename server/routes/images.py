@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -53,18 +54,22 @@ def _request_body(json_model: type[BaseModel], form_model: type[BaseModel]) -> d
 
 
 async def _read_image_body(
-    http_request: Request, model: type[M], images: ImageServing, route: str
+    http_request: Request, model: type[M], images: ImageServing, route: str, check_count: Callable[[int], None]
 ) -> tuple[M, dict[str, list[bytes]], tuple[np.ndarray, ...]]:
     """The body of a route that takes input images (JSON or multipart), checked, with the uploaded
-    files and the images' pixels: as many as the route and the model take, counted before decoding."""
+    files and the images' pixels; ``check_count`` refuses more images than the route takes, before
+    any is decoded."""
     config = images.config
     body, uploads = await read_body(http_request, model, config.max_upload_image_bytes)
     images.check_options(body, route)
     sources = uploads.get("image", []) + json_images(body.images, config.max_upload_image_bytes)
-    if model is ImageVariationRequest and len(sources) > 1:
-        raise InvalidRequestError(f"A variation is made from one image; {len(sources)} were sent.", param="image")
-    images.engine.rules.check_image_count(len(sources))
+    check_count(len(sources))
     return body, uploads, await read_pixels(sources, "image", rgb_pixels, config)
+
+
+def _one_image(count: int) -> None:
+    if count > 1:
+        raise InvalidRequestError(f"A variation is made from one image; {count} were sent.", param="image")
 
 
 @router.post(
@@ -88,7 +93,9 @@ async def create_image(body: ImageGenerationRequest, http_request: Request, imag
 )
 async def edit_image(http_request: Request, images: ImageServing = Depends(serving)):
     """Image-to-image; inpainting when a mask is given (its fully transparent pixels are repainted)."""
-    body, uploads, pixels = await _read_image_body(http_request, ImageEditRequest, images, "/v1/images/edits")
+    body, uploads, pixels = await _read_image_body(
+        http_request, ImageEditRequest, images, "/v1/images/edits", images.engine.rules.check_image_count
+    )
     masks = uploads.get("mask", [])
     if body.mask is not None:
         masks.append(data_url_bytes(body.mask, "mask.image_url", images.config.max_upload_image_bytes))
@@ -115,6 +122,8 @@ async def edit_image(http_request: Request, images: ImageServing = Depends(servi
 )
 async def create_variation(http_request: Request, images: ImageServing = Depends(serving)):
     """Image-to-image from the image alone (an empty prompt)."""
-    body, _, pixels = await _read_image_body(http_request, ImageVariationRequest, images, "/v1/images/variations")
+    body, _, pixels = await _read_image_body(
+        http_request, ImageVariationRequest, images, "/v1/images/variations", _one_image
+    )
     request = OmniDiffusionRequest(prompt="", images=pixels, strength=body.strength, **images.request_fields(body))
     return await images.answer(http_request, body, request, None)
