@@ -8,6 +8,7 @@ from engine.errors import (
     EngineOverloadedError,
     GenerationFailedError,
     InvalidRequestError,
+    NoServingGroupError,
     NotFoundError,
     RequestTimeoutError,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "GenerationFailedError",
     "InvalidRequestError",
     "LoraWeight",
+    "NoServingGroupError",
     "NotFoundError",
     "OmniDiffusionConfig",
     "OmniDiffusionRequest",

@@ -293,6 +293,9 @@ class AsyncDiffusionEngine:
         else:
             elapsed = time.monotonic() - started
             for queued, output in zip(batch, outputs, strict=True):
+                if output.failure is not None:  # its rank group failed; the rest of the step was served
+                    queued.future.set_exception(output.failure)
+                    continue
                 output.queue_time_s = started - queued.enqueued_at
                 output.inference_time_s = elapsed
                 metrics.INFERENCE_TIME.labels(self._model_name).observe(elapsed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +12,13 @@ from typing import Any
 from PIL import Image
 
 from engine import metrics
-from engine.errors import EngineDeadError, InvalidRequestError, from_executor_error
+from engine.errors import (
+    EngineDeadError,
+    EngineError,
+    InvalidRequestError,
+    NoServingGroupError,
+    from_executor_error,
+)
 from engine.images import to_pil
 from engine.lora import LoraRegistry
 from engine.requests import RequestRules
@@ -25,6 +32,7 @@ from executors import (
 from workers.config import OmniDiffusionConfig
 from workers.data import (
     OmniDiffusionRequest,
+    group_shares,
     PartialImageOutput,
     RequestOutput,
     RunningSetIteration,
@@ -35,6 +43,10 @@ from workers.data import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The states of a rank group (metric imagegen_rank_groups): it serves, or gets no calls while it is
+# replaced (restarting) or after a failure it could not be repaired from (set_aside, probed until it answers).
+SERVING, RESTARTING, SET_ASIDE = "serving", "restarting", "set_aside"
 
 
 @dataclass
@@ -52,6 +64,8 @@ class DiffusionOutput:
     rank: int | None = None
     seeds: list[int] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
+    # Why this request alone failed (its rank group failed during the step); the others of the step are served.
+    failure: EngineError | None = None
     # Filled in by AsyncDiffusionEngine: seconds queued, and seconds of the step that served it.
     queue_time_s: float | None = None
     inference_time_s: float | None = None
@@ -85,6 +99,11 @@ class DiffusionEngine:
     step runs (backends mp and ray) or just before it returns (backends that send them with the
     reply), never twice; each StepProgress while its step runs (backends that cannot stream
     send none).
+
+    Faults stay local to a rank group: a group whose rank dies or hangs is restarted (backends that
+    own their workers) or set aside, and only the requests it held fail; the other groups go on
+    serving. A background probe checks every group each ``health_check_interval_s`` and re-admits a
+    set-aside group once it answers again and is initialized anew.
     """
 
     def __init__(self, od_config: OmniDiffusionConfig):
@@ -96,8 +115,12 @@ class DiffusionEngine:
         self.fatal_listeners: list[Callable[[str], None]] = []
         # Called with each PartialImages or StepProgress of a running request (see the class docstring).
         self.progress_listeners: list[Callable[[PartialImages | StepProgress], None]] = []
-        self._restarting_ranks: set[int] = set()
         self._lock = threading.Lock()
+        self._probing = threading.Lock()  # one probe pass at a time
+        self._probe_stop = threading.Event()
+        # Leader rank -> when its group was set aside: it is probed for re-admission one interval later at the
+        # soonest, so a worker that is about to say it hangs (its call's deadline just passed) cannot slip back.
+        self._set_aside_at: dict[int, float] = {}
         executor_class = get_executor_class(od_config.distributed_executor_backend)
         self.executor = executor_class(od_config)
         self.executor.death_listeners.append(self._on_worker_death)
@@ -108,7 +131,7 @@ class DiffusionEngine:
             descriptions = self.collective_rpc("describe")
             self.model_info: dict[str, Any] = {**descriptions[0], "memory_bytes": memory_per_device(descriptions)}
             # The start-up adapters (--lora-modules), on every rank, before the first request.
-            self.loras = LoraRegistry(self.executor, od_config.model_name)
+            self.loras = LoraRegistry(self.executor, od_config.model_name, self._call_ranks)
             for adapter in od_config.lora_adapters:
                 try:
                     self.loras.load(adapter)
@@ -126,6 +149,7 @@ class DiffusionEngine:
         self._images_in_flight = [0] * od_config.num_rank_groups
         for rank in range(od_config.num_gpus):
             metrics.WORKER_UP.labels(od_config.model_name, str(rank)).set(1)
+        self._count_groups()
         if od_config.compile != "none":
             metrics.RECOMPILES.labels(od_config.model_name)  # exported from the start, at 0
         for component, size in (self.model_info.get("weight_bytes") or {}).items():
@@ -135,6 +159,7 @@ class DiffusionEngine:
             "defaults in force: %s",
             ", ".join(f"{name}={default.value} ({default.source})" for name, default in self.defaults.items()),
         )
+        threading.Thread(target=self._probe_every_interval, name="imagegen-probe", daemon=True).start()
 
     def _scheduling_in_force(self) -> str:
         """--scheduling, or request with one line why when step mode cannot run here."""
@@ -166,7 +191,11 @@ class DiffusionEngine:
             except InvalidRequestError as error:
                 outputs[request.request_id] = DiffusionOutput(request.request_id, [], request.seed, str(error))
         if runnable:
-            for reply in self._generate(list(runnable.values())):
+            replies, failures = self._generate(list(runnable.values()))
+            for request_id, failure in failures.items():
+                request = runnable[request_id]
+                outputs[request_id] = DiffusionOutput(request_id, [], request.seed, str(failure), failure=failure)
+            for reply in replies:
                 for stage, seconds in reply.stage_seconds.items():
                     metrics.STAGE_TIME.labels(self.od_config.model_name, stage).observe(seconds)
                 if reply.compiled_graphs:
@@ -196,38 +225,71 @@ class DiffusionEngine:
         for listener in self.progress_listeners:
             listener(progress)
 
-    def _generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
+    def _generate(
+        self, requests: list[OmniDiffusionRequest]
+    ) -> tuple[list[RequestOutput], dict[str, EngineError]]:
+        """The serving rank groups' replies, and the requests that failed with their group (request id -> why).
+
+        When a rank fails in a step split over several groups, its group's share fails and the rest
+        of the step runs again on the groups still serving (their replies were lost with the call).
+        """
         self._raise_if_dead()
-        group = self._route(requests)
+        serving = self.serving_groups()
+        if not serving and not self._restarting():
+            self.probe()  # the last chance before a 503: a group that is back serves this very step
+            serving = self.serving_groups()
+        if not serving:
+            raise self._no_serving_group()
+        group = self._route(requests, serving)
+        if group is not None:
+            kwargs: dict = {"group": group}
+        else:
+            kwargs = {} if len(serving) == self.od_config.num_rank_groups else {"groups": tuple(serving)}
         try:
             # Straight to the executor: step() prepared these requests already.
-            kwargs = {} if group is None else {"group": group}
-            shards: list[list[RequestOutput]] = self.executor.collective_rpc(
-                "generate_shard", args=(requests,), kwargs=kwargs
-            )
-            # A rank group's leader answers for it; its other ranks made the same images with it.
-            shards = shards[:: self.od_config.rank_group_size]
-        except RpcTimeoutError as error:
-            for rank in error.ranks:  # a hung worker is treated like a dead one
-                self._on_worker_death(rank, f"worker rank {rank} hung: {error}")
-            raise from_executor_error(error) from error
-        except (WorkerDiedError, WorkerRpcError) as error:
-            raise from_executor_error(error) from error
+            shards: list[list[RequestOutput]] = self._call_ranks("generate_shard", args=(requests,), kwargs=kwargs)
+        except ExecutorError as error:
+            failure = from_executor_error(error)
+            failed = {rank // self.od_config.rank_group_size for rank in error.ranks}
+            if group is not None or not failed or failed.issuperset(serving):
+                raise failure from error
+            shares = group_shares(requests, self.od_config.num_rank_groups, None, tuple(serving))
+            lost = {request.request_id: failure for index in failed for request in shares[index]}
+            replies, failures = self._generate([r for r in requests if r.request_id not in lost])
+            return replies, {**failures, **lost}
         finally:
             if group is not None:
                 with self._lock:
                     self._images_in_flight[group] -= sum(request.num_images for request in requests)
-        return [reply for shard in shards for reply in shard]
+        # A rank group's leader answers for it; its other ranks made the same images with it.
+        return [reply for shard in shards[:: self.od_config.rank_group_size] for reply in shard], {}
 
-    def _route(self, requests: list[OmniDiffusionRequest]) -> int | None:
-        """Step mode with data parallel: the rank group with the most free room (the fewest images sent
-        and not answered yet) takes the whole step. None: every group takes its share (group_shares)."""
+    def _route(self, requests: list[OmniDiffusionRequest], serving: list[int]) -> int | None:
+        """Step mode with data parallel: the serving rank group with the most free room (the fewest images
+        sent and not answered yet) takes the whole step. None: every serving group takes its share (group_shares)."""
         if self.scheduling != "step" or self.od_config.num_rank_groups == 1:
             return None
         with self._lock:
-            group = min(range(len(self._images_in_flight)), key=self._images_in_flight.__getitem__)
+            group = min(serving, key=self._images_in_flight.__getitem__)
             self._images_in_flight[group] += sum(request.num_images for request in requests)
         return group
+
+    def _call_ranks(
+        self,
+        method: str,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        timeout: float | None = None,
+        unique_reply_rank: int | None = None,
+    ) -> Any:
+        """Call ``method`` on every serving rank; a rank that dies or hangs takes its rank group out of service
+        (restarted or set aside) before the ExecutorError is raised. Generation and LoRA loads and unloads
+        come through here."""
+        try:
+            return self.executor.collective_rpc(method, timeout, args, kwargs, unique_reply_rank)
+        except (RpcTimeoutError, WorkerDiedError) as error:
+            self._on_ranks_failed(error.ranks, str(error))
+            raise
 
     # -- executor ------------------------------------------------------------------------------
     def collective_rpc(
@@ -246,6 +308,7 @@ class DiffusionEngine:
         """
         args = tuple(self._prepare_argument(arg) for arg in args)
         kwargs = {name: self._prepare_argument(value) for name, value in (kwargs or {}).items()}
+        # Straight to the executor: a timeout the caller chose says nothing of the workers' health.
         return self.executor.collective_rpc(method, timeout, args, kwargs, unique_reply_rank)
 
     def _prepare_argument(self, value: Any) -> Any:
@@ -260,13 +323,19 @@ class DiffusionEngine:
         self.executor.cancel_requests(request_ids)
 
     def check_health(self) -> None:
-        """Liveness: raise EngineDeadError unless every worker is alive or being restarted."""
+        """Liveness: raise EngineDeadError when no rank group serves or is being restarted (NoServingGroupError
+        when all are set aside). A serving rank found dead or unreachable is taken out of service first."""
         self._raise_if_dead()
         try:
             self.executor.check_health()
         except ExecutorError as error:
-            if not self._restarting_ranks:
+            if not error.ranks:
                 raise EngineDeadError(str(error)) from error
+            self._on_ranks_failed(error.ranks, str(error))
+        if not self.serving_groups() and not self._restarting():
+            self.probe()  # the last chance before a 503: a group that is back serves this very call
+            if not self.serving_groups():
+                raise self._no_serving_group()
 
     def _raise_if_dead(self) -> None:
         if self._closed:
@@ -275,41 +344,124 @@ class DiffusionEngine:
             raise EngineDeadError(self.fatal_error)
 
     def is_ready(self) -> bool:
-        """Readiness: alive, and no worker is starting or restarting."""
-        return (
-            not self._closed and self.fatal_error is None and not self._restarting_ranks and self.executor.is_ready()
-        )
+        """Readiness: alive, and at least one rank group serves."""
+        return not self._closed and self.fatal_error is None and self.executor.is_ready() and bool(self.serving_groups())
 
-    # -- worker failures -------------------------------------------------------------------------
+    # -- rank groups -------------------------------------------------------------------------------
+    def group_states(self) -> dict[int, tuple[str, str | None]]:
+        """Each rank group's (state, reason): SERVING, RESTARTING or SET_ASIDE, and why it is out of service."""
+        out = self.executor.out_of_service()
+        size = self.od_config.rank_group_size
+        states: dict[int, tuple[str, str | None]] = {}
+        for group in range(self.od_config.num_rank_groups):
+            found = [out[rank] for rank in range(group * size, (group + 1) * size) if rank in out]
+            states[group] = found[0] if found else (SERVING, None)
+        return states
+
+    def _restarting(self) -> bool:
+        return any(state == RESTARTING for state, _ in self.group_states().values())
+
+    def serving_groups(self) -> list[int]:
+        return [group for group, (state, _) in self.group_states().items() if state == SERVING]
+
+    def set_aside_ranks(self) -> dict[int, str]:
+        """rank -> why, for every rank of a set-aside group (what /health lists)."""
+        return {rank: reason for rank, (state, reason) in self.executor.out_of_service().items() if state == SET_ASIDE}
+
+    def _no_serving_group(self) -> NoServingGroupError:
+        reasons = "; ".join(dict.fromkeys(self.set_aside_ranks().values())) or "no rank group serves"
+        return NoServingGroupError(f"no worker can serve now: {reasons}")
+
+    def _count_groups(self) -> None:
+        states = [state for state, _ in self.group_states().values()]
+        for state in (SERVING, RESTARTING, SET_ASIDE):
+            metrics.RANK_GROUPS.labels(self.od_config.model_name, state).set(states.count(state))
+
     def _on_worker_death(self, rank: int, reason: str) -> None:
-        """Apply ``on_worker_death``: replace the worker (its whole rank group) in the background, or turn fatal."""
-        ranks = self.od_config.rank_group_of(rank)
-        for member in ranks:
-            metrics.WORKER_UP.labels(self.od_config.model_name, str(member)).set(0)
-        if self.od_config.on_worker_death == "exit":
-            self._turn_fatal(reason)
-            return
-        with self._lock:
-            # One restart per group, however many of its ranks are reported.
-            if self._closed or self._restarting_ranks.intersection(ranks):
+        self._on_ranks_failed((rank,), reason)
+
+    def _on_ranks_failed(self, ranks: tuple[int, ...], reason: str) -> None:
+        """Apply ``on_worker_death`` to each failed rank's group: restart it in the background where the backend
+        can, else set it aside (or turn fatal under "exit"). A group out of service already is left as it is."""
+        failed_ranks = {self.od_config.rank_group_of(rank): rank for rank in reversed(ranks)}
+        for group, failed_rank in failed_ranks.items():
+            for member in group:
+                metrics.WORKER_UP.labels(self.od_config.model_name, str(member)).set(0)
+            if self.od_config.on_worker_death == "exit":
+                self._turn_fatal(reason)
                 return
-            self._restarting_ranks.update(ranks)
-        threading.Thread(
-            target=self._restart, args=(rank, ranks), name=f"imagegen-restart-{rank}", daemon=True
-        ).start()
+            restart = self.executor.can_restart_workers
+            with self._lock:
+                if self._closed or any(rank in self.executor.out_of_service() for rank in group):
+                    continue
+                self.executor.take_out_of_service(group, RESTARTING if restart else SET_ASIDE, reason)
+                self._set_aside_at[group[0]] = time.monotonic()
+            self._count_groups()
+            if restart:
+                threading.Thread(
+                    target=self._restart, args=(failed_rank, group), name=f"imagegen-restart-{failed_rank}", daemon=True
+                ).start()
+            else:
+                logger.error("rank group of rank %s set aside: %s", ", ".join(map(str, group)), reason)
 
     def _restart(self, rank: int, ranks: range) -> None:
         try:
-            self.executor.restart_worker(rank)
-        except Exception as error:  # noqa: BLE001 - a worker that cannot come back ends the engine
-            self._turn_fatal(f"worker rank {', '.join(map(str, ranks))} could not be restarted: {error}")
+            self.executor.restart_worker(rank)  # the failed rank: the executor names it as the cause
+        except Exception as error:  # noqa: BLE001 - the group waits for the probe to try again
+            reason = f"worker rank {', '.join(map(str, ranks))} could not be restarted: {error}"
+            logger.error("rank group set aside: %s", reason)
+            self.executor.take_out_of_service(ranks, SET_ASIDE, reason)
+            self._set_aside_at[ranks[0]] = time.monotonic()
         else:
-            metrics.WORKER_RESTARTS.labels(self.od_config.model_name).inc(len(ranks))
-            for member in ranks:
-                metrics.WORKER_UP.labels(self.od_config.model_name, str(member)).set(1)
+            self._return_to_service(ranks)
+        self._count_groups()
+
+    def _return_to_service(self, ranks: range) -> None:
+        self.executor.return_to_service(ranks)
+        metrics.WORKER_RESTARTS.labels(self.od_config.model_name).inc(len(ranks))
+        for member in ranks:
+            metrics.WORKER_UP.labels(self.od_config.model_name, str(member)).set(1)
+
+    def _recover(self, ranks: range, timeout: float) -> bool:
+        try:
+            return self.executor.recover_ranks(ranks, timeout)
+        except Exception as error:  # noqa: BLE001 - it stays aside; the next probe tries again
+            logger.error("rank group of rank %s is still aside: %s", ", ".join(map(str, ranks)), error)
+            return False
+
+    def _probe_every_interval(self) -> None:
+        interval = self.od_config.health_check_interval_s
+        while not self._probe_stop.wait(interval):
+            try:
+                self.probe()
+            except Exception:  # noqa: BLE001 - the probe must outlive any one failure
+                logger.exception("the rank-group probe failed")
+
+    def probe(self) -> None:
+        """One probe pass: serving groups that answer no health probe are taken out of service, set-aside
+        groups that answer again are initialized anew (adapters replayed, group formed) and re-admitted.
+        Each probe waits at most half the interval."""
+        if self._closed or self.fatal_error is not None or not self._probing.acquire(blocking=False):
+            return
+        try:
+            timeout = self.od_config.health_check_interval_s / 2
+            size = self.od_config.rank_group_size
+            for group, (state, _) in self.group_states().items():
+                ranks = range(group * size, (group + 1) * size)
+                if state == SERVING:
+                    failed = self.executor.probe_ranks(ranks, timeout)
+                    if failed:
+                        self._on_ranks_failed(tuple(failed), "; ".join(failed.values()))
+                elif (
+                    state == SET_ASIDE
+                    and time.monotonic() - self._set_aside_at.get(group * size, 0.0) >= self.od_config.health_check_interval_s
+                    and self._recover(ranks, timeout)
+                ):
+                    logger.info("rank group of rank %s answers again: re-admitted", ", ".join(map(str, ranks)))
+                    self._return_to_service(ranks)
+                    self._count_groups()
         finally:
-            with self._lock:
-                self._restarting_ranks.difference_update(ranks)
+            self._probing.release()
 
     def _turn_fatal(self, reason: str) -> None:
         if self._closed or self.fatal_error is not None:
@@ -323,6 +475,7 @@ class DiffusionEngine:
         """Release the executor (and stop workers it owns). Idempotent."""
         if not self._closed:
             self._closed = True
+            self._probe_stop.set()
             self.executor.shutdown()
 
     def __enter__(self) -> DiffusionEngine:

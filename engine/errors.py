@@ -28,6 +28,11 @@ class EngineDeadError(EngineError):
     """No worker can serve requests (died, or the engine is closed)."""
 
 
+class NoServingGroupError(EngineDeadError):
+    """Every rank group is set aside after a failure; the health probes go on and re-admit a group that
+    answers again, so a client may retry (503 with Retry-After)."""
+
+
 class GenerationFailedError(EngineError):
     """The pipeline raised for this request."""
 

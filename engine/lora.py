@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from engine.errors import InvalidRequestError, NotFoundError, from_executor_error
@@ -19,15 +20,17 @@ LOAD_METHOD, UNLOAD_METHOD = "load_lora_adapter", "unload_lora_adapter"
 class LoraRegistry:
     """Which adapters every rank holds, by name (the model id a request picks one with).
 
-    Each load and unload goes to every rank through ``collective_rpc``, and each loaded adapter is
-    kept in the executor's ``rank_setup_calls``, so a rank that starts again (restarted, replaced,
-    reconnected) loads the same adapters before it serves. Paths are resolved and confined on the
+    Each load and unload goes to every serving rank through ``call_ranks(method, args)`` (the engine's:
+    a rank that fails is set aside or restarted), and each loaded adapter is kept in the executor's
+    ``rank_setup_calls``, so a rank that starts again (restarted, replaced, reconnected, re-admitted)
+    loads the same adapters before it serves. Paths are resolved and confined on the
     workers' host (workers/runtime/lora.py), where the weights are. An adapter being unloaded is refused at
     once (``get`` raises NotFoundError); the AsyncDiffusionEngine lets its running requests finish first.
     """
 
-    def __init__(self, executor: DiffusionExecutor, base_model_name: str):
+    def __init__(self, executor: DiffusionExecutor, base_model_name: str, call_ranks: Callable[[str, tuple], Any]):
         self._executor = executor
+        self._call_ranks = call_ranks
         self._base_model_name = base_model_name
         self._adapters: dict[str, LoraModule] = {}
         self._unloading: set[str] = set()
@@ -99,6 +102,6 @@ class LoraRegistry:
 
     def _call(self, method: str, args: tuple) -> Any:
         try:
-            return self._executor.collective_rpc(method, args=args)
+            return self._call_ranks(method, args)
         except ExecutorError as error:
             raise from_executor_error(error) from error

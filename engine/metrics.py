@@ -24,6 +24,11 @@ IMAGES_GENERATED = Counter("imagegen_images_generated", "Images generated", ["mo
 REQUESTS_WAITING = Gauge("imagegen_num_requests_waiting", "Requests queued for a step", ["model_name"])
 REQUESTS_RUNNING = Gauge("imagegen_num_requests_running", "Requests in a step that is running", ["model_name"])
 WORKER_UP = Gauge("imagegen_worker_up", "1 while the worker of this rank is serving", ["model_name", "rank"])
+RANK_GROUPS = Gauge(
+    "imagegen_rank_groups",
+    "Rank groups in each state: serving, set_aside (failed; probed until it answers again) or restarting",
+    ["model_name", "state"],
+)
 WORKER_RESTARTS = Counter("imagegen_worker_restarts", "Workers replaced after dying or hanging", ["model_name"])
 REQUESTS_REJECTED = Counter("imagegen_requests_rejected", "Requests refused because the queue was full", ["model_name"])
 REQUESTS_TIMED_OUT = Counter("imagegen_requests_timed_out", "Requests that ran past their deadline", ["model_name"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,12 @@ logger = logging.getLogger(__name__)
 
 
 class ExecutorError(RuntimeError):
-    """Base of the errors an executor raises; the engine maps them to its own."""
+    """Base of the errors an executor raises; the engine maps them to its own. ``ranks`` are the ranks
+    at fault, where the executor knows them (the engine sets their rank groups aside or restarts them)."""
+
+    def __init__(self, message: str, ranks: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.ranks = tuple(ranks)
 
 
 class WorkerStartupError(ExecutorError):
@@ -27,10 +33,6 @@ class WorkerDiedError(ExecutorError):
 
 class RpcTimeoutError(ExecutorError, TimeoutError):
     """A worker did not answer a call within its timeout; ``ranks`` are the ones that did not answer."""
-
-    def __init__(self, message: str, ranks: tuple[int, ...] = ()):
-        super().__init__(message)
-        self.ranks = ranks
 
 
 class WorkerRpcError(ExecutorError):
@@ -57,6 +59,11 @@ class DiffusionExecutor(ABC):
     the backend's liveness check. Backends implement the abstract methods. A backend that can
     deliver the progress a call makes while it still runs (partial images, StepProgress) hands
     each to ``_report_progress``; the others leave the partial images in the call's RequestOutputs.
+
+    A rank the engine has taken out of service (its rank group restarts, or is set aside after a
+    failure the executor cannot repair) gets no calls: ``collective_rpc`` calls the ``serving_ranks()``
+    only and answers with their replies, in rank order. ``probe_ranks`` and ``recover_ranks`` let
+    the engine's health probe watch the ranks and bring a set-aside group back.
     """
 
     def __init__(self, od_config: OmniDiffusionConfig):
@@ -70,6 +77,9 @@ class DiffusionExecutor(ABC):
         # gets, in order, after loading its model and before it serves: the engine keeps its LoRA
         # adapters here. Empty while the first workers start.
         self.rank_setup_calls: list[tuple[str, tuple]] = []
+        # rank -> (state, why): the ranks out of service, "restarting" or "set_aside"; the rest serve.
+        self._out_of_service: dict[int, tuple[str, str]] = {}
+        self._service_lock = threading.Lock()
         self._init_executor()
 
     @abstractmethod
@@ -111,6 +121,44 @@ class DiffusionExecutor(ABC):
     def restart_worker(self, rank: int) -> None:
         """Replace rank's worker (stopping it first if it still runs) and wait until it is ready."""
         raise NotImplementedError(f"{type(self).__name__} cannot restart its workers")
+
+    @property
+    def can_restart_workers(self) -> bool:
+        """Whether ``restart_worker`` can replace a worker (the backends that start their own)."""
+        return type(self).restart_worker is not DiffusionExecutor.restart_worker
+
+    # -- ranks in and out of service -----------------------------------------------------------------
+    def take_out_of_service(self, ranks: range | tuple[int, ...], state: str, reason: str) -> None:
+        """No calls go to ``ranks`` from now on; ``state`` ("restarting" or "set_aside") and ``reason`` say why."""
+        with self._service_lock:
+            self._out_of_service.update((rank, (state, reason)) for rank in ranks)
+
+    def return_to_service(self, ranks: range | tuple[int, ...]) -> None:
+        with self._service_lock:
+            for rank in ranks:
+                self._out_of_service.pop(rank, None)
+
+    def out_of_service(self) -> dict[int, tuple[str, str]]:
+        """rank -> (state, reason) of every rank that gets no calls now."""
+        with self._service_lock:
+            return dict(self._out_of_service)
+
+    def serving_ranks(self) -> list[int]:
+        with self._service_lock:
+            return [rank for rank in range(self.od_config.num_gpus) if rank not in self._out_of_service]
+
+    def probe_ranks(self, ranks: range, timeout: float) -> dict[int, str]:
+        """The ranks among ``ranks`` that fail a health probe within ``timeout``, with why. The default probes
+        nothing: a backend that cannot look at one rank alone finds failures through its calls."""
+        return {}
+
+    def recover_ranks(self, ranks: range, timeout: float) -> bool:
+        """Try to bring a set-aside rank group back: True once it is initialized again (its ``rank_setup_calls``
+        replayed, the group formed) and can serve. The default restarts it where the backend can."""
+        if not self.can_restart_workers:
+            return False
+        self.restart_worker(ranks[0])
+        return True
 
     def _set_up_rank(self, rank: int, call: Callable[[str, tuple], Any]) -> None:
         """Run ``rank_setup_calls`` on a rank that starts again, each through ``call(method, args)``

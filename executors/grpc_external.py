@@ -3,9 +3,10 @@
 Someone else runs the workers (a Kubernetes StatefulSet, compose services, a shell). The engine
 finds them at ``worker_addresses``, checks at start-up that they are the ranks its own settings
 describe, and then only forwards calls. The server needs no copy of the model: what it knows of
-the model comes from the workers' describe(). A worker that goes away fails its calls at once
-(503); when one answers on its address again, the next call or health check reconnects to it.
-Closing the engine only closes the channels: the workers keep running for the next server.
+the model comes from the workers' describe(). A worker that goes away or hangs fails its calls
+(503/504) and the engine sets its rank group aside; when its address answers SERVING again,
+``recover_ranks`` connects to it afresh. Closing the engine only closes the channels: the workers
+keep running for the next server.
 """
 
 from __future__ import annotations
@@ -64,8 +65,6 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
-# How long a call that finds a rank dead waits for that address to answer before it gives up (503).
-_RECONNECT_PROBE_S = 1.0
 # After the first rank's deadline passes, how long to wait for the others to say whether theirs did.
 _LATE_REPLIES_S = 1.0
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -121,9 +120,7 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
             if config.worker_tls_ca is not None
             else None
         )
-        self._lock = threading.Lock()  # guards _dead and the swap of a reconnected rank's handle
-        self._reconnecting = threading.Lock()
-        self._dead: dict[int, str] = {}  # rank -> why it cannot be used
+        self._lock = threading.Lock()  # guards the swap of a reconnected rank's handle
         self._cancels: set[grpc.Future] = set()  # fire-and-forget Cancel calls, held until they end
         # A thread reads each open Generate stream: PIPELINE_DEPTH steps per rank in request mode, up to
         # step_mode_room in step mode.
@@ -231,30 +228,31 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
     def _forward_rpc_to_workers(
         self, method: str, timeout: float, args: tuple, kwargs: dict, unique_reply_rank: int | None
     ) -> Any:
-        self._reconnect_replaced_workers()
-        self._raise_if_dead()
-        workers = list(self.worker_handles)
+        serving = self.serving_ranks()
+        with self._lock:
+            workers = [self.worker_handles[rank] for rank in serving]
         if method in ("generate", "generate_shard"):
             requests: list[OmniDiffusionRequest] = args[0] if args else kwargs["requests"]
             # generate_shard: each rank gets its own share; generate: every rank generates them all.
             whole = method == "generate"
             # A rank group's ranks all get the group's share: they make its images together.
-            size = self.od_config.rank_group_size
+            config = self.od_config
             shares = (
                 [requests] * len(workers) if whole
                 else [
-                    share
-                    for share in group_shares(requests, len(workers) // size, kwargs.get("group"))
-                    for _ in range(size)
+                    group_shares(requests, config.num_rank_groups, kwargs.get("group"), kwargs.get("groups"))[
+                        rank // config.rank_group_size
+                    ]
+                    for rank in serving
                 ]
             )
-            replies = self._generate(method, workers, shares, timeout)
+            replies = self._generate(method, serving, workers, shares, timeout)
         else:
             call, message, decode = self._unary_call(method, args, kwargs)
             stubs = [getattr(worker.stub, call) for worker in workers]
             futures = [stub.future(message, timeout=timeout, metadata=self._metadata) for stub in stubs]
             replies = []
-            for rank, future in enumerate(futures):
+            for rank, future in zip(serving, futures):
                 try:
                     replies.append(decode(future.result()))
                 except grpc.RpcError as error:
@@ -281,10 +279,15 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
         )
 
     def _generate(
-        self, method: str, workers: list[GrpcWorker], shares: list[list[OmniDiffusionRequest]], timeout: float
+        self,
+        method: str,
+        ranks: list[int],
+        workers: list[GrpcWorker],
+        shares: list[list[OmniDiffusionRequest]],
+        timeout: float,
     ) -> list[list[RequestOutput]]:
-        """One Generate stream per rank with a share, read at once by a thread each; fails at the first
-        rank that fails."""
+        """One Generate stream per rank (``ranks``, their ``workers``) with a share, read at once by a
+        thread each; fails at the first rank that fails."""
         streams: list[grpc.Call] = []
         streams_lock = threading.Lock()
 
@@ -313,15 +316,15 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
 
         futures = [self._streams.submit(read, worker, share) for worker, share in zip(workers, shares)]
         done, pending = wait_futures(futures, return_when=FIRST_EXCEPTION)
-        failed = [rank for rank, future in enumerate(futures) if future in done and future.exception() is not None]
+        failed = [index for index, future in enumerate(futures) if future in done and future.exception() is not None]
         if not failed:
             return [future.result() for future in futures]
-        rank = failed[0]
-        error = futures[rank].exception()
+        rank = ranks[failed[0]]
+        error = futures[failed[0]].exception()
         if isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             # The ranks share one deadline: name every rank that missed it.
             wait_futures(pending, timeout=_LATE_REPLIES_S)
-            late = tuple(r for r, f in enumerate(futures) if not f.done() or _timed_out(f))
+            late = tuple(r for r, f in zip(ranks, futures) if not f.done() or _timed_out(f))
             raise RpcTimeoutError(
                 f"RPC '{method}' timed out after {timeout:g}s waiting for rank {', '.join(map(str, late))}", late
             ) from None
@@ -339,9 +342,7 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return RpcTimeoutError(f"RPC '{method}' timed out after {timeout:g}s waiting for rank {rank}", (rank,))
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-            reason = f"worker rank {rank} at {address} is unreachable: {code.name}: {details}"
-            self._mark_dead(rank, reason)
-            return WorkerDiedError(reason)
+            return WorkerDiedError(f"worker rank {rank} at {address} is unreachable: {code.name}: {details}", (rank,))
         return WorkerRpcError(f"worker rank {rank} at {address}: RPC '{method}' failed: {code.name}: {details}")
 
     def cancel_requests(self, request_ids: list[str]) -> None:
@@ -354,86 +355,76 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
 
     # -- health --------------------------------------------------------------------------------------
     def _check_worker_health(self) -> None:
-        """The gRPC health service and get_rank of every rank, as the guide's health monitoring does."""
-        self._reconnect_replaced_workers()
-        self._raise_if_dead()
-        checks = [
-            (
-                worker.health.Check.future(health_pb2.HealthCheckRequest(), timeout=HEALTH_CHECK_TIMEOUT_S),
-                worker.stub.GetRank.future(
-                    pb.GetRankRequest(), timeout=HEALTH_CHECK_TIMEOUT_S, metadata=self._metadata
-                ),
+        """The gRPC health service and get_rank of every serving rank, as the guide's health monitoring does."""
+        failed = self._probe(self.serving_ranks(), HEALTH_CHECK_TIMEOUT_S, also_get_rank=True)
+        if failed:
+            rank, reason = next(iter(failed.items()))
+            raise WorkerDiedError(reason, (rank,))
+
+    def probe_ranks(self, ranks: range, timeout: float) -> dict[int, str]:
+        return self._probe(ranks, timeout)
+
+    def _probe(self, ranks: range | list[int], timeout: float, also_get_rank: bool = False) -> dict[int, str]:
+        """rank -> why, for each of ``ranks`` whose health service does not answer SERVING in ``timeout``
+        (a hung pipeline reports NOT_SERVING; a stalled process or a partition does not answer)."""
+        with self._lock:
+            workers = {rank: self.worker_handles[rank] for rank in ranks}
+        checks = {
+            rank: (
+                worker.health.Check.future(health_pb2.HealthCheckRequest(), timeout=timeout),
+                worker.stub.GetRank.future(pb.GetRankRequest(), timeout=timeout, metadata=self._metadata)
+                if also_get_rank else None,
             )
-            for worker in self.worker_handles
-        ]
-        for rank, (health, get_rank) in enumerate(checks):
+            for rank, worker in workers.items()
+        }
+        failed = {}
+        for rank, (health, get_rank) in checks.items():
+            address = workers[rank].address
             try:
                 status = health.result().status
-                answered = get_rank.result().rank
+                answered = rank if get_rank is None else get_rank.result().rank
             except grpc.RpcError as error:
-                reason = (
-                    f"worker rank {rank} at {self.worker_handles[rank].address} failed its health check: "
-                    f"{error.code().name}: {error.details()}"
+                failed[rank] = (
+                    f"worker rank {rank} at {address} failed its health check: {error.code().name}: {error.details()}"
                 )
-                self._mark_dead(rank, reason)
-                raise WorkerDiedError(reason) from None
+                continue
             if status != _SERVING:
                 name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-                reason = f"worker rank {rank} at {self.worker_handles[rank].address} reports {name}"
-                self._mark_dead(rank, reason)
-                raise WorkerDiedError(reason)
-            if answered != rank:
-                address = self.worker_handles[rank].address
-                raise WorkerDiedError(f"the worker at {address} answers as rank {answered}, expected {rank}")
+                failed[rank] = f"worker rank {rank} at {address} reports {name}"
+            elif answered != rank:
+                failed[rank] = f"the worker at {address} answers as rank {answered}, expected {rank}"
+        return failed
 
-    def is_ready(self) -> bool:
-        with self._lock:
-            return not self.is_closed and not self._dead
-
-    def _mark_dead(self, rank: int, reason: str) -> None:
-        with self._lock:
-            if rank not in self._dead:
-                logger.error(reason)
-            self._dead[rank] = reason
-
-    def _raise_if_dead(self) -> None:
-        with self._lock:
-            dead = dict(self._dead)
-        if dead:
-            raise WorkerDiedError("; ".join(reason for _, reason in sorted(dead.items())))
-
-    def _reconnect_replaced_workers(self) -> None:
-        """For each dead rank whose address answers SERVING again: a fresh channel, the start-up
-        checks, and the rank is back. The workers' owner replaces them; this only notices."""
-        if not self._dead or not self._reconnecting.acquire(blocking=False):
-            return
+    def recover_ranks(self, ranks: range, timeout: float) -> bool:
+        """When every rank of the group answers SERVING on its address: a fresh channel to each, the
+        start-up checks and set-up calls (adapters), and True. The workers' owner replaces them; this
+        only notices. A rank where something else answers now is logged and stays aside."""
+        fresh: dict[int, tuple[GrpcWorker, dict]] = {}
         try:
-            for rank in sorted(self._dead):
-                old = self.worker_handles[rank]
-                fresh = self._open(old.address)
-                info = None
-                try:
-                    # Fail fast: an address where nothing listens answers at once.
-                    if (
-                        fresh.health.Check(health_pb2.HealthCheckRequest(), timeout=_RECONNECT_PROBE_S).status
-                        == _SERVING
-                    ):
-                        info = self._identify(rank, fresh, HEALTH_CHECK_TIMEOUT_S)
-                except grpc.RpcError:
-                    pass  # not back yet
-                except WorkerStartupError as error:
-                    self._mark_dead(rank, str(error))  # something else answers there now: say what
-                if info is None:
-                    fresh.channel.close()
-                    continue
-                with self._lock:
-                    self.worker_handles[rank] = fresh
-                    self.worker_info[rank] = info
-                    del self._dead[rank]
-                old.channel.close()
-                logger.info("worker rank %d: reconnected to %s", rank, old.address)
+            for rank in ranks:
+                worker = self._open(self.worker_handles[rank].address)
+                fresh[rank] = (worker, {})
+                if worker.health.Check(health_pb2.HealthCheckRequest(), timeout=timeout).status != _SERVING:
+                    return False
+                fresh[rank] = (worker, self._identify(rank, worker, max(timeout, HEALTH_CHECK_TIMEOUT_S)))
+        except grpc.RpcError:
+            return False  # not back yet
+        except WorkerStartupError as error:
+            logger.error("%s", error)
+            return False
         finally:
-            self._reconnecting.release()
+            if any(not info for _, info in fresh.values()):
+                for worker, _ in fresh.values():
+                    worker.channel.close()
+        with self._lock:
+            olds = [self.worker_handles[rank] for rank in ranks]
+            for rank, (worker, info) in fresh.items():
+                self.worker_handles[rank] = worker
+                self.worker_info[rank] = info
+        for old in olds:
+            old.channel.close()
+        logger.info("worker rank %s: reconnected to %s", ", ".join(map(str, ranks)), ", ".join(o.address for o in olds))
+        return True
 
     # -- shutdown ------------------------------------------------------------------------------------
     def _disconnect_from_workers(self) -> None:

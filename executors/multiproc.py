@@ -228,7 +228,7 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
             worker.death = death
             orphaned, worker.pending = worker.pending, {}
         for future in orphaned.values():
-            future.set_exception(WorkerDiedError(death))
+            future.set_exception(WorkerDiedError(death, (worker.rank,)))
 
     def collective_rpc(
         self,
@@ -240,14 +240,15 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
     ) -> Any:
         timeout = self._timeout(timeout)
         call = RpcCall(next(self._call_ids), method, tuple(args), dict(kwargs or {}))
+        serving = self.serving_ranks()
         with self._lock:
-            workers = list(self._workers)
+            workers = [self._workers[rank] for rank in serving]
         futures: list[Future] = []
         for worker in workers:
             future: Future = Future()
             with self._lock:
                 if worker.death is not None:
-                    raise WorkerDiedError(worker.death)
+                    raise WorkerDiedError(worker.death, (worker.rank,))
                 worker.pending[call.call_id] = future
             try:
                 with worker.send_lock:
@@ -283,18 +284,22 @@ class MultiProcDiffusionExecutor(DiffusionExecutor):
                 pass  # gone: nothing left to cancel there
 
     def check_health(self) -> None:
+        failed = self.probe_ranks(self.serving_ranks(), 0)
+        if failed:
+            rank, reason = next(iter(failed.items()))
+            raise WorkerDiedError(reason, (rank,))
+
+    def probe_ranks(self, ranks: range | list[int], timeout: float) -> dict[int, str]:
         # Liveness only: an RPC would queue behind a long generation on the single-threaded worker.
         with self._lock:
-            workers = list(self._workers)
+            workers = [self._workers[rank] for rank in ranks]
+        failed = {}
         for worker in workers:
             if worker.death is not None:
-                raise WorkerDiedError(worker.death)
-            if worker.process.poll() is not None:
-                raise WorkerDiedError(f"worker rank {worker.rank} is not running ({describe_exit(worker.process.returncode)})")
-
-    def is_ready(self) -> bool:
-        with self._lock:
-            return not self.is_closed and not self._restarting and all(w.death is None for w in self._workers)
+                failed[worker.rank] = worker.death
+            elif worker.process.poll() is not None:
+                failed[worker.rank] = f"worker rank {worker.rank} is not running ({describe_exit(worker.process.returncode)})"
+        return failed
 
     def restart_worker(self, rank: int) -> None:
         """Replace rank's worker; in a rank group, the whole group, which meets anew."""

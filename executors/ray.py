@@ -21,7 +21,7 @@ try:
 except ImportError as error:  # Ray is an optional extra
     raise ImportError("the Ray backends need Ray: pip install 'imagegen[ray]'") from error
 
-from executors.base import WorkerStartupError
+from executors.base import DiffusionExecutor, WorkerStartupError
 from executors.ray_external import RayDiffusionWorkerActor, RayExternalDiffusionExecutor, connect_ray, release_ray
 from workers.hosts.ray_actor import MAX_CONCURRENT_CALLS
 
@@ -142,9 +142,8 @@ class RayDiffusionExecutor(RayExternalDiffusionExecutor):
         logger.error(reason)
         self._report_worker_death(rank, reason)
 
-    def is_ready(self) -> bool:
-        with self._lock:
-            return not self.is_closed and not self._restarting
+    # Our actors are replaced, not found again by name.
+    recover_ranks = DiffusionExecutor.recover_ranks
 
     def restart_worker(self, rank: int) -> None:
         """Kill rank's actor (dead or hung) and start a new one in the same bundle; in a rank group, the

@@ -111,11 +111,6 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
     _owns_ray_connection = False
     worker_info: list[dict]  # each rank's ready reply: model description, num_ranks, node_id
 
-    def _init_executor(self) -> None:
-        # Ranks whose actor died; a new actor of the same name is connected when its owner starts one.
-        self._dead_ranks: set[int] = set()
-        super()._init_executor()
-
     def _connect_to_workers(self) -> None:
         self._owns_ray_connection = connect_ray(self.od_config, start_local=False)
         names = self.actor_names()
@@ -198,11 +193,10 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
     def _forward_rpc_to_workers(
         self, method: str, timeout: float, args: tuple, kwargs: dict, unique_reply_rank: int | None
     ) -> Any:
-        self._reconnect_replaced_actors()
-        # Every rank runs the call (a step is one broadcast); only the reply choice differs.
+        # Every serving rank runs the call (a step is one broadcast); only the reply choice differs.
         # Streamed, so the partial images a step decodes arrive while it runs.
         replies = self._call_ranks(
-            dict(enumerate(self.worker_handles)),
+            {rank: self.worker_handles[rank] for rank in self.serving_ranks()},
             lambda _, handle: handle.execute_rpc_streaming.remote(method, args, kwargs),
             method,
             timeout,
@@ -210,17 +204,18 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
         return [replies[rank] for rank in sorted(replies)] if unique_reply_rank is None else replies[unique_reply_rank]
 
     def _check_worker_health(self) -> None:
-        self._reconnect_replaced_actors()
         # get_rank runs in the actor's own health thread, so a busy worker still answers at once.
         ranks = self._call_ranks(
-            dict(enumerate(self.worker_handles)),
+            {rank: self.worker_handles[rank] for rank in self.serving_ranks()},
             lambda _, handle: handle.get_rank.remote(),
             "get_rank",
             HEALTH_CHECK_TIMEOUT_S,
         )
         for position, rank in sorted(ranks.items()):
             if rank != position:
-                raise WorkerDiedError(f"{self.actor_labels[position]} answers as rank {rank}, expected {position}")
+                raise WorkerDiedError(
+                    f"{self.actor_labels[position]} answers as rank {rank}, expected {position}", (position,)
+                )
 
     def cancel_requests(self, request_ids: list[str]) -> None:
         for handle in self.worker_handles:
@@ -233,25 +228,45 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
         self._owns_ray_connection = False
 
     def _on_actor_death(self, rank: int, handle: ray.actor.ActorHandle, reason: str) -> None:
-        """Called when a call finds ``handle`` (rank's actor) dead. Its owner replaces it, not us:
-        the next call or health check connects to the new actor of the same name."""
-        self._dead_ranks.add(rank)
+        """Called when a call finds ``handle`` (rank's actor) dead. Its owner replaces it, not us: the
+        engine sets the rank's group aside, and ``recover_ranks`` connects to the new actor of that name."""
 
-    def is_ready(self) -> bool:
-        return not self.is_closed and not self._dead_ranks
+    def probe_ranks(self, ranks: range, timeout: float) -> dict[int, str]:
+        # is_initialized, not get_rank: an actor that Ray restarted in place answers get_rank without its model.
+        failed = {}
+        try:
+            answers = self._call_ranks(
+                {rank: self.worker_handles[rank] for rank in ranks},
+                lambda _, handle: handle.is_initialized.remote(),
+                "is_initialized",
+                timeout,
+            )
+        except ExecutorError as error:
+            return {rank: str(error) for rank in (error.ranks or ranks)}
+        for rank, initialized in answers.items():
+            if not initialized:
+                failed[rank] = f"worker rank {rank} ({self.actor_labels[rank]}) was restarted and has no model loaded"
+        return failed
 
-    def _reconnect_replaced_actors(self) -> None:
-        for rank in sorted(self._dead_ranks):
+    def recover_ranks(self, ranks: range, timeout: float) -> bool:
+        """The actor of each rank's name, a new one or one Ray restarted in place, loads the model again (and
+        replays the set-up calls) before it serves: True when the whole group is back."""
+        handles = {}
+        for rank in ranks:
             try:
-                handle = ray.get_actor(self._names[rank], namespace=self.od_config.ray_namespace)
+                handles[rank] = ray.get_actor(self._names[rank], namespace=self.od_config.ray_namespace)
             except ValueError:
-                continue  # not back yet
-            if handle._actor_id == self.worker_handles[rank]._actor_id:
-                continue  # the name still points at the dead actor
-            self._initialize({rank: handle})
+                return False  # not back yet
+        try:
+            infos = self._initialize(handles)
+        except ExecutorError as error:
+            logger.info("worker rank %s is not back yet: %s", ", ".join(map(str, ranks)), error)
+            return False
+        for (rank, handle), info in zip(sorted(handles.items()), infos):
             self.worker_handles[rank] = handle
-            self._dead_ranks.discard(rank)
-            logger.info("worker rank %d: reconnected to the new %s", rank, self.actor_labels[rank])
+            self.worker_info[rank] = info
+        logger.info("worker rank %s: initialized again (%s)", ", ".join(map(str, ranks)), self.actor_labels[ranks[0]])
+        return True
 
     def _call_ranks(
         self,
@@ -298,7 +313,7 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
         except RayActorError as error:
             reason = f"worker rank {rank} ({self.actor_labels[rank]}) is dead: {_first_line(error)}"
             self._on_actor_death(rank, handle, reason)
-            raise WorkerDiedError(reason) from error
+            raise WorkerDiedError(reason, (rank,)) from error
         except RayTaskError as error:
             raise WorkerRpcError(f"worker rank {rank}: RPC '{method}' raised {_first_line(error.cause)}") from error
         except RayError as error:

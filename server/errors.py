@@ -15,6 +15,7 @@ from engine.errors import (
     EngineOverloadedError,
     GenerationFailedError,
     InvalidRequestError,
+    NoServingGroupError,
     NotFoundError,
     RequestTimeoutError,
 )
@@ -76,7 +77,7 @@ def _engine_error_detail(error: EngineError) -> tuple[int, ErrorDetail]:
 def engine_error_response(error: EngineError) -> JSONResponse:
     status, detail = _engine_error_detail(error)
     response = error_response(status, detail.message, detail.type, detail.param, detail.code)
-    if isinstance(error, EngineOverloadedError):
+    if isinstance(error, (EngineOverloadedError, NoServingGroupError)):
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
     return response
 

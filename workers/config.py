@@ -166,6 +166,12 @@ class OmniDiffusionConfig(BaseSettings):
     on_worker_death: Literal["restart", "exit"] = Field(
         "restart", description="restart a dead or hung worker, or exit non-zero so an orchestrator restarts us"
     )
+    health_check_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="how often a background probe checks every rank group; a set-aside group that answers again "
+        "is initialized again and re-admitted",
+    )
     max_queue_size: int = Field(256, ge=1, description="most images waiting for a step; more are refused with 429")
     request_timeout_s: float = Field(600.0, gt=0, description="a request still queued after this is answered 504")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")

@@ -266,19 +266,34 @@ def image_slices(requests: list[OmniDiffusionRequest]) -> Iterator[tuple[OmniDif
 
 
 def group_shares(
-    requests: list[OmniDiffusionRequest], num_groups: int, group: int | None = None
+    requests: list[OmniDiffusionRequest],
+    num_groups: int,
+    group: int | None = None,
+    groups: tuple[int, ...] | None = None,
 ) -> list[list[OmniDiffusionRequest]]:
     """Each rank group's share of a step: shard_requests's split, or every request for ``group`` when the
-    caller chose one (step mode sends each request to the group with the most free room)."""
-    if group is None:
+    caller chose one (step mode sends each request to the group with the most free room). ``groups``:
+    only these groups share the step (the others are out of service) and the rest get nothing."""
+    if group is not None:
+        if not 0 <= group < num_groups:
+            raise ValueError(f"group must be between 0 and {num_groups - 1}, got {group}")
+        return [requests if index == group else [] for index in range(num_groups)]
+    if groups is None:
         return shard_requests(requests, num_groups)
-    if not 0 <= group < num_groups:
-        raise ValueError(f"group must be between 0 and {num_groups - 1}, got {group}")
-    return [requests if index == group else [] for index in range(num_groups)]
+    if not groups or not all(0 <= index < num_groups for index in groups):
+        raise ValueError(f"groups must be rank groups between 0 and {num_groups - 1}, got {groups}")
+    shares: list[list[OmniDiffusionRequest]] = [[] for _ in range(num_groups)]
+    for index, share in zip(groups, shard_requests(requests, len(groups))):
+        shares[index] = share
+    return shares
 
 
 def rank_group_share(
-    requests: list[OmniDiffusionRequest], od_config: OmniDiffusionConfig, rank: int, group: int | None = None
+    requests: list[OmniDiffusionRequest],
+    od_config: OmniDiffusionConfig,
+    rank: int,
+    group: int | None = None,
+    groups: tuple[int, ...] | None = None,
 ) -> list[OmniDiffusionRequest]:
     """The requests of a step that ``rank``'s group makes (group_shares): every rank computes the same split."""
-    return group_shares(requests, od_config.num_rank_groups, group)[rank // od_config.rank_group_size]
+    return group_shares(requests, od_config.num_rank_groups, group, groups)[rank // od_config.rank_group_size]

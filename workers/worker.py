@@ -152,9 +152,11 @@ class WorkerWrapperBase:
         description = self._loaded_description()
         return [with_defaults(request, self.od_config, description) for request in requests]
 
-    def group_share(self, requests: list[OmniDiffusionRequest], group: int | None = None) -> list[OmniDiffusionRequest]:
+    def group_share(
+        self, requests: list[OmniDiffusionRequest], group: int | None = None, groups: tuple[int, ...] | None = None
+    ) -> list[OmniDiffusionRequest]:
         """The requests of a step that this rank's group makes (workers.data.rank_group_share)."""
-        return rank_group_share(requests, self.od_config, self.rank, group)
+        return rank_group_share(requests, self.od_config, self.rank, group, groups)
 
     def _loaded_description(self) -> dict:
         # Hosts call initialize() first; a wrapper like the guide's MyWorkerWrapper only calls generate().
@@ -258,10 +260,12 @@ class WorkerWrapperBase:
         call from another thread while generate() runs."""
         self.cancellations.add(request_ids)
 
-    def generate_shard(self, requests: list[OmniDiffusionRequest], group: int | None = None) -> list[RequestOutput]:
+    def generate_shard(
+        self, requests: list[OmniDiffusionRequest], group: int | None = None, groups: tuple[int, ...] | None = None
+    ) -> list[RequestOutput]:
         """Generate this rank's group's share of a step (see group_shares: all of it for ``group``, none
-        for the other groups)."""
-        return self.generate(self.group_share(requests, group))
+        for the other groups; shared by ``groups`` only, when some are out of service)."""
+        return self.generate(self.group_share(requests, group, groups))
 
     def generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
         """Generate every request, one batched pipeline call per group of compatible requests.

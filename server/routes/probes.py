@@ -17,23 +17,25 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(engine: AsyncDiffusionEngine = Depends(front)) -> JSONResponse:
-    """Liveness: 503 only when the engine cannot serve any more."""
+    """Liveness: 200 while the server serves (listing any set-aside ranks), 503 only when nothing can serve."""
     try:
         # In a thread: external workers are asked over the network (up to a few seconds).
         await asyncio.to_thread(engine.engine.check_health)
     except EngineError as error:
         return engine_error_response(error)
-    return JSONResponse({"status": "ok"})
+    set_aside = [{"rank": rank, "reason": reason} for rank, reason in sorted(engine.engine.set_aside_ranks().items())]
+    return JSONResponse({"status": "ok", "set_aside": set_aside})
 
 
 @router.get("/ready")
 async def ready(engine: AsyncDiffusionEngine = Depends(front)) -> JSONResponse:
-    """Readiness: 503 while a worker restarts or the server drains."""
+    """Readiness: 200 while at least one rank group serves; 503 while none does (starting, restarting, all set
+    aside) or the server drains."""
     if engine.draining:
         return engine_error_response(EngineDeadError("the server is shutting down"))
     if not engine.engine.is_ready():
         try:
-            await asyncio.to_thread(engine.engine.check_health)  # an external worker that is gone: say which rank
+            await asyncio.to_thread(engine.engine.check_health)  # every group aside: say which ranks and why
         except EngineError as error:
             return engine_error_response(error)
         return engine_error_response(EngineDeadError("a worker is starting or restarting"))

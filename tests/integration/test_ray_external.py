@@ -227,7 +227,11 @@ def test_ray_backend_that_cannot_fit_fails_at_once(ray_cluster):
         DiffusionEngine(config)
 
 
-def test_serve_through_named_actors_and_health_503_when_one_dies(ray_cluster):
+def set_aside(server: ServerProcess) -> list[int]:
+    return [entry["rank"] for entry in httpx.get(f"{server.base_url}/health", timeout=30).json()["set_aside"]]
+
+
+def test_serve_through_named_actors_and_set_one_aside_when_it_dies(ray_cluster):
     names = ["serve_rank_0", "serve_rank_1"]
     handles = start_actors(names, OmniDiffusionConfig(model="tiny", num_gpus=2))
     server = None
@@ -250,20 +254,15 @@ def test_serve_through_named_actors_and_health_503_when_one_dies(ray_cluster):
         assert [decode(image.b64_json).shape for image in response.data] == [(64, 64, 3)] * 2
 
         ray.kill(handles[1])
-        poll(lambda: httpx.get(f"{server.base_url}/health", timeout=30).status_code == 503, 60, "/health to say 503")
-        failed = httpx.post(
-            f"{server.base_url}/v1/images/generations",
-            json={"prompt": "a red fox", "size": "64x64", "seed": 1, "num_inference_steps": 4},
-            timeout=60,
-        )
-        assert failed.status_code == 503
-        assert "rank 1" in failed.json()["error"]["message"]
-        assert httpx.get(f"{server.base_url}/ready", timeout=30).status_code == 503
-
-        # The actors' owner brings rank 1 back under the same name: the server reconnects to it.
-        handles[1:] = start_actors(names[1:], OmniDiffusionConfig(model="tiny", num_gpus=2), first_rank=1)
-        poll(lambda: httpx.get(f"{server.base_url}/health", timeout=30).status_code == 200, 60, "the reconnect")
+        # The probe sets rank 1's group aside; rank 0's group serves on, so the server stays alive and ready.
+        poll(lambda: set_aside(server) == [1], 60, "the probe to set rank 1 aside")
+        served = client.images.generate(prompt="a red fox", size="64x64", extra_body={"seed": 1, "num_inference_steps": 4})
+        assert len(served.data) == 1
         assert httpx.get(f"{server.base_url}/ready", timeout=30).status_code == 200
+
+        # The actors' owner brings rank 1 back under the same name: the probe initializes it and re-admits it.
+        handles[1:] = start_actors(names[1:], OmniDiffusionConfig(model="tiny", num_gpus=2), first_rank=1)
+        poll(lambda: set_aside(server) == [], 60, "the re-admission")
         again = client.images.generate(
             prompt="a red fox", size="64x64", n=2, extra_body={"seed": 11, "num_inference_steps": 4}
         )
@@ -294,3 +293,29 @@ def test_a_cfg_pair_of_named_actors_is_formed_by_their_owner_and_found_by_each_e
             engine_on(names)
     finally:
         kill(pair)
+
+
+def test_an_actor_that_ray_restarts_in_place_is_initialized_again_before_it_serves(ray_cluster):
+    config = OmniDiffusionConfig(model="tiny", num_gpus=1)
+    actor = RayDiffusionWorkerActor.options(num_gpus=0, num_cpus=1, name="restarting_rank_0", max_restarts=1).remote(
+        rank=0, od_config=config
+    )
+    try:
+        ray.get(actor.initialize.remote())
+        with engine_on(["restarting_rank_0"], health_check_interval_s=1) as engine:
+            (before,) = engine.step(requests_for([5]))
+            ray.kill(actor, no_restart=False)  # Ray starts it again in place: same actor, no model
+            try:
+                (during,) = engine.step(requests_for([5]))
+            except EngineDeadError as error:  # the call that was on the dead actor
+                assert "rank 0" in str(error)
+            else:  # the probe had already brought it back
+                assert during.error is None
+            # get_rank answers at once on the restarted actor; the probe asks whether it is initialized, and
+            # initializes it before routing to it.
+            poll(lambda: ray.get(actor.is_initialized.remote(), timeout=60), 60, "the probe to initialize it")
+            poll(lambda: engine.serving_groups() == [0], 30, "the re-admission")
+            (after,) = engine.step(requests_for([5]))
+        assert after.error is None and after.images[0].tobytes() == before.images[0].tobytes()
+    finally:
+        ray.kill(actor)

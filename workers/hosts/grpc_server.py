@@ -175,6 +175,11 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
         # Set when this rank's group broke (a peer gone or hung): the worker leaves, exit code 1, so that
         # its owner starts it again and the whole group forms anew.
         self.group_broken = False
+        # Generate calls whose caller's deadline passed while the pipeline still runs them: the server has
+        # given up on this worker until they end.
+        self._late_calls = 0
+        self._health_lock = threading.Lock()
+        self._reported_hung = False
 
     # -- state -------------------------------------------------------------------------------------
     def mark_loaded(self, description: dict) -> None:
@@ -187,23 +192,27 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
             self._health.set(name, status)
 
     def _watch_for_hangs(self) -> None:
-        """NOT_SERVING while a pipeline call has run past rpc_timeout_s: the server has given up on it
-        (504), so an orchestrator's liveness probe should replace this worker; SERVING again if it ends."""
-        hung = False
         while not self.stopping.wait(_HANG_CHECK_INTERVAL_S):
+            self._refresh_health()
+
+    def _refresh_health(self, late_calls: int = 0) -> None:
+        """NOT_SERVING while a pipeline call has run past rpc_timeout_s, or past its caller's deadline: the
+        server has given up on it (504) and keeps this worker aside, and an orchestrator's liveness probe
+        should replace it; SERVING again once the call ends."""
+        with self._health_lock:
+            self._late_calls += late_calls
             started = self._pipeline.busy_since
-            now_hung = started is not None and time.monotonic() - started > self._od_config.rpc_timeout_s
-            if now_hung != hung:
-                hung = now_hung
-                if hung:
-                    logger.error(
-                        "rank %d: a pipeline call has run for over %gs",
-                        self._worker.rank,
-                        self._od_config.rpc_timeout_s,
-                    )
-                self._set_health(
-                    health_pb2.HealthCheckResponse.NOT_SERVING if hung else health_pb2.HealthCheckResponse.SERVING
-                )
+            hung = self._late_calls > 0 or (
+                started is not None and time.monotonic() - started > self._od_config.rpc_timeout_s
+            )
+            if hung == self._reported_hung or self.stopping.is_set():
+                return
+            self._reported_hung = hung
+            if hung:
+                logger.error("rank %d: a pipeline call has run past its caller's deadline", self._worker.rank)
+            self._set_health(
+                health_pb2.HealthCheckResponse.NOT_SERVING if hung else health_pb2.HealthCheckResponse.SERVING
+            )
 
     def _require_loaded(self, context: grpc.ServicerContext) -> None:
         if self._description is None:
@@ -226,11 +235,16 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
         except ValueError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {error}")
         finished = threading.Event()
+        late = threading.Event()
 
         def on_rpc_end() -> None:
             # The caller went away (timed out, cancelled, disconnected): stop denoising for nobody.
             if not finished.is_set():
                 self._worker.cancel([r.request_id for r in requests])
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0 and not late.is_set():
+                    late.set()  # its deadline passed: the caller counts this worker as hung
+                    self._refresh_health(late_calls=1)
 
         context.add_callback(on_rpc_end)
         try:
@@ -252,6 +266,10 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
         except Exception as error:  # noqa: BLE001 - the caller gets the message, the worker lives on
             logger.exception("rank %d: Generate failed", self._worker.rank)
             context.abort(grpc.StatusCode.UNKNOWN, describe_error(error))
+        finally:
+            finished.set()
+            if late.is_set():
+                self._refresh_health(late_calls=-1)
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelReply:
         self._worker.cancel(list(request.request_ids))

@@ -147,6 +147,12 @@ class RayDiffusionWorkerActor:
         return self.rank
 
     @ray.method(concurrency_group=HEALTH_CONCURRENCY_GROUP)
+    def is_initialized(self) -> bool:
+        """Whether the model is loaded: an actor that Ray restarted in place (max_restarts) answers
+        get_rank but comes back without its model, so the engine's probe asks this."""
+        return self._description is not None
+
+    @ray.method(concurrency_group=HEALTH_CONCURRENCY_GROUP)
     def cancel(self, request_ids: list[str]) -> None:
         """Drop requests whose clients went away; runs beside a generation, like get_rank."""
         self._worker.cancel(request_ids)

@@ -330,12 +330,13 @@ class StepLoop:
         return not self._calls
 
     def submit(self, call_id: Any, method: str, requests: list[OmniDiffusionRequest],
-               send: Callable[[Any, WorkerProgress], None], group: int | None = None) -> None:
-        """Take a ``method`` call's requests (``group`` as generate_shard takes it); ``send(call_id,
+               send: Callable[[Any, WorkerProgress], None], group: int | None = None,
+               groups: tuple[int, ...] | None = None) -> None:
+        """Take a ``method`` call's requests (``group`` and ``groups`` as generate_shard takes them); ``send(call_id,
         progress)`` streams the progress of the requests that run in request mode now."""
         worker = self.worker
         if method == "generate_shard":
-            requests = worker.group_share(requests, group)
+            requests = worker.group_share(requests, group, groups)
         requests = worker.fill_in(requests)
         call = _PendingCall([request.request_id for request in requests])
         apart, joining = [], []
