@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,11 +15,11 @@ from engine.errors import (
     EngineDeadError,
     EngineError,
     InvalidRequestError,
-    NoServingGroupError,
     from_executor_error,
 )
 from engine.images import to_pil
 from engine.lora import LoraRegistry
+from engine.rank_groups import RankGroups
 from engine.requests import RequestRules
 from executors import (
     ExecutorError,
@@ -44,9 +43,6 @@ from workers.data import (
 
 logger = logging.getLogger(__name__)
 
-# The states of a rank group (metric imagegen_rank_groups): it serves, or gets no calls while it is
-# replaced (restarting) or after a failure it could not be repaired from (set_aside, probed until it answers).
-SERVING, RESTARTING, SET_ASIDE = "serving", "restarting", "set_aside"
 
 
 @dataclass
@@ -116,14 +112,10 @@ class DiffusionEngine:
         # Called with each PartialImages or StepProgress of a running request (see the class docstring).
         self.progress_listeners: list[Callable[[PartialImages | StepProgress], None]] = []
         self._lock = threading.Lock()
-        self._probing = threading.Lock()  # one probe pass at a time
-        self._probe_stop = threading.Event()
-        # Leader rank -> when its group was set aside: it is probed for re-admission one interval later at the
-        # soonest, so a worker that is about to say it hangs (its call's deadline just passed) cannot slip back.
-        self._set_aside_at: dict[int, float] = {}
         executor_class = get_executor_class(od_config.distributed_executor_backend)
         self.executor = executor_class(od_config)
-        self.executor.death_listeners.append(self._on_worker_death)
+        self.rank_groups = RankGroups(self.executor, od_config, self._turn_fatal)
+        self.executor.death_listeners.append(lambda rank, reason: self.rank_groups.on_failed((rank,), reason))
         self.executor.progress_listeners.append(self._on_progress)
         try:
             # Every rank's reply, then rank 0's: a custom executor that takes unique_reply_rank=0 for
@@ -147,9 +139,6 @@ class DiffusionEngine:
         self.scheduling = self._scheduling_in_force()
         # Step mode: images sent to each rank group and not answered yet (see _route).
         self._images_in_flight = [0] * od_config.num_rank_groups
-        for rank in range(od_config.num_gpus):
-            metrics.WORKER_UP.labels(od_config.model_name, str(rank)).set(1)
-        self._count_groups()
         if od_config.compile != "none":
             metrics.RECOMPILES.labels(od_config.model_name)  # exported from the start, at 0
         for component, size in (self.model_info.get("weight_bytes") or {}).items():
@@ -159,7 +148,7 @@ class DiffusionEngine:
             "defaults in force: %s",
             ", ".join(f"{name}={default.value} ({default.source})" for name, default in self.defaults.items()),
         )
-        threading.Thread(target=self._probe_every_interval, name="imagegen-probe", daemon=True).start()
+        self.rank_groups.start_probing()
 
     def _scheduling_in_force(self) -> str:
         """--scheduling, or request with one line why when step mode cannot run here."""
@@ -234,12 +223,12 @@ class DiffusionEngine:
         of the step runs again on the groups still serving (their replies were lost with the call).
         """
         self._raise_if_dead()
-        serving = self.serving_groups()
-        if not serving and not self._restarting():
-            self.probe()  # the last chance before a 503: a group that is back serves this very step
-            serving = self.serving_groups()
+        serving = self.rank_groups.serving()
+        if not serving and not self.rank_groups.restarting():
+            self.rank_groups.probe()  # the last chance before a 503: a group that is back serves this very step
+            serving = self.rank_groups.serving()
         if not serving:
-            raise self._no_serving_group()
+            raise self.rank_groups.no_serving_error()
         group = self._route(requests, serving)
         if group is not None:
             kwargs: dict = {"group": group}
@@ -262,7 +251,15 @@ class DiffusionEngine:
                 with self._lock:
                     self._images_in_flight[group] -= sum(request.num_images for request in requests)
         # A rank group's leader answers for it; its other ranks made the same images with it.
-        return [reply for shard in shards[:: self.od_config.rank_group_size] for reply in shard], {}
+        replies = [reply for shard in shards[:: self.od_config.rank_group_size] for reply in shard]
+        answered = {reply.request_id for reply in replies}
+        unanswered = [request for request in requests if request.request_id not in answered]
+        if not unanswered:
+            return replies, {}
+        # A group was set aside between the routing and the call (the probe runs beside it): its share went
+        # nowhere, so it runs again on the groups serving now.
+        more, failures = self._generate(unanswered)
+        return replies + more, failures
 
     def _route(self, requests: list[OmniDiffusionRequest], serving: list[int]) -> int | None:
         """Step mode with data parallel: the serving rank group with the most free room (the fewest images
@@ -288,7 +285,7 @@ class DiffusionEngine:
         try:
             return self.executor.collective_rpc(method, timeout, args, kwargs, unique_reply_rank)
         except (RpcTimeoutError, WorkerDiedError) as error:
-            self._on_ranks_failed(error.ranks, str(error))
+            self.rank_groups.on_failed(error.ranks, str(error))
             raise
 
     # -- executor ------------------------------------------------------------------------------
@@ -331,11 +328,11 @@ class DiffusionEngine:
         except ExecutorError as error:
             if not error.ranks:
                 raise EngineDeadError(str(error)) from error
-            self._on_ranks_failed(error.ranks, str(error))
-        if not self.serving_groups() and not self._restarting():
-            self.probe()  # the last chance before a 503: a group that is back serves this very call
-            if not self.serving_groups():
-                raise self._no_serving_group()
+            self.rank_groups.on_failed(error.ranks, str(error))
+        if not self.rank_groups.serving() and not self.rank_groups.restarting():
+            self.rank_groups.probe()  # the last chance before a 503: a group that is back serves this very call
+            if not self.rank_groups.serving():
+                raise self.rank_groups.no_serving_error()
 
     def _raise_if_dead(self) -> None:
         if self._closed:
@@ -345,128 +342,18 @@ class DiffusionEngine:
 
     def is_ready(self) -> bool:
         """Readiness: alive, and at least one rank group serves."""
-        return not self._closed and self.fatal_error is None and self.executor.is_ready() and bool(self.serving_groups())
-
-    # -- rank groups -------------------------------------------------------------------------------
-    def group_states(self) -> dict[int, tuple[str, str | None]]:
-        """Each rank group's (state, reason): SERVING, RESTARTING or SET_ASIDE, and why it is out of service."""
-        out = self.executor.out_of_service()
-        size = self.od_config.rank_group_size
-        states: dict[int, tuple[str, str | None]] = {}
-        for group in range(self.od_config.num_rank_groups):
-            found = [out[rank] for rank in range(group * size, (group + 1) * size) if rank in out]
-            states[group] = found[0] if found else (SERVING, None)
-        return states
-
-    def _restarting(self) -> bool:
-        return any(state == RESTARTING for state, _ in self.group_states().values())
-
-    def serving_groups(self) -> list[int]:
-        return [group for group, (state, _) in self.group_states().items() if state == SERVING]
-
-    def set_aside_ranks(self) -> dict[int, str]:
-        """rank -> why, for every rank of a set-aside group (what /health lists)."""
-        return {rank: reason for rank, (state, reason) in self.executor.out_of_service().items() if state == SET_ASIDE}
-
-    def _no_serving_group(self) -> NoServingGroupError:
-        reasons = "; ".join(dict.fromkeys(self.set_aside_ranks().values())) or "no rank group serves"
-        return NoServingGroupError(f"no worker can serve now: {reasons}")
-
-    def _count_groups(self) -> None:
-        states = [state for state, _ in self.group_states().values()]
-        for state in (SERVING, RESTARTING, SET_ASIDE):
-            metrics.RANK_GROUPS.labels(self.od_config.model_name, state).set(states.count(state))
-
-    def _on_worker_death(self, rank: int, reason: str) -> None:
-        self._on_ranks_failed((rank,), reason)
-
-    def _on_ranks_failed(self, ranks: tuple[int, ...], reason: str) -> None:
-        """Apply ``on_worker_death`` to each failed rank's group: restart it in the background where the backend
-        can, else set it aside (or turn fatal under "exit"). A group out of service already is left as it is."""
-        failed_ranks = {self.od_config.rank_group_of(rank): rank for rank in reversed(ranks)}
-        for group, failed_rank in failed_ranks.items():
-            for member in group:
-                metrics.WORKER_UP.labels(self.od_config.model_name, str(member)).set(0)
-            if self.od_config.on_worker_death == "exit":
-                self._turn_fatal(reason)
-                return
-            restart = self.executor.can_restart_workers
-            with self._lock:
-                if self._closed or any(rank in self.executor.out_of_service() for rank in group):
-                    continue
-                self.executor.take_out_of_service(group, RESTARTING if restart else SET_ASIDE, reason)
-                self._set_aside_at[group[0]] = time.monotonic()
-            self._count_groups()
-            if restart:
-                threading.Thread(
-                    target=self._restart, args=(failed_rank, group), name=f"imagegen-restart-{failed_rank}", daemon=True
-                ).start()
-            else:
-                logger.error("rank group of rank %s set aside: %s", ", ".join(map(str, group)), reason)
-
-    def _restart(self, rank: int, ranks: range) -> None:
-        try:
-            self.executor.restart_worker(rank)  # the failed rank: the executor names it as the cause
-        except Exception as error:  # noqa: BLE001 - the group waits for the probe to try again
-            reason = f"worker rank {', '.join(map(str, ranks))} could not be restarted: {error}"
-            logger.error("rank group set aside: %s", reason)
-            self.executor.take_out_of_service(ranks, SET_ASIDE, reason)
-            self._set_aside_at[ranks[0]] = time.monotonic()
-        else:
-            self._return_to_service(ranks)
-        self._count_groups()
-
-    def _return_to_service(self, ranks: range) -> None:
-        self.executor.return_to_service(ranks)
-        metrics.WORKER_RESTARTS.labels(self.od_config.model_name).inc(len(ranks))
-        for member in ranks:
-            metrics.WORKER_UP.labels(self.od_config.model_name, str(member)).set(1)
-
-    def _recover(self, ranks: range, timeout: float) -> bool:
-        try:
-            return self.executor.recover_ranks(ranks, timeout)
-        except Exception as error:  # noqa: BLE001 - it stays aside; the next probe tries again
-            logger.error("rank group of rank %s is still aside: %s", ", ".join(map(str, ranks)), error)
-            return False
-
-    def _probe_every_interval(self) -> None:
-        interval = self.od_config.health_check_interval_s
-        while not self._probe_stop.wait(interval):
-            try:
-                self.probe()
-            except Exception:  # noqa: BLE001 - the probe must outlive any one failure
-                logger.exception("the rank-group probe failed")
-
-    def probe(self) -> None:
-        """One probe pass: serving groups that answer no health probe are taken out of service, set-aside
-        groups that answer again are initialized anew (adapters replayed, group formed) and re-admitted.
-        Each probe waits at most half the interval."""
-        if self._closed or self.fatal_error is not None or not self._probing.acquire(blocking=False):
-            return
-        try:
-            timeout = self.od_config.health_check_interval_s / 2
-            size = self.od_config.rank_group_size
-            for group, (state, _) in self.group_states().items():
-                ranks = range(group * size, (group + 1) * size)
-                if state == SERVING:
-                    failed = self.executor.probe_ranks(ranks, timeout)
-                    if failed:
-                        self._on_ranks_failed(tuple(failed), "; ".join(failed.values()))
-                elif (
-                    state == SET_ASIDE
-                    and time.monotonic() - self._set_aside_at.get(group * size, 0.0) >= self.od_config.health_check_interval_s
-                    and self._recover(ranks, timeout)
-                ):
-                    logger.info("rank group of rank %s answers again: re-admitted", ", ".join(map(str, ranks)))
-                    self._return_to_service(ranks)
-                    self._count_groups()
-        finally:
-            self._probing.release()
+        return (
+            not self._closed
+            and self.fatal_error is None
+            and self.executor.is_ready()
+            and bool(self.rank_groups.serving())
+        )
 
     def _turn_fatal(self, reason: str) -> None:
         if self._closed or self.fatal_error is not None:
             return
         self.fatal_error = reason
+        self.rank_groups.stop()
         logger.error("engine cannot serve any more: %s", reason)
         for listener in self.fatal_listeners:
             listener(reason)
@@ -475,7 +362,7 @@ class DiffusionEngine:
         """Release the executor (and stop workers it owns). Idempotent."""
         if not self._closed:
             self._closed = True
-            self._probe_stop.set()
+            self.rank_groups.stop()
             self.executor.shutdown()
 
     def __enter__(self) -> DiffusionEngine:

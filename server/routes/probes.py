@@ -23,8 +23,8 @@ async def health(engine: AsyncDiffusionEngine = Depends(front)) -> JSONResponse:
         await asyncio.to_thread(engine.engine.check_health)
     except EngineError as error:
         return engine_error_response(error)
-    set_aside = [{"rank": rank, "reason": reason} for rank, reason in sorted(engine.engine.set_aside_ranks().items())]
-    return JSONResponse({"status": "ok", "set_aside": set_aside})
+    set_aside = sorted(engine.engine.rank_groups.set_aside_ranks().items())
+    return JSONResponse({"status": "ok", "set_aside": [{"rank": rank, "reason": why} for rank, why in set_aside]})
 
 
 @router.get("/ready")

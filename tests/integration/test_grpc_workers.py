@@ -128,13 +128,13 @@ def test_a_hung_worker_fails_only_its_share_with_504_and_its_group_is_set_aside(
         assert isinstance(failed.failure, RequestTimeoutError)
         assert re.search(r"timed out after 3s waiting for rank 1", failed.error)
         assert served.error is None and served.rank == 0 and len(served.images) == 1
-        assert set(engine.set_aside_ranks()) == {1} and engine.serving_groups() == [0]
+        assert set(engine.rank_groups.set_aside_ranks()) == {1} and engine.rank_groups.serving() == [0]
         (later,) = engine.step(requests_for([3]))
         assert later.rank == 0 and later.error is None
     finally:
         os.kill(workers[1].process.pid, signal.SIGCONT)
     # A worker the engine does not own is re-admitted by the probe once it answers SERVING again.
-    poll(lambda: engine.serving_groups() == [0, 1], 30, "the probe to re-admit rank 1")
+    poll(lambda: engine.rank_groups.serving() == [0, 1], 30, "the probe to re-admit rank 1")
     assert engine.fatal_error is None
     engine.close()
 

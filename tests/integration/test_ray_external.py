@@ -314,7 +314,7 @@ def test_an_actor_that_ray_restarts_in_place_is_initialized_again_before_it_serv
             # get_rank answers at once on the restarted actor; the probe asks whether it is initialized, and
             # initializes it before routing to it.
             poll(lambda: ray.get(actor.is_initialized.remote(), timeout=60), 60, "the probe to initialize it")
-            poll(lambda: engine.serving_groups() == [0], 30, "the re-admission")
+            poll(lambda: engine.rank_groups.serving() == [0], 30, "the re-admission")
             (after,) = engine.step(requests_for([5]))
         assert after.error is None and after.images[0].tobytes() == before.images[0].tobytes()
     finally:

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from engine.images import encode_image, to_pil
-from workers.data import OmniDiffusionRequest, shard_requests
+from workers.data import OmniDiffusionRequest, group_shares, shard_requests
 
 
 def request(size: int = 64, images: int = 1) -> OmniDiffusionRequest:
@@ -32,6 +32,17 @@ def test_sharding_is_deterministic_and_groups_compatible_requests():
     assert shard_requests(requests, 2) == shard_requests(list(requests), 2)
     for shard in shard_requests(requests, 2):
         assert len({r.batch_key() for r in shard}) == 1
+
+
+def test_groups_out_of_service_get_no_share_and_the_serving_ones_split_the_step():
+    requests = [request() for _ in range(6)]
+    shares = group_shares(requests, 3, groups=(0, 2))
+    assert shares[1] == [] and shares[0] + shares[2] == requests
+    assert [shares[0], shares[2]] == shard_requests(requests, 2)
+    # A step sent to one group goes there whole, whatever else serves.
+    assert group_shares(requests, 3, group=2) == [[], [], requests]
+    with pytest.raises(ValueError, match="groups must be rank groups"):
+        group_shares(requests, 3, groups=(3,))
 
 
 @pytest.mark.parametrize("fmt, pil_format", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
