@@ -21,7 +21,9 @@ logger = logging.getLogger(__name__)
 
 # Steps in flight at once. A second step is sent only when it is full, so it waits at the workers
 # while the first runs and they never idle between steps; a partial batch waits for the first to end.
-# In step mode each step is one request, sent at once, up to step_mode_room per rank group.
+# In step mode each step is one request, sent while the rank groups have room for it: up to what their running
+# sets take in one iteration (max_batch_size images each; a larger request goes alone), so that the fair queue,
+# not the workers' own queues, decides whose request runs next.
 PIPELINE_DEPTH = 2
 # While a worker restarts, how often the scheduler looks whether the engine is ready again.
 _READINESS_POLL_S = 0.1
@@ -61,9 +63,9 @@ class AsyncDiffusionEngine:
     ``batch_timeout_ms``; while a step runs, the next leaves only when full or when the running
     step ends. A step holds only requests that can share pipeline calls (same size, steps, ...).
     ``step()`` runs in a thread, so the event loop never blocks on generation. With ``--scheduling
-    step`` (engine.scheduling) each request is a step of its own, sent as soon as one of
-    ``step_mode_room`` slots per rank group is free: the workers' running sets batch them at every
-    denoising step, and each returns when it is done.
+    step`` (engine.scheduling) each request is a step of its own, sent as soon as the rank groups' running
+    sets have room for its images (``max_batch_size`` each; a larger request goes when nothing else is
+    in flight): they batch them at every denoising step, and each returns when it is done.
 
     Fair share: each request comes with a key (who sent it; the server decides), and the queue
     (engine.fair_queue.FairQueue) serves the keys in turn, each in arrival order; a step still fills up
@@ -85,6 +87,7 @@ class AsyncDiffusionEngine:
         self._model_name = engine.od_config.model_name
         config = engine.od_config
         self._step_capacity = config.max_batch_size * config.num_rank_groups
+        self._images_in_flight = 0  # images of the steps sent and not answered yet
         self._step_mode = engine.scheduling == "step"
         depth = config.step_mode_room * config.num_rank_groups if self._step_mode else PIPELINE_DEPTH
         self._max_queue_size = config.max_queue_size
@@ -272,6 +275,7 @@ class AsyncDiffusionEngine:
             await self._free_slots.acquire()
             await self._wait_for_batch()
             batch = self._take_batch()
+            self._images_in_flight += sum(queued.images for queued in batch)
             task = asyncio.get_running_loop().create_task(self._run_step(batch))
             self._steps.add(task)
             task.add_done_callback(self._steps.discard)
@@ -289,7 +293,8 @@ class AsyncDiffusionEngine:
                 except EngineDeadError as error:
                     self._fail_queued(error)
             if self._queue:
-                if ready and (self._step_mode or self._queue.images() >= self._step_capacity):
+                step_ready = self._room_for_next_request() if self._step_mode else self._queue.images() >= self._step_capacity
+                if ready and step_ready:
                     return
                 if not ready:
                     timeout = _READINESS_POLL_S
@@ -304,6 +309,10 @@ class AsyncDiffusionEngine:
                 await asyncio.wait_for(self._changed.wait(), None if timeout is None else max(timeout, 0))
             except TimeoutError:
                 pass
+
+    def _room_for_next_request(self) -> bool:
+        """Step mode: whether the rank groups' running sets have room for the request whose turn it is."""
+        return not self._images_in_flight or self._images_in_flight + self._queue.peek().images <= self._step_capacity
 
     def _take_batch(self) -> list[_Queued]:
         """The next key's oldest request, then compatible ones from the keys in turn, up to the step's capacity."""
@@ -344,6 +353,7 @@ class AsyncDiffusionEngine:
                     queued.future.set_result(output)
         finally:
             self._running.dec(len(batch))
+            self._images_in_flight -= sum(queued.images for queued in batch)
             self._free_slots.release()
             self._steps.discard(asyncio.current_task())
             self._changed.set()

@@ -88,10 +88,15 @@ class FairQueue(Generic[Q]):
         self._by_key.get(item.key, deque()).remove(item)
         self._removed(item)
 
+    def peek(self) -> Q:
+        """The request popleft() would take; IndexError when nothing is queued."""
+        return self._by_key[(self._new or self._old)[0]][0]
+
     def popleft(self) -> Q:
         """The oldest request of the key whose turn it is; IndexError when nothing is queued."""
-        key = (self._new or self._old)[0]
-        item = self._by_key[key].popleft()
+        item = self.peek()
+        key = item.key
+        self._by_key[key].popleft()
         self._removed(item)
         self._served([key])
         return item

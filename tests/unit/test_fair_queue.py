@@ -130,3 +130,10 @@ def test_oldest_is_a_keys_first_arrival_and_iteration_sees_every_request():
 def test_popleft_on_an_empty_queue_raises_index_error():
     with pytest.raises(IndexError):
         FairQueue().popleft()
+
+
+def test_peek_names_the_request_popleft_takes_without_taking_it():
+    queue = queue_of(Item("a", "a1"), Item("a", "a2"), Item("b", "b1"))
+    assert queue.popleft().name == "a1"
+    assert queue.peek().name == "b1" and len(queue) == 2
+    assert queue.popleft().name == "b1"
