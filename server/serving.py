@@ -132,19 +132,6 @@ class ImageServing:
             "loras": self._loras(body),
         }
 
-    def fairness_key(self, http_request: Request) -> str:
-        """Whom the request counts for in the fair queue and the per-key cap: the --fairness-header value
-        (trusting the proxy that sets it), else the API key that matched (as a digest), else the client's
-        address."""
-        if self.config.fairness_header:
-            value = http_request.headers.get(self.config.fairness_header)
-            if value:
-                return f"header:{key_digest(value.encode())}"
-        digest = getattr(http_request.state, "api_key_digest", None)
-        if digest is not None:
-            return f"key:{digest}"
-        return f"client:{http_request.client.host if http_request.client else 'unknown'}"
-
     # -- 2. generate, 3. encode, 4. answer ---------------------------------------------------------
     async def answer(
         self, http_request: Request, body: ImageOptions, request: OmniDiffusionRequest, events: str | None
@@ -152,7 +139,7 @@ class ImageServing:
         """Generate ``request`` and answer as ``body`` asks: JSON with b64_json or urls, or (``events`` names
         the event prefix) a server-sent event stream. The answer, an error's too, carries the sender's
         share of the queue as OpenAI's x-ratelimit-*-requests headers (docs/openai-compatibility.md)."""
-        key = self.fairness_key(http_request)
+        key = fairness_key(http_request, self.config.fairness_header)
         try:
             return await self._answer(http_request, body, request, events, key)
         finally:
@@ -214,6 +201,20 @@ class ImageServing:
         data = encode_image(image, output_format, compression)
         metrics.STAGE_TIME.labels(self.model_name, "image_encode").observe(time.perf_counter() - started)
         return data
+
+
+def fairness_key(http_request: Request, fairness_header: str | None) -> str:
+    """Whom the request counts for in the fair queue and the per-key cap: the ``fairness_header`` value
+    (--fairness-header, trusting the proxy that sets it), else the API key that matched (as a digest,
+    see ApiKeyMiddleware), else the client's address."""
+    if fairness_header:
+        value = http_request.headers.get(fairness_header)
+        if value:
+            return f"header:{key_digest(value.encode())}"
+    digest = getattr(http_request.state, "api_key_digest", None)
+    if digest is not None:
+        return f"key:{digest}"
+    return f"client:{http_request.client.host if http_request.client else 'unknown'}"
 
 
 def duration_text(seconds: float) -> str:
