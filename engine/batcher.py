@@ -293,7 +293,10 @@ class AsyncDiffusionEngine:
                 except EngineDeadError as error:
                     self._fail_queued(error)
             if self._queue:
-                step_ready = self._room_for_next_request() if self._step_mode else self._queue.images() >= self._step_capacity
+                if self._step_mode:
+                    step_ready = self._room_for_next_request()
+                else:
+                    step_ready = self._queue.images() >= self._step_capacity
                 if ready and step_ready:
                     return
                 if not ready:

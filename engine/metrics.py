@@ -25,7 +25,10 @@ REQUESTS_WAITING = Gauge("imagegen_num_requests_waiting", "Requests queued for a
 REQUESTS_RUNNING = Gauge("imagegen_num_requests_running", "Requests in a step that is running", ["model_name"])
 WORKER_UP = Gauge("imagegen_worker_up", "1 while the worker of this rank is serving", ["model_name", "rank"])
 WORKER_RESTARTS = Counter("imagegen_worker_restarts", "Workers replaced after dying or hanging", ["model_name"])
-REQUESTS_REJECTED = Counter("imagegen_requests_rejected", "Requests refused because the queue, or the sender's share of it, was full", ["model_name"])
+REQUESTS_REJECTED = Counter(
+    "imagegen_requests_rejected", "Requests refused because the queue, or the sender's share of it, was full",
+    ["model_name"],
+)
 REQUESTS_TIMED_OUT = Counter("imagegen_requests_timed_out", "Requests that ran past their deadline", ["model_name"])
 REQUESTS_CANCELLED = Counter("imagegen_requests_cancelled", "Requests whose client went away first", ["model_name"])
 STAGE_TIME = Histogram(

@@ -37,7 +37,9 @@ def by_size(item: Item) -> str:
 
 
 def test_keys_take_turns_and_each_key_keeps_its_arrival_order():
-    queue = queue_of(Item("a", "a1"), Item("a", "a2"), Item("a", "a3"), Item("b", "b1"), Item("b", "b2"), Item("c", "c1"))
+    queue = queue_of(
+        Item("a", "a1"), Item("a", "a2"), Item("a", "a3"), Item("b", "b1"), Item("b", "b2"), Item("c", "c1")
+    )
     assert drain(queue) == ["a1", "b1", "c1", "a2", "b2", "a3"]
     assert len(queue) == 0 and not queue
 
