@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from dataclasses import dataclass
 
 import pytest
 
+from engine import (
+    AsyncDiffusionEngine,
+    DiffusionOutput,
+    EngineOverloadedError,
+    OmniDiffusionConfig,
+    OmniDiffusionRequest,
+)
 from engine.fair_queue import FairQueue
 
 
@@ -139,3 +149,111 @@ def test_peek_names_the_request_popleft_takes_without_taking_it():
     assert queue.popleft().name == "a1"
     assert queue.peek().name == "b1" and len(queue) == 2
     assert queue.popleft().name == "b1"
+
+
+# -- the batcher over it (engine.batcher.AsyncDiffusionEngine), with a fake engine -------------------
+
+
+class FakeEngine:
+    """What AsyncDiffusionEngine uses of a DiffusionEngine. Each request's step() returns once the test
+    releases it; ``sent`` lists the requests in the order they were sent to the workers."""
+
+    def __init__(self, scheduling: str, ready: bool = True, **settings):
+        self.od_config = OmniDiffusionConfig(model="tiny", **settings)
+        self.scheduling = scheduling
+        self.ready = ready
+        self.fatal_error = None
+        self.progress_listeners = []
+        self.sent: list[str] = []
+        self._released: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def prepare(self, request, admitted=False):
+        return request
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    def check_health(self) -> None:
+        pass
+
+    def cancel(self, request_ids) -> None:
+        pass
+
+    def release(self, prompt: str) -> None:
+        self._event(prompt).set()
+
+    def _event(self, prompt: str):
+        with self._lock:
+            return self._released.setdefault(prompt, threading.Event())
+
+    def step(self, requests):
+        for request in requests:
+            self.sent.append(request.prompt)
+        for request in requests:
+            assert self._event(request.prompt).wait(30), f"{request.prompt} was never released"
+        return [DiffusionOutput(request.request_id, [], 0) for request in requests]
+
+
+def fox(prompt: str, n: int = 1):
+    return OmniDiffusionRequest(prompt, num_images=n)
+
+
+async def until(condition, what: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+def test_a_key_past_its_share_is_refused_while_other_keys_get_in():
+    # Not ready: nothing leaves the queue. A queue of 8 images, 2 a key.
+    engine = FakeEngine("request", ready=False, max_queue_size=8)
+
+    async def scenario():
+        front = AsyncDiffusionEngine(engine)
+        front.start()
+        tasks = [asyncio.ensure_future(front.generate(fox("a2", 2), "a"))]
+        await until(lambda: front.queue_room("a").remaining == 0, "a's two images to queue")
+        with pytest.raises(EngineOverloadedError, match="at most 2 waiting"):
+            await front.generate(fox("a1"), "a")
+        tasks.append(asyncio.ensure_future(front.generate(fox("b1"), "b")))
+        # A key with nothing waiting may queue one request larger than its share.
+        tasks.append(asyncio.ensure_future(front.generate(fox("c5", 5), "c")))
+        await until(lambda: front.queue_room("c").remaining == 0, "c's request to queue")
+        assert front.queue_room("b").remaining == 1
+        assert front.queue_room("a").limit == 2 and front.queue_room("a").reset_s >= 0
+        with pytest.raises(EngineOverloadedError, match="8 images are already waiting"):
+            await front.generate(fox("d1"), "d")  # 2 + 1 + 5 fill the whole queue
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await front.close()
+
+    asyncio.run(scenario())
+
+
+def test_step_mode_sends_a_request_only_when_the_running_set_has_room_so_the_fair_queue_decides():
+    engine = FakeEngine("step", max_batch_size=8)
+
+    async def scenario():
+        front = AsyncDiffusionEngine(engine)
+        front.start()
+        floods = [asyncio.ensure_future(front.generate(fox(f"f{i}", 8), "flood")) for i in range(3)]
+        await until(lambda: engine.sent == ["f0"], "the first flood request to be sent")
+        single = asyncio.ensure_future(front.generate(fox("s", 1), "single"))
+        await until(lambda: front.queue_room("single").remaining == 63, "the single request to queue")
+        assert engine.sent == ["f0"]  # the running set is full: the rest wait in the fair queue
+        engine.release("f0")
+        await until(lambda: engine.sent == ["f0", "s"], "the single request to go next")
+        assert engine.sent == ["f0", "s"]  # f1 does not fit beside it
+        engine.release("s")
+        await single
+        for name in ("f1", "f2"):
+            await until(lambda name=name: name in engine.sent, f"{name} to be sent")
+            engine.release(name)
+        await asyncio.gather(*floods)
+        assert engine.sent == ["f0", "s", "f1", "f2"]
+        await front.close()
+
+    asyncio.run(scenario())
