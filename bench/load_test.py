@@ -67,8 +67,9 @@ def main() -> int:
 
     port = free_port()
     log = Path(tempfile.mkdtemp(prefix="imagegen-load-")) / "server.log"
+    # Every client here is one key (one address): its share of the queue is the whole queue, so the soak fills it.
     command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model", args.model,
-               "--max-queue-size", str(args.queue)]
+               "--max-queue-size", str(args.queue), "--max-queued-images-per-key", str(args.queue)]
     server = start(command, port, log)
     url = f"http://127.0.0.1:{port}/v1/images/generations"
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from engine import metrics
 from engine.engine import DiffusionEngine, DiffusionOutput, PartialImages
 from engine.errors import EngineDeadError, EngineOverloadedError, RequestTimeoutError
+from engine.fair_queue import FairQueue
 from workers.config import LoraModule
 from workers.data import OmniDiffusionRequest, StepProgress
 
@@ -20,10 +21,16 @@ logger = logging.getLogger(__name__)
 
 # Steps in flight at once. A second step is sent only when it is full, so it waits at the workers
 # while the first runs and they never idle between steps; a partial batch waits for the first to end.
-# In step mode each step is one request, sent at once, up to step_mode_room per rank group.
+# In step mode each step is one request, sent while the rank groups have room for it: up to what their running
+# sets take in one iteration (max_batch_size images each; a larger request goes alone), so that the fair queue,
+# not the workers' own queues, decides whose request runs next.
 PIPELINE_DEPTH = 2
 # While a worker restarts, how often the scheduler looks whether the engine is ready again.
 _READINESS_POLL_S = 0.1
+
+
+# How much each request that leaves the queue moves the estimate of the queue time (see queue_room).
+_QUEUE_TIME_WEIGHT = 0.2
 
 
 @dataclass(eq=False)
@@ -31,7 +38,22 @@ class _Queued:
     request: OmniDiffusionRequest
     future: asyncio.Future
     deadline: float
+    key: str = ""
     enqueued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def images(self) -> int:
+        return self.request.num_images
+
+
+@dataclass(frozen=True)
+class QueueRoom:
+    """A key's share of the queue: ``limit`` images (--max-queued-images-per-key), ``remaining`` of them
+    free, and ``reset_s``, the seconds until one more frees (0 while one is free; else an estimate)."""
+
+    limit: int
+    remaining: int
+    reset_s: float
 
 
 class AsyncDiffusionEngine:
@@ -41,13 +63,18 @@ class AsyncDiffusionEngine:
     ``batch_timeout_ms``; while a step runs, the next leaves only when full or when the running
     step ends. A step holds only requests that can share pipeline calls (same size, steps, ...).
     ``step()`` runs in a thread, so the event loop never blocks on generation. With ``--scheduling
-    step`` (engine.scheduling) each request is a step of its own, sent as soon as one of
-    ``step_mode_room`` slots per rank group is free: the workers' running sets batch them at every
-    denoising step, and each returns when it is done.
+    step`` (engine.scheduling) each request is a step of its own, sent as soon as the rank groups' running
+    sets have room for its images (``max_batch_size`` each; a larger request goes when nothing else is
+    in flight): they batch them at every denoising step, and each returns when it is done.
 
-    Admission: more than ``max_queue_size`` queued images is EngineOverloadedError (429); a
-    request still queued after ``request_timeout_s`` is RequestTimeoutError (504) and never runs;
-    while a worker restarts, requests wait in the queue.
+    Fair share: each request comes with a key (who sent it; the server decides), and the queue
+    (engine.fair_queue.FairQueue) serves the keys in turn, each in arrival order; a step still fills up
+    with compatible requests of several keys. In both scheduling modes.
+
+    Admission: more than ``max_queue_size`` queued images, or more than ``queued_images_per_key`` of
+    one key (a key with nothing queued may always queue one request), is EngineOverloadedError (429);
+    ``queue_room(key)`` tells a key its share. A request still queued after ``request_timeout_s`` is
+    RequestTimeoutError (504) and never runs; while a worker restarts, requests wait in the queue.
 
     ``stream()`` is ``generate()`` that also yields the request's progress (partial images, steps) as it comes.
 
@@ -60,13 +87,17 @@ class AsyncDiffusionEngine:
         self._model_name = engine.od_config.model_name
         config = engine.od_config
         self._step_capacity = config.max_batch_size * config.num_rank_groups
+        self._images_in_flight = 0  # images of the steps sent and not answered yet
         self._step_mode = engine.scheduling == "step"
         depth = config.step_mode_room * config.num_rank_groups if self._step_mode else PIPELINE_DEPTH
         self._max_queue_size = config.max_queue_size
+        self._max_images_per_key = config.queued_images_per_key
         self._request_timeout_s = config.request_timeout_s
         self.draining = False
         self._batch_timeout_s = engine.od_config.batch_timeout_ms / 1000
-        self._queue: deque[_Queued] = deque()
+        self._queue: FairQueue[_Queued] = FairQueue()
+        # Seconds requests waited in the queue lately (a moving average), for queue_room's estimate.
+        self._recent_queue_time_s = 0.0
         self._changed = asyncio.Event()  # a request arrived or a step ended
         self._free_slots = asyncio.Semaphore(depth)
         self._threads = ThreadPoolExecutor(depth, thread_name_prefix="imagegen-step")
@@ -114,21 +145,30 @@ class AsyncDiffusionEngine:
                 return False
         return True
 
-    async def generate(self, request: OmniDiffusionRequest) -> DiffusionOutput:
-        """Validate, queue and wait for ``request``. Raises the engine's errors."""
+    def queue_room(self, key: str) -> QueueRoom:
+        """``key``'s share of the queue now. The seconds until a place frees are an estimate: how long
+        requests waited in the queue lately, less how long the key's oldest queued request has waited."""
+        queued = self._queue.images(key)
+        reset_s = 0.0
+        if queued >= self._max_images_per_key:
+            waited_s = time.monotonic() - self._queue.oldest(key).enqueued_at
+            reset_s = max(0.0, self._recent_queue_time_s - waited_s)
+        return QueueRoom(self._max_images_per_key, max(0, self._max_images_per_key - queued), reset_s)
+
+    async def generate(self, request: OmniDiffusionRequest, key: str = "") -> DiffusionOutput:
+        """Validate, queue and wait for ``request``, sent by ``key`` (see the class docstring). Raises the
+        engine's errors."""
         prepared = self.engine.prepare(request)
         if self.draining:
             raise EngineDeadError("the server is shutting down")
         if self.engine.fatal_error is not None:
             raise EngineDeadError(self.engine.fatal_error)
-        if self._queued_images() + prepared.num_images > self._max_queue_size:
-            metrics.REQUESTS_REJECTED.labels(self._model_name).inc()
-            raise EngineOverloadedError(
-                f"The server is busy: {self._max_queue_size} images are already waiting. Retry shortly."
-            )
+        self._admit(key, prepared.num_images)
         now = time.monotonic()
         loop = asyncio.get_running_loop()
-        queued = _Queued(prepared, loop.create_future(), deadline=now + self._request_timeout_s, enqueued_at=now)
+        queued = _Queued(
+            prepared, loop.create_future(), deadline=now + self._request_timeout_s, key=key, enqueued_at=now
+        )
         self._queue.append(queued)
         self._waiting.inc()
         self._changed.set()
@@ -153,6 +193,20 @@ class AsyncDiffusionEngine:
                 self._lora_in_flight.subtract(lora_names)
                 self._lora_done.set()
 
+    def _admit(self, key: str, images: int) -> None:
+        """Raise EngineOverloadedError when ``images`` more would overfill the queue or ``key``'s share of it."""
+        if self._queue.images() + images > self._max_queue_size:
+            refusal = f"The server is busy: {self._max_queue_size} images are already waiting."
+        elif self._queue.images(key) and self._queue.images(key) + images > self._max_images_per_key:
+            refusal = (
+                f"You have {self._queue.images(key)} images waiting, and each client may have at most "
+                f"{self._max_images_per_key} waiting at once."
+            )
+        else:
+            return
+        metrics.REQUESTS_REJECTED.labels(self._model_name).inc()
+        raise EngineOverloadedError(f"{refusal} Retry shortly.")
+
     async def load_lora_adapter(self, adapter: LoraModule) -> dict:
         """Load ``adapter`` on every rank (see LoraRegistry.load); rank 0's report."""
         return await asyncio.to_thread(self.engine.loras.load, adapter)
@@ -168,13 +222,13 @@ class AsyncDiffusionEngine:
         await asyncio.to_thread(self.engine.loras.unload, name)
 
     async def stream(
-        self, request: OmniDiffusionRequest
+        self, request: OmniDiffusionRequest, key: str = ""
     ) -> AsyncIterator[PartialImages | StepProgress | DiffusionOutput]:
         """generate(), yielding each of the request's PartialImages and StepProgress as soon as a
         worker has made it, and the DiffusionOutput last. Closing the iterator early cancels the request."""
         progress: asyncio.Queue[PartialImages | StepProgress | None] = asyncio.Queue()
         self._progress[request.request_id] = progress
-        generation = asyncio.ensure_future(self.generate(request))
+        generation = asyncio.ensure_future(self.generate(request, key))
         # Runs after all the request's progress is queued: the workers send it before their
         # reply, and the threads that report it hand it to the loop before the step ends.
         generation.add_done_callback(lambda _: progress.put_nowait(None))
@@ -221,12 +275,10 @@ class AsyncDiffusionEngine:
             await self._free_slots.acquire()
             await self._wait_for_batch()
             batch = self._take_batch()
+            self._images_in_flight += sum(queued.images for queued in batch)
             task = asyncio.get_running_loop().create_task(self._run_step(batch))
             self._steps.add(task)
             task.add_done_callback(self._steps.discard)
-
-    def _queued_images(self) -> int:
-        return sum(queued.request.num_images for queued in self._queue)
 
     async def _wait_for_batch(self) -> None:
         while True:
@@ -241,12 +293,16 @@ class AsyncDiffusionEngine:
                 except EngineDeadError as error:
                     self._fail_queued(error)
             if self._queue:
-                if ready and (self._step_mode or self._queued_images() >= self._step_capacity):
+                if self._step_mode:
+                    step_ready = self._room_for_next_request()
+                else:
+                    step_ready = self._queue.images() >= self._step_capacity
+                if ready and step_ready:
                     return
                 if not ready:
                     timeout = _READINESS_POLL_S
                 elif not self._steps:
-                    timeout = self._queue[0].enqueued_at + self._batch_timeout_s - now
+                    timeout = min(queued.enqueued_at for queued in self._queue) + self._batch_timeout_s - now
                     if timeout <= 0:
                         return
                 next_deadline = min(queued.deadline for queued in self._queue) - now
@@ -257,21 +313,15 @@ class AsyncDiffusionEngine:
             except TimeoutError:
                 pass
 
+    def _room_for_next_request(self) -> bool:
+        """Step mode: whether the rank groups' running sets have room for the request whose turn it is."""
+        return not self._images_in_flight or self._images_in_flight + self._queue.peek().images <= self._step_capacity
+
     def _take_batch(self) -> list[_Queued]:
-        """The oldest request, then the next compatible ones in arrival order, up to the step's capacity."""
-        oldest = self._queue.popleft()
+        """The next key's oldest request, then compatible ones from the keys in turn, up to the step's capacity."""
         if self._step_mode:  # its own call, answered as soon as it leaves the running set
-            return [oldest]
-        batch, images = [oldest], oldest.request.num_images
-        key = oldest.request.batch_key()
-        for queued in list(self._queue):
-            if images >= self._step_capacity:
-                break
-            if queued.request.batch_key() == key and images + queued.request.num_images <= self._step_capacity:
-                self._queue.remove(queued)
-                batch.append(queued)
-                images += queued.request.num_images
-        return batch
+            return [self._queue.popleft()]
+        return self._queue.take_batch(self._step_capacity, lambda queued: queued.request.batch_key())
 
     async def _run_step(self, batch: list[_Queued]) -> None:
         started = time.monotonic()
@@ -279,6 +329,9 @@ class AsyncDiffusionEngine:
         self._running.inc(len(batch))
         for queued in batch:
             metrics.QUEUE_TIME.labels(self._model_name).observe(started - queued.enqueued_at)
+            self._recent_queue_time_s += _QUEUE_TIME_WEIGHT * (
+                started - queued.enqueued_at - self._recent_queue_time_s
+            )
         metrics.BATCH_SIZE.labels(self._model_name).observe(sum(q.request.num_images for q in batch))
         try:
             outputs = await asyncio.get_running_loop().run_in_executor(
@@ -294,7 +347,10 @@ class AsyncDiffusionEngine:
             elapsed = time.monotonic() - started
             for queued, output in zip(batch, outputs, strict=True):
                 if output.failure is not None:  # its rank group failed; the rest of the step was served
-                    queued.future.set_exception(output.failure)
+                    if isinstance(output.failure, RequestTimeoutError):
+                        metrics.REQUESTS_TIMED_OUT.labels(self._model_name).inc()
+                    if not queued.future.done():
+                        queued.future.set_exception(output.failure)
                     continue
                 output.queue_time_s = started - queued.enqueued_at
                 output.inference_time_s = elapsed
@@ -306,6 +362,7 @@ class AsyncDiffusionEngine:
                     queued.future.set_result(output)
         finally:
             self._running.dec(len(batch))
+            self._images_in_flight -= sum(queued.images for queued in batch)
             self._free_slots.release()
             self._steps.discard(asyncio.current_task())
             self._changed.set()

@@ -30,7 +30,10 @@ RANK_GROUPS = Gauge(
     ["model_name", "state"],
 )
 WORKER_RESTARTS = Counter("imagegen_worker_restarts", "Workers replaced after dying or hanging", ["model_name"])
-REQUESTS_REJECTED = Counter("imagegen_requests_rejected", "Requests refused because the queue was full", ["model_name"])
+REQUESTS_REJECTED = Counter(
+    "imagegen_requests_rejected", "Requests refused because the queue, or the sender's share of it, was full",
+    ["model_name"],
+)
 REQUESTS_TIMED_OUT = Counter("imagegen_requests_timed_out", "Requests that ran past their deadline", ["model_name"])
 REQUESTS_CANCELLED = Counter("imagegen_requests_cancelled", "Requests whose client went away first", ["model_name"])
 STAGE_TIME = Histogram(

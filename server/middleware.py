@@ -21,7 +21,9 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 class RequestLogMiddleware:
     """Gives each request an id (the client's X-Request-ID, or a new one, echoed in the response),
-    counts it by route and status, times the image routes, and logs one line for it."""
+    counts it by route and status, times the image routes, and logs one line for it. A route's
+    ``state.response_headers`` go on whatever answer it gives, an error's too (the image routes'
+    x-ratelimit-* headers)."""
 
     def __init__(self, app: ASGIApp, model_name: str):
         self.app = app
@@ -39,7 +41,10 @@ class RequestLogMiddleware:
         async def send_and_record(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+                headers = message.setdefault("headers", [])
+                headers.append((b"x-request-id", request_id.encode()))
+                for name, value in scope["state"].get("response_headers", {}).items():
+                    headers.append((name.encode(), value.encode()))
             await send(message)
 
         try:
@@ -127,13 +132,24 @@ class KeyRing:
     def refusal(self, headers: list[tuple[bytes, bytes]]) -> tuple[str, str | None] | None:
         """None when ``headers`` carry ``Authorization: Bearer <a key of the ring>``; else the 401's
         message and code."""
-        authorization = next((value for name, value in headers if name == b"authorization"), b"")
-        scheme, _, token = authorization.partition(b" ")
-        if scheme.lower() != b"bearer" or not token.strip():
+        token = bearer_token(headers)
+        if not token:
             return _NO_KEY_MESSAGE, None
-        if not self.accepts(token.strip()):
+        if not self.accepts(token):
             return "Incorrect API key provided.", "invalid_api_key"
         return None
+
+
+def bearer_token(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The token of ``Authorization: Bearer <token>``; empty when there is none."""
+    authorization = next((value for name, value in headers if name == b"authorization"), b"")
+    scheme, _, token = authorization.partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else b""
+
+
+def key_digest(secret: bytes) -> str:
+    """A short SHA-256 digest that tells keys apart in the fair queue without holding the key itself."""
+    return hashlib.sha256(secret).hexdigest()[:16]
 
 
 class ApiKeyMiddleware:
@@ -164,6 +180,8 @@ class ApiKeyMiddleware:
             return
         refusal = self._keys.refusal(scope["headers"])
         if refusal is None:
+            # Whom the request counts for in the fair queue (server/serving.py): the key, as a digest.
+            scope.setdefault("state", {})["api_key_digest"] = key_digest(bearer_token(scope["headers"]))
             await self.app(scope, receive, send)
             return
         await unauthorized(*refusal)(scope, receive, send)

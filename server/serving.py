@@ -36,6 +36,7 @@ from engine import (
 from engine import metrics
 from engine.images import encode_image
 from server.errors import engine_error_event
+from server.middleware import key_digest
 from server.protocol import (
     CompletedEvent,
     ImageData,
@@ -136,7 +137,22 @@ class ImageServing:
         self, http_request: Request, body: ImageOptions, request: OmniDiffusionRequest, events: str | None
     ):
         """Generate ``request`` and answer as ``body`` asks: JSON with b64_json or urls, or (``events`` names
-        the event prefix) a server-sent event stream."""
+        the event prefix) a server-sent event stream. The answer, an error's too, carries the sender's
+        share of the queue as OpenAI's x-ratelimit-*-requests headers (docs/openai-compatibility.md)."""
+        key = fairness_key(http_request, self.config.fairness_header)
+        try:
+            return await self._answer(http_request, body, request, events, key)
+        finally:
+            room = self.front.queue_room(key)
+            http_request.state.response_headers = {
+                "x-ratelimit-limit-requests": str(room.limit),
+                "x-ratelimit-remaining-requests": str(room.remaining),
+                "x-ratelimit-reset-requests": duration_text(room.reset_s),
+            }
+
+    async def _answer(
+        self, http_request: Request, body: ImageOptions, request: OmniDiffusionRequest, events: str | None, key: str
+    ):
         # Prepared here, in a thread: resizing an uploaded image must not block the event loop.
         prepared = await asyncio.to_thread(self.engine.prepare, request)
         size = f"{prepared.width}x{prepared.height}"
@@ -146,7 +162,7 @@ class ImageServing:
 
         if events is not None and getattr(body, "stream", False):
             event_fields = {"output_format": body.output_format, "quality": quality or "medium", "size": size}
-            items = self.front.stream(prepared)
+            items = self.front.stream(prepared, key)
             # Nothing is sent before the first item, so a request that fails at once (queue full, timed
             # out, pipeline error) gets its status code, as without stream.
             first = await _cancel_on_disconnect(http_request, anext(items))
@@ -155,7 +171,7 @@ class ImageServing:
                 _finished(http_request, first)
             stream = _server_sent_events(http_request, first, items, partial(_events, events, encode, event_fields))
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        output = await _cancel_on_disconnect(http_request, self.front.generate(prepared))
+        output = await _cancel_on_disconnect(http_request, self.front.generate(prepared, key))
         _finished(http_request, output)
         encoded = await asyncio.to_thread(lambda: [encode(image) for image in output.images])
         if (body.response_format or self.config.default_response_format) == "url":
@@ -185,6 +201,29 @@ class ImageServing:
         data = encode_image(image, output_format, compression)
         metrics.STAGE_TIME.labels(self.model_name, "image_encode").observe(time.perf_counter() - started)
         return data
+
+
+def fairness_key(http_request: Request, fairness_header: str | None) -> str:
+    """Whom the request counts for in the fair queue and the per-key cap: the ``fairness_header`` value
+    (--fairness-header, trusting the proxy that sets it), else the API key that matched (as a digest,
+    see ApiKeyMiddleware), else the client's address."""
+    if fairness_header:
+        value = http_request.headers.get(fairness_header)
+        if value:
+            return f"header:{key_digest(value.encode())}"
+    digest = getattr(http_request.state, "api_key_digest", None)
+    if digest is not None:
+        return f"key:{digest}"
+    return f"client:{http_request.client.host if http_request.client else 'unknown'}"
+
+
+def duration_text(seconds: float) -> str:
+    """``seconds`` as OpenAI writes x-ratelimit-reset-*: "250ms", "1.5s", "2m3s"."""
+    if round(seconds * 1000) < 1000:
+        return f"{round(seconds * 1000)}ms"
+    minutes, rest = divmod(round(seconds, 3), 60)
+    rest_text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{int(minutes)}m{rest_text}" if minutes else rest_text
 
 
 def _finished(http_request: Request, output: DiffusionOutput) -> None:

@@ -173,6 +173,18 @@ class OmniDiffusionConfig(BaseSettings):
         "is initialized again and re-admitted",
     )
     max_queue_size: int = Field(256, ge=1, description="most images waiting for a step; more are refused with 429")
+    max_queued_images_per_key: int | None = Field(
+        None,
+        ge=1,
+        description="most images one key (API key, --fairness-header value or client address) may have waiting; "
+        "its requests past it are refused with 429 while other keys still get in; a key with nothing waiting "
+        "may always queue one request (default: a quarter of max_queue_size)",
+    )
+    fairness_header: str | None = Field(
+        None,
+        description="request header that names whom a request counts for in the fair queue and the per-key cap, "
+        "e.g. X-Forwarded-User; trusts the proxy that sets it (default: the API key, else the client address)",
+    )
     request_timeout_s: float = Field(600.0, gt=0, description="a request still queued after this is answered 504")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     max_request_body_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
@@ -472,6 +484,11 @@ class OmniDiffusionConfig(BaseSettings):
     def rank_group_size(self) -> int:
         """Ranks that make each image together: cfg_parallel_size x ulysses_degree x ring_degree."""
         return self.cfg_parallel_size * self.ulysses_degree * self.ring_degree
+
+    @property
+    def queued_images_per_key(self) -> int:
+        """The cap in force on one key's waiting images: max_queued_images_per_key, or a quarter of max_queue_size."""
+        return self.max_queued_images_per_key or max(1, self.max_queue_size // 4)
 
     @property
     def step_mode_room(self) -> int:

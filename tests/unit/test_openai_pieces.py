@@ -175,3 +175,53 @@ def test_deterministic_failure_tells_the_official_client_not_to_retry():
     error = asyncio.run(generate())
     assert error.response.headers["x-should-retry"] == "false"
     assert len(calls) == 1
+
+
+def _request(headers: dict[str, str] | None = None, state: dict | None = None, client=("10.0.0.7", 5555)):
+    from starlette.requests import Request
+
+    raw = [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
+    return Request({"type": "http", "headers": raw, "client": client, "state": dict(state or {})})
+
+
+def test_fairness_key_is_the_header_then_the_api_key_digest_then_the_client_address():
+    from server.serving import fairness_key
+
+    keyed = {"api_key_digest": "abc123"}
+    user = {"X-Forwarded-User": "alice"}
+    assert fairness_key(_request(), None) == "client:10.0.0.7"
+    assert fairness_key(_request(state=keyed), None) == "key:abc123"
+    # The header counts only when the setting names it, and then before the API key.
+    assert fairness_key(_request(user, keyed), None) == "key:abc123"
+    by_header = fairness_key(_request(user, keyed), "X-Forwarded-User")
+    assert by_header.startswith("header:") and "alice" not in by_header
+    assert by_header != fairness_key(_request({"X-Forwarded-User": "bob"}), "X-Forwarded-User")
+    assert fairness_key(_request(state=keyed), "X-Forwarded-User") == "key:abc123"  # no header sent
+
+
+def test_api_key_middleware_hands_on_a_digest_of_the_matching_key_never_the_key():
+    from server.middleware import ApiKeyMiddleware, key_digest
+
+    seen = {}
+
+    async def app(scope, receive, send):
+        seen.update(scope["state"])
+
+    middleware = ApiKeyMiddleware(app, ["key-one", "key-two"], protect_metrics=False, own_key_paths=frozenset())
+    scope = {"type": "http", "path": "/v1/images/generations", "headers": [(b"authorization", b"Bearer key-two")]}
+    asyncio.run(middleware(scope, None, None))
+    assert seen["api_key_digest"] == key_digest(b"key-two") != key_digest(b"key-one")
+    assert "key-two" not in seen["api_key_digest"]
+
+
+def test_duration_text_is_written_as_openai_writes_its_reset_headers():
+    from server.serving import duration_text
+
+    texts = [duration_text(s) for s in (0, 0.25, 0.9999, 1, 1.5, 123.4)]
+    assert texts == ["0ms", "250ms", "1s", "1s", "1.5s", "2m3.4s"]
+
+
+def test_queued_images_per_key_defaults_to_a_quarter_of_the_queue():
+    assert OmniDiffusionConfig(max_queue_size=100).queued_images_per_key == 25
+    assert OmniDiffusionConfig(max_queue_size=2).queued_images_per_key == 1
+    assert OmniDiffusionConfig(max_queue_size=100, max_queued_images_per_key=7).queued_images_per_key == 7
