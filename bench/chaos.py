@@ -116,7 +116,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--client-timeout-s", type=float, default=90)
     parser.add_argument("--probe-interval-s", type=float, default=2.0)
-    parser.add_argument("--rpc-timeout-s", type=float, default=4.0)
+    parser.add_argument("--rpc-timeout-s", type=float, default=30.0)
     parser.add_argument("--stall-s", type=float, default=6.0)
     args = parser.parse_args()
     from lora_adapters import make_lora
@@ -200,6 +200,8 @@ def main() -> int:
     fivexx = [m for _, _, o, m in results if o.startswith("5") or o == "stream-error"]
     print(f"requests {len(results)}: {counts}")
     print(f"5xx naming rank 1: {sum('rank 1' in m for m in fivexx)} of {len(fivexx)}")
+    for message in sorted({m[:160] for m in fivexx if "rank 1" not in m}):
+        print(f"  5xx not naming rank 1: {message}")
     goals = {
         "nothing lost or hung": counts.get("lost", 0) + counts.get("hung", 0) == 0,
         ">= 90% served": served >= 0.9 * len(results),
