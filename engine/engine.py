@@ -215,7 +215,7 @@ class DiffusionEngine:
             listener(progress)
 
     def _generate(
-        self, requests: list[OmniDiffusionRequest]
+        self, requests: list[OmniDiffusionRequest], retry: bool = True
     ) -> tuple[list[RequestOutput], dict[str, EngineError]]:
         """The serving rank groups' replies, and the requests that failed with their group (request id -> why).
 
@@ -244,7 +244,7 @@ class DiffusionEngine:
                 raise failure from error
             shares = group_shares(requests, self.od_config.num_rank_groups, None, tuple(serving))
             lost = {request.request_id: failure for index in failed for request in shares[index]}
-            replies, failures = self._generate([r for r in requests if r.request_id not in lost])
+            replies, failures = self._generate([r for r in requests if r.request_id not in lost], retry)
             return replies, {**failures, **lost}
         finally:
             if group is not None:
@@ -257,8 +257,11 @@ class DiffusionEngine:
         if not unanswered:
             return replies, {}
         # A group was set aside between the routing and the call (the probe runs beside it): its share went
-        # nowhere, so it runs again on the groups serving now.
-        more, failures = self._generate(unanswered)
+        # nowhere, so it runs again, once, on the groups serving now.
+        if not retry:
+            failure = EngineDeadError("no worker answered for this request: its rank group was set aside")
+            return replies, {request.request_id: failure for request in unanswered}
+        more, failures = self._generate(unanswered, retry=False)
         return replies + more, failures
 
     def _route(self, requests: list[OmniDiffusionRequest], serving: list[int]) -> int | None:

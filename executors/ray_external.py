@@ -115,6 +115,8 @@ class RayExternalDiffusionExecutor(ExternalDiffusionExecutor):
         self._owns_ray_connection = connect_ray(self.od_config, start_local=False)
         names = self.actor_names()
         self._names = names
+        # The ranks are the actors named, whatever --num-gpus says: the engine routes and probes that many.
+        self.od_config.num_gpus = len(names)
         self.actor_labels = [f"Ray actor '{name}'" for name in names]
         self.worker_handles.extend(self._find_actor(name) for name in names)
         self.worker_info = self._initialize(dict(enumerate(self.worker_handles)))

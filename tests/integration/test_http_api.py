@@ -108,7 +108,7 @@ def test_model_card_extensions_tell_what_a_request_may_ask(client):
 
 
 def test_health_and_metrics(tiny_server, client):
-    assert httpx.get(f"{tiny_server.base_url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{tiny_server.base_url}/health").json() == {"status": "ok", "set_aside": []}
     # A labelled histogram has no samples before its first request: this test may be the server's first.
     generate(client, seed=3)
     text = tiny_server.metrics()

@@ -295,6 +295,13 @@ def test_a_cfg_pair_of_named_actors_is_formed_by_their_owner_and_found_by_each_e
         kill(pair)
 
 
+def initialized(actor) -> bool:
+    try:
+        return ray.get(actor.is_initialized.remote(), timeout=60)
+    except ray.exceptions.RayError:  # still restarting
+        return False
+
+
 def test_an_actor_that_ray_restarts_in_place_is_initialized_again_before_it_serves(ray_cluster):
     config = OmniDiffusionConfig(model="tiny", num_gpus=1)
     actor = RayDiffusionWorkerActor.options(num_gpus=0, num_cpus=1, name="restarting_rank_0", max_restarts=1).remote(
@@ -313,7 +320,7 @@ def test_an_actor_that_ray_restarts_in_place_is_initialized_again_before_it_serv
                 assert during.error is None
             # get_rank answers at once on the restarted actor; the probe asks whether it is initialized, and
             # initializes it before routing to it.
-            poll(lambda: ray.get(actor.is_initialized.remote(), timeout=60), 60, "the probe to initialize it")
+            poll(lambda: initialized(actor), 60, "the probe to initialize it")
             poll(lambda: engine.rank_groups.serving() == [0], 30, "the re-admission")
             (after,) = engine.step(requests_for([5]))
         assert after.error is None and after.images[0].tobytes() == before.images[0].tobytes()
