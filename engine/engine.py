@@ -25,7 +25,6 @@ from executors import (
     ExecutorError,
     RpcTimeoutError,
     WorkerDiedError,
-    WorkerRpcError,
     get_executor_class,
 )
 from workers.config import OmniDiffusionConfig
