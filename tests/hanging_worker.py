@@ -1,11 +1,10 @@
-"""`imagegen worker` with a test hook: while the file named by IMAGEGEN_TEST_HANG_FILE exists, every
-pipeline call waits for it to go, and the worker's gRPC threads (health, cancel) keep answering. It stands
-for a pipeline stuck on its device (tests/fault/test_rank_group_set_aside.py)."""
+"""`imagegen worker` with a test hook: while the FIFO named by IMAGEGEN_TEST_HANG_FIFO exists, every
+pipeline call blocks on reading it until the test closes its end, and the worker's gRPC threads (health,
+cancel) keep answering. It stands for a pipeline stuck on its device
+(tests/fault/test_rank_group_set_aside.py, whose HangableWorker holds the FIFO's other end)."""
 
 import os
 import sys
-import time
-from pathlib import Path
 
 from server.cli import main
 from workers.worker import WorkerWrapperBase
@@ -14,9 +13,15 @@ _generate = WorkerWrapperBase.generate
 
 
 def _generate_unless_hung(self, requests):
-    hang = Path(os.environ["IMAGEGEN_TEST_HANG_FILE"])
-    while hang.exists():  # the hang itself, inside the worker: the test removes the file to end it
-        time.sleep(0.05)
+    try:
+        # The test holds a writer open while the FIFO exists, so this open returns at once.
+        fifo = os.open(os.environ["IMAGEGEN_TEST_HANG_FIFO"], os.O_RDONLY)
+    except FileNotFoundError:
+        return _generate(self, requests)  # not hung
+    try:
+        os.read(fifo, 1)  # the hang itself: returns when the test closes its end
+    finally:
+        os.close(fifo)
     return _generate(self, requests)
 
 

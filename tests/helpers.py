@@ -387,6 +387,14 @@ class ServerProcess:
 
 # The key of the `keyed_server` fixture.
 TEST_API_KEY = "imagegen-test-key"
+# The admin key (IMAGEGEN_ADMIN_API_KEY) of the servers whose tests load and unload LoRA adapters.
+ADMIN_KEY = "lora-admin-key"
+
+
+def admin(server: "ServerProcess", route: str, key: str | None = ADMIN_KEY, **body) -> httpx.Response:
+    """POST ``body`` to the admin ``route`` (load_lora_adapter, unload_lora_adapter) with ``key``."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{server.base_url}/v1/{route}", json=body, headers=headers, timeout=120)
 # A request that runs until its client hangs up, on a server whose max_num_inference_steps allows it.
 ENDLESS_STREAM = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 100000, "stream": True, "progress": True}
 

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from helpers import ServerProcess, WorkerProcess, decode, local_ray, poll, start_workers
+from helpers import ADMIN_KEY, ServerProcess, WorkerProcess, admin, decode, local_ray, poll, start_workers
 from lora_adapters import make_lora
 
 from engine import DiffusionEngine, EngineDeadError, LoraWeight, OmniDiffusionConfig, OmniDiffusionRequest
@@ -18,7 +18,6 @@ from workers.config import LoraModule
 
 pytestmark = pytest.mark.slow
 
-ADMIN_KEY = "lora-admin-key"
 MODELS = ("tiny", "sharp", "fresh")
 
 
@@ -41,12 +40,7 @@ def _images(server: ServerProcess) -> dict[str, np.ndarray]:
 
 
 def _load_fresh(server: ServerProcess, path) -> None:
-    response = httpx.post(
-        f"{server.base_url}/v1/load_lora_adapter",
-        json={"lora_name": "fresh", "lora_path": str(path)},
-        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-        timeout=120,
-    )
+    response = admin(server, "load_lora_adapter", lora_name="fresh", lora_path=str(path))
     assert response.status_code == 200, response.text
 
 
@@ -89,12 +83,7 @@ def test_a_grpc_worker_started_again_gets_the_servers_adapters(adapters):
         )
         _load_fresh(server, "fresh")  # relative: taken from the worker's --lora-dir
         before = _images(server)
-        outside = httpx.post(
-            f"{server.base_url}/v1/load_lora_adapter",
-            json={"lora_name": "elsewhere", "lora_path": "/etc"},
-            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-            timeout=60,
-        )
+        outside = admin(server, "load_lora_adapter", lora_name="elsewhere", lora_path="/etc")
         assert outside.status_code == 400 and "outside --lora-dir" in outside.json()["error"]["message"]
         worker.kill()
         # /health checks the workers: it notices the loss.

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from helpers import TESTS, ServerProcess, WorkerProcess, poll
+from helpers import ADMIN_KEY, TESTS, ServerProcess, WorkerProcess, admin, poll
 from lora_adapters import make_lora
 
 from workers.models.catalog import resolve_model_path
@@ -26,22 +26,32 @@ PROBE_INTERVAL_S = 1.0
 IMAGE = {"prompt": "a red fox", "size": "64x64", "extra_body": {"num_inference_steps": 2}}
 
 
-ADMIN_KEY = "set-aside-admin-key"
-
-
 def worker_flags() -> tuple[str, ...]:
     return ("--num-gpus", "2", "--model", "tiny", "--rpc-timeout-s", str(RPC_TIMEOUT_S))
 
 
 class HangableWorker(WorkerProcess):
-    """A worker whose pipeline calls hang while its ``hang_file`` exists (tests/hanging_worker.py)."""
+    """A worker whose pipeline calls hang between ``hang()`` and ``unhang()`` (tests/hanging_worker.py: they
+    block on reading ``hang_fifo`` while this test holds its write end)."""
 
-    def __init__(self, rank: int, hang_file: Path, port: int | None = None, wait: bool = True):
-        self.hang_file = hang_file
+    def __init__(self, rank: int, hang_fifo: Path, port: int | None = None, wait: bool = True):
+        self.hang_fifo = hang_fifo
+        self._writer: int | None = None
         super().__init__(
-            rank, *worker_flags(), port=port, wait=wait, env={"IMAGEGEN_TEST_HANG_FILE": str(hang_file)},
+            rank, *worker_flags(), port=port, wait=wait, env={"IMAGEGEN_TEST_HANG_FIFO": str(hang_fifo)},
             program=(str(TESTS / "hanging_worker.py"),),
         )
+
+    def hang(self) -> None:
+        os.mkfifo(self.hang_fifo)
+        self._writer = os.open(self.hang_fifo, os.O_RDWR)  # never blocks; a reader's open returns at once
+
+    def unhang(self) -> None:
+        """Idempotent. Unlinked first, so no call opens the FIFO after its last writer closed."""
+        if self._writer is not None:
+            self.hang_fifo.unlink()
+            os.close(self._writer)  # the blocked reads return: the hung calls go on
+            self._writer = None
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +62,7 @@ def started(tmp_path_factory):
         worker.wait_serving()
     yield group
     for worker in group:
-        worker.hang_file.unlink(missing_ok=True)
+        worker.unhang()
         worker.stop()
 
 
@@ -60,9 +70,9 @@ def started(tmp_path_factory):
 def workers(started):
     """Both ranks serving at the start of each test: one a test stopped or killed is brought back."""
     for index, worker in enumerate(started):
-        worker.hang_file.unlink(missing_ok=True)
+        worker.unhang()
         if worker.process.poll() is not None:
-            started[index] = HangableWorker(worker.rank, worker.hang_file, port=worker.port)
+            started[index] = HangableWorker(worker.rank, worker.hang_fifo, port=worker.port)
         else:
             os.kill(worker.process.pid, signal.SIGCONT)
             worker.wait_serving()
@@ -133,7 +143,7 @@ def test_a_stalled_worker_is_set_aside_and_readmitted_after_sigcont(server, work
 
 def test_a_hung_pipeline_with_live_grpc_threads_is_set_aside_and_readmitted(server, workers):
     hung = workers[1]
-    hung.hang_file.touch()
+    hung.hang()
     try:
         answers = serve_in_turn(server, 4)
         assert_only_the_first_fails_naming_rank_1(answers)
@@ -142,7 +152,7 @@ def test_a_hung_pipeline_with_live_grpc_threads_is_set_aside_and_readmitted(serv
         poll(lambda: hung.health() == "NOT_SERVING", 5, "the hung worker to report NOT_SERVING")
         assert groups(server, "set_aside") == 1, server.output()[-4000:]
     finally:
-        hung.hang_file.unlink()
+        hung.unhang()
     assert_readmitted(server)
 
 
@@ -158,7 +168,7 @@ def test_probes_turn_the_metric_and_ready_within_three_intervals_of_a_death_with
     assert "rank 0" in health.json()["error"]["message"] and "rank 1" in health.json()["error"]["message"]
     # Their owner starts them again on the same addresses: the probes bring both groups back.
     for index, worker in enumerate(workers):
-        workers[index] = HangableWorker(worker.rank, worker.hang_file, port=worker.port, wait=False)
+        workers[index] = HangableWorker(worker.rank, worker.hang_fifo, port=worker.port, wait=False)
     for worker in workers:
         worker.wait_serving()
     assert_readmitted(server)
@@ -170,19 +180,14 @@ def test_an_adapter_loaded_while_a_group_is_aside_is_replayed_on_it_before_it_se
 ):
     adapter = make_lora(tmp_path / "fresh", model_cache, seed=2)
     hung = workers[1]
-    hung.hang_file.touch()
+    hung.hang()
     try:
         assert_only_the_first_fails_naming_rank_1(serve_in_turn(server, 2))
         # Only the serving group takes the load: the hung one would hold it until rpc_timeout_s.
-        loaded = httpx.post(
-            f"{server.base_url}/v1/load_lora_adapter",
-            json={"lora_name": "fresh", "lora_path": str(adapter)},
-            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-            timeout=60,
-        )
+        loaded = admin(server, "load_lora_adapter", lora_name="fresh", lora_path=str(adapter))
         assert loaded.status_code == 200, loaded.text
     finally:
-        hung.hang_file.unlink()
+        hung.unhang()
     poll(lambda: groups(server, "serving") == 2, 30, "the group to be re-admitted")
     # Two images, one from each group: rank 1 got the adapter when it was initialized again.
     client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)

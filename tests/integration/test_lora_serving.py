@@ -14,13 +14,13 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from helpers import ServerProcess, assert_pixels_close, decode, poll, run_cli
+from helpers import ADMIN_KEY, ServerProcess, admin, assert_pixels_close, decode, poll, run_cli
 from lora_adapters import make_kohya_lora, make_lora
 from PIL import Image
 
 pytestmark = pytest.mark.slow
 
-USER_KEY, ADMIN_KEY = "lora-user-key", "lora-admin-key"
+USER_KEY = "lora-user-key"
 STEPS = {"num_inference_steps": 3}
 
 
@@ -63,11 +63,6 @@ def client(server) -> openai.OpenAI:
 def generate(client, model: str = "tiny", seed: int = 5, **extra) -> np.ndarray:
     response = client.images.generate(model=model, prompt="a red fox", size="64x64", extra_body={"seed": seed, **STEPS, **extra})
     return decode(response.data[0].b64_json)
-
-
-def admin(server, route: str, key: str | None = ADMIN_KEY, **body) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(f"{server.base_url}/v1/{route}", json=body, headers=headers, timeout=120)
 
 
 def png(seed: int = 0) -> bytes:
