@@ -14,13 +14,14 @@ from engine.errors import (
 )
 from engine.requests import steps_for_quality
 from workers.config import OmniDiffusionConfig, parse_size
-from workers.data import LoraWeight, OmniDiffusionRequest, StepProgress, Usage
+from workers.data import EncodedImage, LoraWeight, OmniDiffusionRequest, StepProgress, Usage
 from workers.logs import configure_logging
 
 __all__ = [
     "AsyncDiffusionEngine",
     "DiffusionEngine",
     "DiffusionOutput",
+    "EncodedImage",
     "EngineDeadError",
     "EngineError",
     "EngineOverloadedError",

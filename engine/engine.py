@@ -29,6 +29,7 @@ from executors import (
 )
 from workers.config import OmniDiffusionConfig
 from workers.data import (
+    EncodedImage,
     OmniDiffusionRequest,
     group_shares,
     PartialImageOutput,
@@ -50,6 +51,8 @@ class DiffusionOutput:
 
     ``rank`` is the worker that served it (None when the engine rejected the request);
     ``seeds`` holds each image's seed. Partial images go to ``progress_listeners`` instead.
+    When the worker encoded the images (the request's output_format), ``encoded`` holds its files and
+    ``images`` decode them lazily, when their pixels are first read.
     """
 
     request_id: str
@@ -59,6 +62,8 @@ class DiffusionOutput:
     rank: int | None = None
     seeds: list[int] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
+    # The worker's file of each image, in order (empty when it sent pixels): what the server sends as it is.
+    encoded: list[EncodedImage] = field(default_factory=list)
     # Why this request alone failed (its rank group failed during the step); the others of the step are served.
     failure: EngineError | None = None
     # Filled in by AsyncDiffusionEngine: seconds queued, and seconds of the step that served it.
@@ -68,11 +73,19 @@ class DiffusionOutput:
 
 @dataclass(frozen=True)
 class PartialImages:
-    """Partial image ``index`` of each of a request's images, decoded while it is denoised."""
+    """Partial image ``index`` of each of a request's images, decoded while it is denoised (``encoded`` as for
+    DiffusionOutput)."""
 
     request_id: str
     index: int
     images: list[Image.Image]
+    encoded: list[EncodedImage] = field(default_factory=list)
+
+
+def encoded_images(images: list) -> list[EncodedImage]:
+    """A worker's files of ``images`` when it encoded every one (else none: the server encodes them all)."""
+    files = [image for image in images if isinstance(image, EncodedImage)]
+    return files if len(files) == len(images) else []
 
 
 def memory_per_device(descriptions: list[dict]) -> dict[str, int]:
@@ -192,12 +205,13 @@ class DiffusionEngine:
                     self._on_progress(partial)
                 outputs[reply.request_id] = DiffusionOutput(
                     reply.request_id,
-                    [to_pil(pixels) for pixels in reply.images],
+                    [to_pil(image) for image in reply.images],
                     reply.seed,
                     reply.error,
                     reply.rank,
                     seeds=runnable[reply.request_id].image_seeds(),
                     usage=reply.usage,
+                    encoded=encoded_images(reply.images),
                 )
         return [outputs[request.request_id] for request in requests]
 
@@ -208,8 +222,8 @@ class DiffusionEngine:
             metrics.RUNNING_SET_ADMISSIONS.labels(model_name).observe(progress.admitted)
             return
         if isinstance(progress, PartialImageOutput):
-            images = [to_pil(pixels) for pixels in progress.images]
-            progress = PartialImages(progress.request_id, progress.index, images)
+            images = [to_pil(image) for image in progress.images]
+            progress = PartialImages(progress.request_id, progress.index, images, encoded_images(progress.images))
         for listener in self.progress_listeners:
             listener(progress)
 
@@ -233,6 +247,10 @@ class DiffusionEngine:
             kwargs: dict = {"group": group}
         else:
             kwargs = {} if len(serving) == self.od_config.num_rank_groups else {"groups": tuple(serving)}
+        if self.model_info.get("encodes_images"):
+            # The workers write each image as its request's output_format, beside their next step; the server
+            # sends their bytes as they are. Workers that do not say so send pixels.
+            kwargs["encode"] = True
         try:
             # Straight to the executor: step() prepared these requests already.
             shards: list[list[RequestOutput]] = self._call_ranks("generate_shard", args=(requests,), kwargs=kwargs)

@@ -35,6 +35,7 @@ from executors.base import (
 from executors.external import HEALTH_CHECK_TIMEOUT_S, ExternalDiffusionExecutor
 from workers.data import OmniDiffusionRequest, RequestOutput, group_shares
 from workers.hosts.grpc_messages import (
+    ENCODING_SINCE,
     MAX_MESSAGE_BYTES,
     ContractVersionError,
     check_contract_version,
@@ -43,6 +44,7 @@ from workers.hosts.grpc_messages import (
     request_to_proto,
     running_set_iteration_from_proto,
     step_progress_from_proto,
+    without_encoding,
     worker_contract_version,
 )
 from workers.hosts.proto import worker_pb2 as pb
@@ -246,7 +248,7 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
                     for rank in serving
                 ]
             )
-            replies = self._generate(method, serving, workers, shares, timeout)
+            replies = self._generate(method, serving, workers, shares, timeout, kwargs.get("encode", False))
         else:
             call, message, decode = self._unary_call(method, args, kwargs)
             stubs = [getattr(worker.stub, call) for worker in workers]
@@ -285,16 +287,21 @@ class GrpcExternalDiffusionExecutor(ExternalDiffusionExecutor):
         workers: list[GrpcWorker],
         shares: list[list[OmniDiffusionRequest]],
         timeout: float,
+        encode: bool,
     ) -> list[list[RequestOutput]]:
         """One Generate stream per rank (``ranks``, their ``workers``) with a share, read at once by a
-        thread each; fails at the first rank that fails."""
+        thread each; fails at the first rank that fails. ``encode``: the workers that can encode their images
+        (contract version ENCODING_SINCE) do; older ones send pixels."""
         streams: list[grpc.Call] = []
         streams_lock = threading.Lock()
 
         def read(worker: GrpcWorker, share: list[OmniDiffusionRequest]) -> list[RequestOutput]:
             if not share:
                 return []  # nothing for this rank in this step
-            request = pb.GenerateRequest(requests=[request_to_proto(r) for r in share])
+            messages = [request_to_proto(r) for r in share]
+            if worker.contract_version < ENCODING_SINCE:
+                messages = [without_encoding(message) for message in messages]
+            request = pb.GenerateRequest(requests=messages, encode=encode and worker.contract_version >= ENCODING_SINCE)
             try:
                 for message in request.requests:
                     check_contract_version(message, worker.contract_version, f"the worker at {worker.address}")

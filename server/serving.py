@@ -33,8 +33,8 @@ from engine import (
     parse_size,
     steps_for_quality,
 )
-from engine import metrics
-from engine.images import encode_image
+from engine import EncodedImage, metrics
+from engine.images import encode_image, encoded_as
 from server.errors import engine_error_event
 from server.middleware import key_digest
 from server.protocol import (
@@ -130,6 +130,9 @@ class ImageServing:
             "progress": streamed and getattr(body, "progress", False),
             "cache": body.cache,
             "loras": self._loras(body),
+            # The worker writes the files (docs/architecture.md, "A request's path").
+            "output_format": body.output_format,
+            "output_compression": body.output_compression,
         }
 
     # -- 2. generate, 3. encode, 4. answer ---------------------------------------------------------
@@ -173,7 +176,7 @@ class ImageServing:
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         output = await _cancel_on_disconnect(http_request, self.front.generate(prepared, key))
         _finished(http_request, output)
-        encoded = await asyncio.to_thread(lambda: [encode(image) for image in output.images])
+        encoded = await _files(encode, body.output_format, body.output_compression, output)
         if (body.response_format or self.config.default_response_format) == "url":
             base_url = (self.config.public_base_url or str(http_request.base_url)).rstrip("/")
             file_ids = await asyncio.to_thread(lambda: [self.store.save(data, body.output_format) for data in encoded])
@@ -196,11 +199,32 @@ class ImageServing:
             usage=_usage(output.usage, len(output.images), output.usage.output_image_tokens),
         )
 
-    def _encode(self, output_format: str, compression: int | None, image) -> bytes:
+    def _encode(self, output_format: str, compression: int | None, image, worker_file: EncodedImage | None) -> bytes:
+        """The file of ``image``: the worker's own (``worker_file``) when it wrote it as asked, else encoded here
+        (pixels from an older worker or a custom executor), timed as the image_encode stage."""
+        data = encoded_as(worker_file, output_format, compression)
+        if data is not None:
+            return data
         started = time.perf_counter()
         data = encode_image(image, output_format, compression)
         metrics.STAGE_TIME.labels(self.model_name, "image_encode").observe(time.perf_counter() - started)
         return data
+
+
+async def _files(
+    encode: Callable[..., bytes], output_format: str, compression: int | None, item: DiffusionOutput | PartialImages
+) -> list[bytes]:
+    """The file of each image of ``item``: the worker's bytes as they are, or images encoded here, in a thread."""
+    files = [encoded_as(worker_file, output_format, compression) for worker_file in item.encoded]
+    if item.encoded and None not in files:
+        return files
+    return await asyncio.to_thread(_encode_all, encode, item)
+
+
+def _encode_all(encode: Callable[..., bytes], item: DiffusionOutput | PartialImages) -> list[bytes]:
+    """The file of each image of ``item`` (an image the worker did not encode as asked is encoded here)."""
+    worker_files = item.encoded or [None] * len(item.images)
+    return [encode(image, worker_file) for image, worker_file in zip(item.images, worker_files)]
 
 
 def fairness_key(http_request: Request, fairness_header: str | None) -> str:
@@ -276,23 +300,23 @@ def _events(prefix: str, encode: Callable[..., bytes], fields: dict, item: Strea
         events: list[BaseModel] = [
             PartialImageEvent(
                 type=f"{prefix}.partial_image",
-                b64_json=base64.b64encode(encode(image)).decode(),
+                b64_json=base64.b64encode(data).decode(),
                 partial_image_index=item.index,
                 **fields,
             )
-            for image in item.images
+            for data in _encode_all(encode, item)
         ]
     else:
         per_image_tokens = item.usage.output_image_tokens // max(1, len(item.images))
         events = [
             CompletedEvent(
                 type=f"{prefix}.completed",
-                b64_json=base64.b64encode(encode(image)).decode(),
+                b64_json=base64.b64encode(data).decode(),
                 usage=_usage(item.usage, 1, per_image_tokens),
                 seed=seed,
                 **fields,
             )
-            for image, seed in zip(item.images, item.seeds)
+            for data, seed in zip(_encode_all(encode, item), item.seeds)
         ]
     return [_server_sent_event(event) for event in events]
 

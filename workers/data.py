@@ -60,6 +60,10 @@ class OmniDiffusionRequest:
     loras: tuple[LoraWeight, ...] = ()
     # OpenAI's input_fidelity for edit models ("low" lets Kontext resize its reference; workers/runtime/edits.py).
     input_fidelity: str | None = None
+    # The file the worker encodes each image to on the serving path (generate_shard(encode=True)): png, jpeg or
+    # webp, and OpenAI's output_compression (0-100, jpeg and webp; None: 100). The pipeline call ignores both.
+    output_format: str = "png"
+    output_compression: int | None = None
 
     def __post_init__(self):
         # Frozen: the canonical order is set once, here. The adapters' weighted sum is added in this order.
@@ -180,13 +184,30 @@ class Usage:
     output_image_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image as a worker encoded it (generate_shard(encode=True)): the file's bytes, its format (png, jpeg,
+    webp), the output_compression it was written with, and its size. The bytes are what the server sends."""
+
+    data: bytes = field(repr=False)
+    format: str
+    compression: int | None
+    width: int
+    height: int
+
+
+# A worker's image: uint8 HxWx3 pixels, or the file it encoded them to (the serving path).
+WorkerImage = np.ndarray | EncodedImage
+
+
 @dataclass
 class PartialImageOutput:
-    """Partial image ``index`` of each of a request's images (uint8 HxWx3), decoded mid-denoising."""
+    """Partial image ``index`` of each of a request's images, decoded mid-denoising (uint8 HxWx3, or encoded
+    on the serving path)."""
 
     request_id: str
     index: int
-    images: list[np.ndarray]
+    images: list[WorkerImage]
 
 
 @dataclass(frozen=True)
@@ -214,7 +235,8 @@ WorkerProgress = PartialImageOutput | StepProgress | RunningSetIteration
 
 @dataclass
 class RequestOutput:
-    """A worker's answer for one request: uint8 HxWx3 arrays (not PIL objects, which pickle badly).
+    """A worker's answer for one request: uint8 HxWx3 arrays (not PIL objects, which pickle badly), or on the
+    serving path (generate_shard(encode=True)) the files the worker encoded them to.
 
     ``partial_images`` holds the request's partial images, in denoising order, only when the
     worker's host could not send them on while the request ran (see WorkerWrapperBase.progress_sink);
@@ -222,13 +244,14 @@ class RequestOutput:
     """
 
     request_id: str
-    images: list[np.ndarray]
+    images: list[WorkerImage]
     seed: int | tuple[int, ...] | None
     rank: int
     error: str | None = None
     partial_images: list[PartialImageOutput] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
-    # Seconds of the pipeline call that served it, by stage: text_encode, denoise, vae_decode.
+    # Seconds of the pipeline call that served it, by stage: text_encode, denoise, vae_decode, and image_encode
+    # (its final images' encodes, summed) when the worker encoded them.
     stage_seconds: dict[str, float] = field(default_factory=dict)
     # Graphs torch.compile made during that call (set on the call's first request only, so a sum over
     # requests counts each call once); after the start-up warm-up, each one is a recompile.

@@ -25,6 +25,7 @@ from workers.data import (
 from workers.logs import adopt_library_loggers, describe_error, recent_log_buffer
 from workers.models.catalog import ModelDefaults, model_folder, read_model_defaults
 from workers.runtime.edits import EditPipeline, edit_kwargs, edit_pipeline, reference_limits
+from workers.runtime.encoding import ImageEncoder, encoded
 from workers.runtime.levers import Levers, apply_levers, load_device, warm_up
 from workers.runtime.lora import LoraAdapters, LoraLoadError
 from workers.runtime.pipelines import native_size, resolve_device, resolve_dtype, size_multiple, task_pipelines
@@ -87,6 +88,12 @@ class WorkerWrapperBase:
         self._cfg_hooks: CfgParallelHooks | None = None
         # The edit table's entry for an instruction-edit model (workers/runtime/edits.py); None otherwise.
         self.edit: EditPipeline | None = None
+        # Encodes images on the serving path (generate_shard(encode=True)) beside the pipeline thread.
+        self.encoder = ImageEncoder()
+        # True while a host that waits for the encodes itself runs the calls (workers.hosts.streaming.PipelineThread,
+        # by workers.runtime.encoding.when_encoded): generate then answers with each encode's Future in place of an
+        # image and goes on to the next call. False (a direct call): it answers with the encoded images.
+        self.encodes_deferred = False
 
     # -- lifecycle -------------------------------------------------------------------------
     def initialize(self) -> dict:
@@ -203,6 +210,8 @@ class WorkerWrapperBase:
             "memory_bytes": self.weights["memory_bytes"],
             # Why --scheduling step would run as request here (None: it can run), for the engine to say.
             "step_mode_refusal": self._step_mode_refusal(),
+            # generate_shard takes encode=True (the engine asks only workers that say so: older ones send pixels).
+            "encodes_images": True,
         }
 
     def _step_mode_refusal(self) -> str | None:
@@ -261,18 +270,29 @@ class WorkerWrapperBase:
         self.cancellations.add(request_ids)
 
     def generate_shard(
-        self, requests: list[OmniDiffusionRequest], group: int | None = None, groups: tuple[int, ...] | None = None
+        self,
+        requests: list[OmniDiffusionRequest],
+        group: int | None = None,
+        groups: tuple[int, ...] | None = None,
+        encode: bool = False,
     ) -> list[RequestOutput]:
         """Generate this rank's group's share of a step (see group_shares: all of it for ``group``, none
-        for the other groups; shared by ``groups`` only, when some are out of service)."""
-        return self.generate(self.group_share(requests, group, groups))
+        for the other groups; shared by ``groups`` only, when some are out of service). ``encode`` (the
+        engine's serving path): as generate."""
+        return self.generate(self.group_share(requests, group, groups), encode)
 
-    def generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]:
+    def generate(self, requests: list[OmniDiffusionRequest], encode: bool = False) -> list[RequestOutput]:
         """Generate every request, one batched pipeline call per group of compatible requests.
 
         Fields a request leaves unset are filled as the engine would (workers.data.with_defaults);
-        requests from the engine come filled in already.
+        requests from the engine come filled in already. Images are uint8 arrays; with ``encode``, a group
+        leader's final and partial images are the files (EncodedImage) of each request's output_format,
+        encoded on this worker's encode pool while the next call runs.
         """
+        outputs = self._generate(requests, encode)
+        return outputs if self.encodes_deferred else encoded(outputs)
+
+    def _generate(self, requests: list[OmniDiffusionRequest], encode: bool) -> list[RequestOutput]:
         requests = self.fill_in(requests)
         groups: dict[tuple, list[OmniDiffusionRequest]] = defaultdict(list)
         for request in requests:
@@ -283,23 +303,24 @@ class WorkerWrapperBase:
         outputs: dict[str, RequestOutput] = {}
         for group in groups.values():
             try:
-                outputs.update(self._generate_group(group))
+                outputs.update(self._generate_group(group, encode and self.is_group_leader))
             except RankGroupError:
                 raise  # the group is broken: no request of this call can be made until it is formed anew
             except Exception as error:  # noqa: BLE001 - reported per request, never kills the worker
                 if len(group) == 1:
                     logger.exception("rank %d: generation failed", self.rank)
+                    self.encoder.forget(group[0].request_id)
                     outputs[group[0].request_id] = RequestOutput(
                         group[0].request_id, [], group[0].seed, self.rank, describe_error(error)
                     )
                     continue
                 # One bad request must not fail its batch-mates: retry them one by one.
                 for request in group:
-                    outputs[request.request_id] = self.generate([request])[0]
+                    outputs[request.request_id] = self._generate([request], encode)[0]
         return [outputs[request.request_id] for request in requests]
 
     @torch.inference_mode()
-    def _generate_group(self, group: list[OmniDiffusionRequest]) -> dict[str, RequestOutput]:
+    def _generate_group(self, group: list[OmniDiffusionRequest], encode: bool) -> dict[str, RequestOutput]:
         first = group[0]
         pipeline = self.pipelines[first.task]
         parameters = self._call_parameters[first.task]
@@ -332,7 +353,7 @@ class WorkerWrapperBase:
         progress: list[WorkerProgress] = []
         if "callback_on_step_end" in parameters:
             sink = (self.progress_sink or progress.append) if self.is_group_leader else None
-            kwargs["callback_on_step_end"] = self._step_callback(group, sink)
+            kwargs["callback_on_step_end"] = self._step_callback(group, sink, encode)
         if self._cfg_hooks is not None:
             self._cfg_hooks.images_in_call = len(prompts)
         # 3. Denoise and decode, with the group's LoRA adapters (or none) in effect.
@@ -341,12 +362,13 @@ class WorkerWrapperBase:
             images = pipeline(**kwargs).images
         cancelled = self.cancellations.take(r.request_id for r in group)
         # 4. float [0, 1] -> uint8, split back per request and image; an inpainted image keeps its input's
-        #    pixels outside the mask.
+        #    pixels outside the mask (post-processing that needs pixels comes before the encode).
         pixels = to_uint8(images)
         outputs = {}
         for r, own in image_slices(group):
             compiled_graphs = call["compiled_graphs"] if r is first else 0  # counted once per call
             if r.request_id in cancelled:
+                self.encoder.forget(r.request_id)
                 outputs[r.request_id] = RequestOutput(
                     r.request_id, [], r.seed, self.rank, "cancelled: the client went away",
                     compiled_graphs=compiled_graphs,
@@ -354,9 +376,12 @@ class WorkerWrapperBase:
                 continue
             if r.mask is not None and self.od_config.inpaint_keep_unmasked:
                 pixels[own] = keep_unmasked(pipeline, pixels[own], r.images[0], r.mask)
+            images = list(pixels[own])
+            if encode:  # 5. on the encode pool, while the pipeline thread goes on
+                images = [self.encoder.encode(r.request_id, image, r.output_format, r.output_compression) for image in images]
             outputs[r.request_id] = RequestOutput(
                 r.request_id,
-                list(pixels[own]),
+                images,
                 r.seed,
                 self.rank,
                 partial_images=[
@@ -368,11 +393,14 @@ class WorkerWrapperBase:
             )
         return outputs
 
-    def _step_callback(self, group: list[OmniDiffusionRequest], sink: Callable[[WorkerProgress], None] | None):
+    def _step_callback(
+        self, group: list[OmniDiffusionRequest], sink: Callable[[WorkerProgress], None] | None, encode: bool
+    ):
         """A callback_on_step_end that stops the call once every request in it is cancelled, hands
         a StepProgress of each request that asked for ``progress`` to ``sink``, and decodes the
         latents at the ``partial_images`` evenly spaced steps the group asked for, handing each
-        request its share to ``sink`` at once (no ``sink``: no progress, no partial images).
+        request its share to ``sink`` at once (no ``sink``: no progress, no partial images); with
+        ``encode``, a host's sink gets them from the encode pool, encoded.
 
         In a rank group the ranks decide to stop as one, at the same step: one rank never stops
         while its peer waits for it in a collective."""
@@ -400,7 +428,19 @@ class WorkerWrapperBase:
                     pixels = to_uint8(decode_latents(pipeline, tensors["latents"], first.height, first.width))
                     for r, own in image_slices(group):
                         if r.request_id not in self.cancellations:
-                            sink(PartialImageOutput(r.request_id, steps.index(index + 1), list(pixels[own])))
+                            self.send_partial(PartialImageOutput(r.request_id, steps.index(index + 1), list(pixels[own])),
+                                              r, sink, encode)
             return {}
 
         return on_step_end
+
+    def send_partial(
+        self, partial: PartialImageOutput, request: OmniDiffusionRequest, sink: Callable[[WorkerProgress], None],
+        encode: bool,
+    ) -> None:
+        """Hand ``partial`` (pixels) to ``sink``: encoded on the encode pool when ``encode`` and a host streams
+        it, else as it is (a reply that carries its partial images carries pixels)."""
+        if encode and self.progress_sink is not None:
+            self.encoder.send_partial(partial, request.output_format, request.output_compression, sink)
+        else:
+            sink(partial)

@@ -15,9 +15,10 @@ from executors import WorkerStartupError, get_executor_class
 from executors.grpc_external import GrpcExternalDiffusionExecutor, expand_addresses
 from server.cli import build_parser
 from workers.config import OmniDiffusionConfig
-from workers.data import LoraWeight, OmniDiffusionRequest, PartialImageOutput, RequestOutput, Usage
+from workers.data import EncodedImage, LoraWeight, OmniDiffusionRequest, PartialImageOutput, RequestOutput, Usage
 from workers.hosts.grpc_messages import (
     CONTRACT_VERSION,
+    ENCODING_SINCE,
     REQUEST_FIELDS_SINCE,
     ContractVersionError,
     check_contract_version,
@@ -26,6 +27,7 @@ from workers.hosts.grpc_messages import (
     pixels_from_proto,
     request_from_proto,
     request_to_proto,
+    without_encoding,
     worker_contract_version,
 )
 from workers.hosts.grpc_server import check_listen_settings, rank_from_hostname
@@ -73,6 +75,8 @@ def full_request(**changes) -> OmniDiffusionRequest:
         cache=False,
         loras=(LoraWeight("sharp", 0.3), LoraWeight("pastel")),
         input_fidelity="high",
+        output_format="webp",
+        output_compression=40,
     )
     fields.update(changes)
     return OmniDiffusionRequest(**fields)
@@ -118,7 +122,11 @@ def test_one_image_travels_in_the_form_every_worker_reads():
 
 
 def test_a_worker_too_old_for_a_field_is_refused_naming_the_versions_and_the_field():
-    two = request_to_proto(full_request(input_fidelity=None, images=full_request().images[:1]))
+    # Requests with the encode fields unset: those fields have a test of their own (version 5).
+    def before_encoding(**changes):
+        return full_request(output_format="png", output_compression=None, **changes)
+
+    two = request_to_proto(before_encoding(input_fidelity=None, images=before_encoding().images[:1]))
     needed = REQUEST_FIELDS_SINCE["loras"]
     message = (
         rf"the worker at w speaks worker contract version {needed - 1}, and this request needs version {needed} "
@@ -128,17 +136,17 @@ def test_a_worker_too_old_for_a_field_is_refused_naming_the_versions_and_the_fie
         check_contract_version(two, needed - 1, "the worker at w")
     check_contract_version(two, CONTRACT_VERSION, "the worker at w")
     check_contract_version(
-        request_to_proto(full_request(loras=(LoraWeight("sharp"),), input_fidelity=None, images=[])),
+        request_to_proto(before_encoding(loras=(LoraWeight("sharp"),), input_fidelity=None, images=[])),
         1,
         "the worker at w",
     )
     # An edit model's input_fidelity is version 3: a version-2 worker is never sent it.
     with pytest.raises(ContractVersionError, match=r"version 2, and this request needs version 3 .*'input_fidelity'"):
-        check_contract_version(request_to_proto(full_request(images=())), 2, "the worker at w")
+        check_contract_version(request_to_proto(before_encoding(images=())), 2, "the worker at w")
     # Several reference images are version 4; one travels as `image`, which every version reads.
     with pytest.raises(ContractVersionError, match=r"version 3, and this request needs version 4 .*'images'"):
-        check_contract_version(request_to_proto(full_request()), 3, "the worker at w")
-    check_contract_version(request_to_proto(full_request(images=full_request().images[:1])), 3, "the worker at w")
+        check_contract_version(request_to_proto(before_encoding()), 3, "the worker at w")
+    check_contract_version(request_to_proto(before_encoding(images=before_encoding().images[:1])), 3, "the worker at w")
     # A worker from before InitializeReply had the field speaks version 1.
     assert worker_contract_version(pb.InitializeReply()) == 1
 
@@ -165,6 +173,30 @@ def test_request_output_crosses_the_wire():
     assert np.array_equal(back.partial_images[0].images[0], images[0])
     failed = output_from_proto(output_to_proto(RequestOutput("r", [], None, 0, "cancelled")))
     assert (failed.images, failed.seed, failed.error) == ([], None, "cancelled")
+
+
+def test_encoded_images_cross_the_wire_as_the_worker_wrote_them():
+    images = [EncodedImage(b"\x89PNG fake", "png", None, 4, 8), EncodedImage(b"RIFF fake", "webp", 40, 4, 8)]
+    output = RequestOutput(
+        "req-1", images, 7, rank=0, partial_images=[PartialImageOutput("req-1", 0, images[:1])],
+        stage_seconds={"image_encode": 0.5},
+    )
+    message = output_to_proto(output)
+    assert not message.images and len(message.encoded_images) == 2  # bytes, not pixels
+    back = output_from_proto(pb.RequestOutput.FromString(message.SerializeToString()))
+    assert back.images == images and back.partial_images[0].images == images[:1]
+    assert back.stage_seconds == {"image_encode": 0.5}
+
+
+def test_a_worker_before_encoding_gets_requests_without_the_encode_fields():
+    message = request_to_proto(full_request(loras=(), input_fidelity=None, images=()))
+    assert (message.output_format, message.output_compression) == ("webp", 40)
+    with pytest.raises(ContractVersionError, match=r"version 4, and this request needs version 5 .*'output_"):
+        check_contract_version(message, ENCODING_SINCE - 1, "the worker at w")
+    check_contract_version(without_encoding(message), 1, "the worker at w")
+    assert request_from_proto(message).output_format == "png"  # what such a worker reads: unset is png
+    # A png request (the default) sends no encode field at all.
+    assert not request_to_proto(OmniDiffusionRequest("p", request_id="r")).HasField("output_format")
 
 
 @pytest.mark.parametrize(

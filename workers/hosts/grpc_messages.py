@@ -1,7 +1,8 @@
 """The worker dataclasses as protobuf messages, both ways, for the gRPC worker and its executor.
 
-Images travel as raw uint8 bytes with their shape (no PNG on the hot path); the receiving side
-wraps the bytes in a read-only numpy array without copying them. Decoding checks each message's
+Images travel to a worker as raw uint8 bytes with their shape; the receiving side wraps the bytes in a
+read-only numpy array without copying them. They come back as the files the worker encoded them to
+(EncodedImage, Generate with encode), or from an older worker as pixels. Decoding checks each message's
 shape, so a malformed one is a ValueError, never a crash.
 """
 
@@ -13,6 +14,7 @@ import math
 import numpy as np
 
 from workers.data import (
+    EncodedImage,
     LoraWeight,
     OmniDiffusionRequest,
     PartialImageOutput,
@@ -20,6 +22,7 @@ from workers.data import (
     RunningSetIteration,
     StepProgress,
     Usage,
+    WorkerImage,
 )
 from workers.hosts.proto import worker_pb2 as pb
 
@@ -32,10 +35,16 @@ MAX_MESSAGE_BYTES = 1 << 30
 # The worker contract's version, raised with every change to worker.proto that a worker must understand
 # (the rule is in its header). 1: the contract before workers reported a version; 2: InitializeReply
 # reports it, and a request runs with several LoRA adapters (loras); 3: an edit model's input_fidelity;
-# 4: an edit model's several reference images (images).
-CONTRACT_VERSION = 4
+# 4: an edit model's several reference images (images); 5: the worker encodes its images (GenerateRequest.encode,
+# a request's output_format and output_compression, EncodedImage).
+CONTRACT_VERSION = 5
 # DiffusionRequest fields added after version 1, each with the version that added it.
-REQUEST_FIELDS_SINCE: dict[str, int] = {"loras": 2, "input_fidelity": 3, "images": 4}
+REQUEST_FIELDS_SINCE: dict[str, int] = {
+    "loras": 2, "input_fidelity": 3, "images": 4, "output_format": 5, "output_compression": 5,
+}
+# The version from which a worker encodes its images: an older one gets requests without the encode fields
+# (without_encoding) and sends pixels, which the server encodes.
+ENCODING_SINCE = 5
 
 
 class ContractVersionError(ValueError):
@@ -63,6 +72,14 @@ def check_contract_version(message: pb.DiffusionRequest, worker_version: int, wo
         )
 
 
+def without_encoding(message: pb.DiffusionRequest) -> pb.DiffusionRequest:
+    """``message`` for a worker older than ENCODING_SINCE: the encode fields only say how to write the images,
+    which the server then does itself, so they are dropped, not refused."""
+    message.ClearField("output_format")
+    message.ClearField("output_compression")
+    return message
+
+
 def pixels_to_proto(array: np.ndarray) -> pb.Pixels:
     return pb.Pixels(shape=array.shape, data=np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
@@ -72,6 +89,32 @@ def pixels_from_proto(message: pb.Pixels) -> np.ndarray:
     if len(shape) not in (2, 3) or math.prod(shape) != len(message.data):
         raise ValueError(f"pixels of shape {shape} cannot hold {len(message.data)} bytes")
     return np.frombuffer(message.data, dtype=np.uint8).reshape(shape)
+
+
+def encoded_to_proto(image: EncodedImage) -> pb.EncodedImage:
+    return pb.EncodedImage(
+        data=image.data, format=image.format, compression=image.compression, width=image.width, height=image.height
+    )
+
+
+def encoded_from_proto(message: pb.EncodedImage) -> EncodedImage:
+    compression = message.compression if message.HasField("compression") else None
+    return EncodedImage(message.data, message.format, compression, message.width, message.height)
+
+
+def images_to_proto(images: list[WorkerImage]) -> dict:
+    """A reply's images as the fields that carry them: pixels in ``images``, files in ``encoded_images``."""
+    return {
+        "images": [pixels_to_proto(image) for image in images if not isinstance(image, EncodedImage)],
+        "encoded_images": [encoded_to_proto(image) for image in images if isinstance(image, EncodedImage)],
+    }
+
+
+def images_from_proto(message: pb.RequestOutput | pb.PartialImage) -> list[WorkerImage]:
+    """A reply's images: its pixels, or (a worker that encoded them) its files."""
+    return [pixels_from_proto(image) for image in message.images] + [
+        encoded_from_proto(image) for image in message.encoded_images
+    ]
 
 
 def seed_to_proto(seed: int | tuple[int, ...] | None) -> pb.Seed | None:
@@ -94,8 +137,8 @@ def request_to_proto(request: OmniDiffusionRequest) -> pb.DiffusionRequest:
     message = pb.DiffusionRequest()
     for field in dataclasses.fields(request):
         value = getattr(request, field.name)
-        if value is None:
-            continue  # an unset optional field (or message) is None on the other side
+        if value is None or (field.name == "output_format" and value == "png"):
+            continue  # an unset optional field (or message) is None on the other side; an unset output_format, png
         if field.name == "mask":
             message.mask.CopyFrom(pixels_to_proto(value))
         elif field.name == "images" and len(value) == 1:  # the one-image form, which every worker reads
@@ -119,7 +162,9 @@ def request_from_proto(message: pb.DiffusionRequest) -> OmniDiffusionRequest:
     values = {}
     for field in dataclasses.fields(OmniDiffusionRequest):
         descriptor = message.DESCRIPTOR.fields_by_name[field.name]
-        if descriptor.has_presence and not message.HasField(field.name):
+        if field.name == "output_format" and not message.HasField("output_format"):
+            values[field.name] = "png"  # unset: from a sender before version 5, or png
+        elif descriptor.has_presence and not message.HasField(field.name):
             values[field.name] = None
         elif field.name == "mask":
             values[field.name] = pixels_from_proto(message.mask)
@@ -148,13 +193,11 @@ def loras_from_proto(message: pb.DiffusionRequest) -> tuple[LoraWeight, ...]:
 
 
 def partial_to_proto(partial: PartialImageOutput) -> pb.PartialImage:
-    return pb.PartialImage(
-        request_id=partial.request_id, index=partial.index, images=[pixels_to_proto(i) for i in partial.images]
-    )
+    return pb.PartialImage(request_id=partial.request_id, index=partial.index, **images_to_proto(partial.images))
 
 
 def partial_from_proto(message: pb.PartialImage) -> PartialImageOutput:
-    return PartialImageOutput(message.request_id, message.index, [pixels_from_proto(i) for i in message.images])
+    return PartialImageOutput(message.request_id, message.index, images_from_proto(message))
 
 
 def step_progress_to_proto(progress: StepProgress) -> pb.StepProgress:
@@ -176,7 +219,7 @@ def running_set_iteration_from_proto(message: pb.RunningSetIteration) -> Running
 def output_to_proto(output: RequestOutput) -> pb.RequestOutput:
     return pb.RequestOutput(
         request_id=output.request_id,
-        images=[pixels_to_proto(image) for image in output.images],
+        **images_to_proto(output.images),
         seed=seed_to_proto(output.seed),
         rank=output.rank,
         error=output.error,
@@ -189,7 +232,7 @@ def output_to_proto(output: RequestOutput) -> pb.RequestOutput:
 def output_from_proto(message: pb.RequestOutput) -> RequestOutput:
     return RequestOutput(
         request_id=message.request_id,
-        images=[pixels_from_proto(image) for image in message.images],
+        images=images_from_proto(message),
         seed=seed_from_proto(message.seed) if message.HasField("seed") else None,
         rank=message.rank,
         error=message.error if message.HasField("error") else None,

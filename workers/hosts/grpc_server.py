@@ -248,7 +248,7 @@ class DiffusionWorkerServicer(pb_grpc.DiffusionWorkerServicer):
 
         context.add_callback(on_rpc_end)
         try:
-            for item in self._pipeline.stream("generate", (requests,)):
+            for item in self._pipeline.stream("generate", (requests,), {"encode": request.encode}):
                 if isinstance(item, PartialImageOutput):
                     yield pb.GenerateEvent(partial_image=partial_to_proto(item))
                 elif isinstance(item, StepProgress):

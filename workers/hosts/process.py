@@ -111,9 +111,15 @@ def _read_cancellations(worker: Any, cancellations: Connection) -> None:
 def _serve(worker: Any, conn: Connection) -> None:
     """Answer calls on this thread (the one that loaded the model), in order; in step mode, generate
     calls are answered as their requests finish (see workers.hosts.streaming.PipelineThread). A thread reads
-    the calls; only this one sends on ``conn``."""
+    the calls; this one and the encode pool's threads send on ``conn``, one message at a time."""
     pipeline = PipelineThread(worker)
     pipeline.use_step_loop()
+    # The pipeline thread and the encode pool's threads send (progress, replies): one message at a time.
+    sending = threading.Lock()
+
+    def send(message: Any) -> None:
+        with sending:
+            conn.send(message)
 
     def read_calls() -> None:
         while True:
@@ -128,8 +134,8 @@ def _serve(worker: Any, conn: Connection) -> None:
                 call.method,
                 call.args,
                 call.kwargs,
-                sink=lambda progress, call_id=call.call_id: conn.send(RpcProgress(call_id, progress)),
-                on_done=lambda future, call_id=call.call_id: conn.send(_reply(call_id, future)),
+                sink=lambda progress, call_id=call.call_id: send(RpcProgress(call_id, progress)),
+                on_done=lambda future, call_id=call.call_id: send(_reply(call_id, future)),
             )
 
     threading.Thread(target=read_calls, name="calls", daemon=True).start()

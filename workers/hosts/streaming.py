@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers.data import WorkerProgress
+from workers.runtime.encoding import when_encoded
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class _Work:
     future: Future = field(default_factory=Future)
     sink: Callable[[WorkerProgress], None] | None = None  # the call's progress, as it comes
     joins: tuple[str, tuple, dict] | None = None  # (method, args, kwargs) of a call that can join
-    on_done: Callable[[Future], None] | None = None  # run on the pipeline thread, once answered
+    on_done: Callable[[Future], None] | None = None  # run once answered (see PipelineThread.call)
 
 
 _STOP = object()
@@ -51,10 +52,15 @@ class PipelineThread:
 
     ``call`` takes any thread's calls; ``use_step_loop()`` (once the model is loaded) turns on step
     mode where the settings ask for it and the pipeline has a step loop.
+
+    A call that encodes its images (generate_shard(encode=True)) is answered once its encodes are done, from
+    the encode pool's thread, while this thread goes on with the next call or iteration: ``on_done`` and the
+    calls' sinks may run on those threads too.
     """
 
     def __init__(self, worker: Any, num_threads: int | None = None):
         self._worker = worker
+        worker.encodes_deferred = True  # _answer waits for them
         self._num_threads = num_threads
         self._inbox: queue.SimpleQueue[_Work | object] = queue.SimpleQueue()
         self._steps = None  # the StepLoop, in step mode
@@ -113,8 +119,9 @@ class PipelineThread:
     ) -> Future:
         """The worker's public ``method(*args, **kwargs)``: its Future, with its progress to ``sink``.
 
-        ``on_done(future)`` runs on the pipeline thread once the call is answered (so a host whose
-        connection only one thread may write on can send the reply from it)."""
+        ``on_done(future)`` runs once the call is answered, after its progress: on the pipeline thread, or on an
+        encode pool thread when the call encodes images (a host whose connection only one thread may write on
+        at a time locks around its sends)."""
         kwargs = kwargs or {}
 
         def run() -> Any:
@@ -198,6 +205,13 @@ def _send(work: _Work, progress: Any) -> None:
 
 
 def _answer(work: _Work, result: Any = None, error: BaseException | None = None) -> None:
+    if error is None:
+        when_encoded(result, lambda done: _settle(work, done))
+    else:
+        _settle(work, error=error)
+
+
+def _settle(work: _Work, result: Any = None, error: BaseException | None = None) -> None:
     if error is None:
         work.future.set_result(result)
     else:

@@ -38,7 +38,8 @@ class RunningRequest:
         default_factory=lambda: dict.fromkeys(("text_encode", "denoise", "vae_decode"), 0.0)
     )
     compiled_graphs: int = 0
-    images: list[np.ndarray] = field(default_factory=list)
+    # uint8 arrays once decoded, or their encodes' Futures on the serving path (workers/runtime/encoding.py).
+    images: list = field(default_factory=list)
     error: str | None = None
 
     @property

@@ -57,6 +57,7 @@ class StepWorker(Protocol):
     rank_group: Any
     cancellations: Cancellations
     progress_sink: Callable[[WorkerProgress], None] | None
+    encoder: Any  # workers.runtime.encoding.ImageEncoder
 
     def fill_in(self, requests: list[OmniDiffusionRequest]) -> list[OmniDiffusionRequest]: ...
 
@@ -64,7 +65,12 @@ class StepWorker(Protocol):
         self, requests: list[OmniDiffusionRequest], group: int | None = None
     ) -> list[OmniDiffusionRequest]: ...
 
-    def generate(self, requests: list[OmniDiffusionRequest]) -> list[RequestOutput]: ...
+    def generate(self, requests: list[OmniDiffusionRequest], encode: bool = False) -> list[RequestOutput]: ...
+
+    def send_partial(
+        self, partial: PartialImageOutput, request: OmniDiffusionRequest, sink: Callable[[WorkerProgress], None],
+        encode: bool,
+    ) -> None: ...
 
 
 def step_mode_refusal(worker: StepWorker) -> str | None:
@@ -122,6 +128,7 @@ class RunningSet:
         self.batch: list[RunningRequest] = []  # the requests of the latest denoiser call (once it ends: those left)
         self.iteration = 0
         self._deadlines: dict[str, int] = {}  # request id -> its arrival iteration plus its step count
+        self._encoded: set[str] = set()  # ids of the requests whose images the worker encodes (the serving path)
         self._loop = None  # the family's loop, made for the running set's key
         self._key: tuple | None = None
         # Requests admitted by the latest iteration (a metric: admissions per iteration).
@@ -138,13 +145,16 @@ class RunningSet:
         """Nothing running and nothing waiting."""
         return not self.running and not self.waiting
 
-    def add(self, requests: list[OmniDiffusionRequest]) -> None:
-        """Queue filled-in requests; they join at the next iteration that has room for them."""
+    def add(self, requests: list[OmniDiffusionRequest], encode: bool = False) -> None:
+        """Queue filled-in requests; they join at the next iteration that has room for them. With ``encode``,
+        their final and partial images leave as files (see WorkerWrapperBase.generate)."""
         for request in requests:
             if (refusal := request_refusal(request)) is not None:
                 raise ValueError(refusal)
         for request in requests:
             self._deadlines[request.request_id] = self.iteration + request.num_inference_steps
+        if encode:
+            self._encoded.update(request.request_id for request in requests)
         self.waiting.extend(requests)
 
     @torch.inference_mode()
@@ -172,6 +182,7 @@ class RunningSet:
         outputs += [self._output(r) for r in leaving]
         for output in outputs:
             self._deadlines.pop(output.request_id, None)
+            self._encoded.discard(output.request_id)
         if not self.running:
             self._key = self._loop = None
             self.pipeline.maybe_free_model_hooks()  # offload hooks re-armed, as at the end of a pipeline call
@@ -186,6 +197,8 @@ class RunningSet:
         left += [r for r in self.waiting if r.request_id in cancelled]
         self.running = [r for r in self.running if r.request.request_id not in cancelled]
         self.waiting = deque(r for r in self.waiting if r.request_id not in cancelled)
+        for r in left:
+            self.worker.encoder.forget(r.request_id)
         return [RequestOutput(r.request_id, [], r.seed, self.worker.rank, CANCELLED) for r in left]
 
     def _admit(self) -> list[RequestOutput]:
@@ -267,6 +280,12 @@ class RunningSet:
             images = to_uint8(decode_latents(self.pipeline, latents, first.height, first.width))
             for r, (_, own) in zip(leaving, image_slices([r.request for r in leaving]), strict=True):
                 r.images = list(images[own])
+                if r.request.request_id in self._encoded:  # on the encode pool, while the next iteration runs
+                    request, encoder = r.request, self.worker.encoder
+                    r.images = [
+                        encoder.encode(request.request_id, image, request.output_format, request.output_compression)
+                        for image in r.images
+                    ]
         return leaving
 
     def _report(self, r: RunningRequest, sink: Callable[[WorkerProgress], None] | None) -> None:
@@ -279,11 +298,15 @@ class RunningSet:
             if r.step in steps:
                 pixels = to_uint8(decode_latents(self.pipeline, r.latents, request.height, request.width))
                 partial = PartialImageOutput(request.request_id, steps.index(r.step), list(pixels))
-                (sink or r.partial_images.append)(partial)
+                if sink is None:
+                    r.partial_images.append(partial)
+                else:
+                    self.worker.send_partial(partial, request, sink, request.request_id in self._encoded)
 
     def _output(self, r: RunningRequest) -> RequestOutput:
         request, rank = r.request, self.worker.rank
         if r.error is not None:
+            self.worker.encoder.forget(request.request_id)
             return RequestOutput(request.request_id, [], request.seed, rank, r.error)
         return RequestOutput(
             request.request_id,
@@ -331,9 +354,11 @@ class StepLoop:
 
     def submit(self, call_id: Any, method: str, requests: list[OmniDiffusionRequest],
                send: Callable[[Any, WorkerProgress], None], group: int | None = None,
-               groups: tuple[int, ...] | None = None) -> None:
-        """Take a ``method`` call's requests (``group`` and ``groups`` as generate_shard takes them); ``send(call_id,
-        progress)`` streams the progress of the requests that run in request mode now."""
+               groups: tuple[int, ...] | None = None, encode: bool = False) -> None:
+        """Take a ``method`` call's requests (``group``, ``groups`` and ``encode`` as generate_shard takes them);
+        ``send(call_id, progress)`` streams the progress of the requests that run in request mode now. With
+        ``encode`` the reply's images are the encodes' Futures, which the host waits for
+        (workers.runtime.encoding.when_encoded)."""
         worker = self.worker
         if method == "generate_shard":
             requests = worker.group_share(requests, group, groups)
@@ -345,10 +370,10 @@ class StepLoop:
         if apart:
             worker.progress_sink = lambda progress: send(call_id, progress)
             try:
-                call.outputs.update((output.request_id, output) for output in worker.generate(apart))
+                call.outputs.update((output.request_id, output) for output in worker.generate(apart, encode))
             finally:
                 worker.progress_sink = None
-        self.running.add(joining)
+        self.running.add(joining, encode)
         # Only now: a call that raised above is answered by its host, never by iterate().
         self._calls[call_id] = call
         self._call_of.update((request.request_id, call_id) for request in joining)

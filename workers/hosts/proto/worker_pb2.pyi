@@ -23,7 +23,7 @@ class Seed(_message.Message):
     def __init__(self, values: _Optional[_Iterable[int]] = ..., per_image: _Optional[bool] = ...) -> None: ...
 
 class DiffusionRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "height", "width", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "num_images", "image", "mask", "strength", "partial_images", "progress", "cache", "lora_name", "lora_scale", "loras", "input_fidelity", "images")
+    __slots__ = ("request_id", "prompt", "height", "width", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "num_images", "image", "mask", "strength", "partial_images", "progress", "cache", "lora_name", "lora_scale", "loras", "input_fidelity", "images", "output_format", "output_compression")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,8 @@ class DiffusionRequest(_message.Message):
     LORAS_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIDELITY_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     height: int
@@ -64,7 +66,23 @@ class DiffusionRequest(_message.Message):
     loras: _containers.RepeatedCompositeFieldContainer[LoraWeight]
     input_fidelity: str
     images: _containers.RepeatedCompositeFieldContainer[Pixels]
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., negative_prompt: _Optional[str] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[_Union[Seed, _Mapping]] = ..., num_images: _Optional[int] = ..., image: _Optional[_Union[Pixels, _Mapping]] = ..., mask: _Optional[_Union[Pixels, _Mapping]] = ..., strength: _Optional[float] = ..., partial_images: _Optional[int] = ..., progress: _Optional[bool] = ..., cache: _Optional[bool] = ..., lora_name: _Optional[str] = ..., lora_scale: _Optional[float] = ..., loras: _Optional[_Iterable[_Union[LoraWeight, _Mapping]]] = ..., input_fidelity: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Pixels, _Mapping]]] = ...) -> None: ...
+    output_format: str
+    output_compression: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., negative_prompt: _Optional[str] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[_Union[Seed, _Mapping]] = ..., num_images: _Optional[int] = ..., image: _Optional[_Union[Pixels, _Mapping]] = ..., mask: _Optional[_Union[Pixels, _Mapping]] = ..., strength: _Optional[float] = ..., partial_images: _Optional[int] = ..., progress: _Optional[bool] = ..., cache: _Optional[bool] = ..., lora_name: _Optional[str] = ..., lora_scale: _Optional[float] = ..., loras: _Optional[_Iterable[_Union[LoraWeight, _Mapping]]] = ..., input_fidelity: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Pixels, _Mapping]]] = ..., output_format: _Optional[str] = ..., output_compression: _Optional[int] = ...) -> None: ...
+
+class EncodedImage(_message.Message):
+    __slots__ = ("data", "format", "compression", "width", "height")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    format: str
+    compression: int
+    width: int
+    height: int
+    def __init__(self, data: _Optional[bytes] = ..., format: _Optional[str] = ..., compression: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class LoraWeight(_message.Message):
     __slots__ = ("name", "scale")
@@ -85,14 +103,16 @@ class Usage(_message.Message):
     def __init__(self, text_tokens: _Optional[int] = ..., input_image_tokens: _Optional[int] = ..., output_image_tokens: _Optional[int] = ...) -> None: ...
 
 class PartialImage(_message.Message):
-    __slots__ = ("request_id", "index", "images")
+    __slots__ = ("request_id", "index", "images", "encoded_images")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_IMAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     index: int
     images: _containers.RepeatedCompositeFieldContainer[Pixels]
-    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., images: _Optional[_Iterable[_Union[Pixels, _Mapping]]] = ...) -> None: ...
+    encoded_images: _containers.RepeatedCompositeFieldContainer[EncodedImage]
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., images: _Optional[_Iterable[_Union[Pixels, _Mapping]]] = ..., encoded_images: _Optional[_Iterable[_Union[EncodedImage, _Mapping]]] = ...) -> None: ...
 
 class StepProgress(_message.Message):
     __slots__ = ("request_id", "step", "total_steps")
@@ -115,7 +135,7 @@ class RunningSetIteration(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., running: _Optional[int] = ..., admitted: _Optional[int] = ...) -> None: ...
 
 class RequestOutput(_message.Message):
-    __slots__ = ("request_id", "images", "seed", "rank", "error", "partial_images", "usage", "stage_seconds")
+    __slots__ = ("request_id", "images", "seed", "rank", "error", "partial_images", "usage", "stage_seconds", "encoded_images")
     class StageSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +151,7 @@ class RequestOutput(_message.Message):
     PARTIAL_IMAGES_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     STAGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_IMAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     images: _containers.RepeatedCompositeFieldContainer[Pixels]
     seed: Seed
@@ -139,7 +160,8 @@ class RequestOutput(_message.Message):
     partial_images: _containers.RepeatedCompositeFieldContainer[PartialImage]
     usage: Usage
     stage_seconds: _containers.ScalarMap[str, float]
-    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Pixels, _Mapping]]] = ..., seed: _Optional[_Union[Seed, _Mapping]] = ..., rank: _Optional[int] = ..., error: _Optional[str] = ..., partial_images: _Optional[_Iterable[_Union[PartialImage, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    encoded_images: _containers.RepeatedCompositeFieldContainer[EncodedImage]
+    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Pixels, _Mapping]]] = ..., seed: _Optional[_Union[Seed, _Mapping]] = ..., rank: _Optional[int] = ..., error: _Optional[str] = ..., partial_images: _Optional[_Iterable[_Union[PartialImage, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., encoded_images: _Optional[_Iterable[_Union[EncodedImage, _Mapping]]] = ...) -> None: ...
 
 class InitializeRequest(_message.Message):
     __slots__ = ()
@@ -158,10 +180,12 @@ class InitializeReply(_message.Message):
     def __init__(self, num_ranks: _Optional[int] = ..., model_name: _Optional[str] = ..., description_json: _Optional[str] = ..., contract_version: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("requests",)
+    __slots__ = ("requests", "encode")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedCompositeFieldContainer[DiffusionRequest]
-    def __init__(self, requests: _Optional[_Iterable[_Union[DiffusionRequest, _Mapping]]] = ...) -> None: ...
+    encode: bool
+    def __init__(self, requests: _Optional[_Iterable[_Union[DiffusionRequest, _Mapping]]] = ..., encode: _Optional[bool] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("partial_image", "reply", "step_progress", "running_set_iteration")
