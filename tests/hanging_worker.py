@@ -12,17 +12,17 @@ from workers.worker import WorkerWrapperBase
 _generate = WorkerWrapperBase.generate
 
 
-def _generate_unless_hung(self, requests):
+def _generate_unless_hung(self, requests, *args, **kwargs):
     try:
         # The test holds a writer open while the FIFO exists, so this open returns at once.
         fifo = os.open(os.environ["IMAGEGEN_TEST_HANG_FIFO"], os.O_RDONLY)
     except FileNotFoundError:
-        return _generate(self, requests)  # not hung
+        return _generate(self, requests, *args, **kwargs)  # not hung
     try:
         os.read(fifo, 1)  # the hang itself: returns when the test closes its end
     finally:
         os.close(fifo)
-    return _generate(self, requests)
+    return _generate(self, requests, *args, **kwargs)
 
 
 WorkerWrapperBase.generate = _generate_unless_hung

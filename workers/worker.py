@@ -353,7 +353,8 @@ class WorkerWrapperBase:
         progress: list[WorkerProgress] = []
         if "callback_on_step_end" in parameters:
             sink = (self.progress_sink or progress.append) if self.is_group_leader else None
-            kwargs["callback_on_step_end"] = self._step_callback(group, sink, encode)
+            # Partial images are encoded only when a host streams them; a reply that carries them carries pixels.
+            kwargs["callback_on_step_end"] = self._step_callback(group, sink, encode and self.progress_sink is not None)
         if self._cfg_hooks is not None:
             self._cfg_hooks.images_in_call = len(prompts)
         # 3. Denoise and decode, with the group's LoRA adapters (or none) in effect.
@@ -438,9 +439,9 @@ class WorkerWrapperBase:
         self, partial: PartialImageOutput, request: OmniDiffusionRequest, sink: Callable[[WorkerProgress], None],
         encode: bool,
     ) -> None:
-        """Hand ``partial`` (pixels) to ``sink``: encoded on the encode pool when ``encode`` and a host streams
-        it, else as it is (a reply that carries its partial images carries pixels)."""
-        if encode and self.progress_sink is not None:
+        """Hand ``partial`` (pixels) to ``sink``: with ``encode``, from the encode pool, encoded as ``request``
+        asks; else at once, as it is."""
+        if encode:
             self.encoder.send_partial(partial, request.output_format, request.output_compression, sink)
         else:
             sink(partial)
