@@ -8,13 +8,13 @@ body asks: JSON with b64_json or urls, or a stream of server-sent events.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import TypeVar
 
+import pybase64
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
@@ -186,7 +186,7 @@ class ImageServing:
             ]
         else:
             data = [
-                ImageData(b64_json=base64.b64encode(item).decode(), seed=seed)
+                ImageData(b64_json=pybase64.b64encode(item).decode(), seed=seed)
                 for item, seed in zip(encoded, output.seeds)
             ]
         return ImagesResponse(
@@ -300,7 +300,7 @@ def _events(prefix: str, encode: Callable[..., bytes], fields: dict, item: Strea
         events: list[BaseModel] = [
             PartialImageEvent(
                 type=f"{prefix}.partial_image",
-                b64_json=base64.b64encode(data).decode(),
+                b64_json=pybase64.b64encode(data).decode(),
                 partial_image_index=item.index,
                 **fields,
             )
@@ -311,7 +311,7 @@ def _events(prefix: str, encode: Callable[..., bytes], fields: dict, item: Strea
         events = [
             CompletedEvent(
                 type=f"{prefix}.completed",
-                b64_json=base64.b64encode(data).decode(),
+                b64_json=pybase64.b64encode(data).decode(),
                 usage=_usage(item.usage, 1, per_image_tokens),
                 seed=seed,
                 **fields,

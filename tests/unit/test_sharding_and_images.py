@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.images import encode_image, to_pil
+from engine.images import encode_image, encoded_as, to_pil
 from workers.data import OmniDiffusionRequest, group_shares, shard_requests
+from workers.runtime.encoding import encode_pixels
 
 
 def request(size: int = 64, images: int = 1) -> OmniDiffusionRequest:
@@ -58,3 +59,29 @@ def test_png_is_lossless_and_compression_shrinks_jpeg():
     image = to_pil(pixels)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_image(image, "png")))), pixels)
     assert len(encode_image(image, "jpeg", 20)) < len(encode_image(image, "jpeg", 95))
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (7, 300), (64, 48), (256, 256)])
+def test_the_workers_png_is_plain_png_that_pillow_reads_back_to_the_same_pixels(height, width):
+    rng = np.random.default_rng(height * width)
+    noise = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    # A smooth picture too: the "up" filter's differences wrap around modulo 256 between rows.
+    smooth = np.cumsum(rng.integers(0, 9, (height, width, 3)), axis=0).astype(np.uint8)
+    for pixels in (noise, smooth):
+        encoded = encode_pixels(pixels)
+        Image.open(io.BytesIO(encoded.data)).verify()  # chunk CRCs and structure
+        decoded = Image.open(io.BytesIO(encoded.data))
+        assert (decoded.format, decoded.mode, decoded.size) == ("PNG", "RGB", (width, height))
+        assert np.array_equal(np.asarray(decoded), pixels)
+        assert (encoded.width, encoded.height) == (width, height)
+
+
+def test_a_workers_file_is_opened_lazily_and_given_back_only_as_asked():
+    pixels = np.random.default_rng(2).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    encoded = encode_pixels(pixels, "webp", 30)
+    image = to_pil(encoded)
+    assert image.fp is not None  # header read, pixels not decoded yet
+    assert image.size == (24, 16) and image.format == "WEBP"
+    assert encoded_as(encoded, "webp", 30) == encoded.data
+    assert encoded_as(encoded, "webp", 90) is None and encoded_as(encoded, "png", None) is None
+    assert encoded_as(encode_pixels(pixels), "png", 50) is not None  # output_compression means nothing to png

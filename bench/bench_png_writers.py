@@ -1,0 +1,205 @@
+"""Which PNG writer, base64 and JSON encoder the serving path should use (issue 27), measured on one image.
+
+Every candidate writes the same 1024x1024 RGB image; each file is read back by Pillow and must give the same
+pixels, or the candidate is reported as wrong. Candidates missing from the environment are skipped with a
+line saying so, so this runs in the project's venv (Pillow only) or in one with the candidates installed:
+
+    python -m venv /tmp/png-bench && /tmp/png-bench/bin/pip install numpy pillow imagecodecs isal zlib-ng \
+        pyvips pyvips-binary pybase64 orjson pydantic
+    /tmp/png-bench/bin/python bench/bench_png_writers.py --repeats 15
+
+Two images: uniform noise (what the random-weight models draw: the worst case for compression) and a smooth
+picture with edges (what a trained model draws). Medians of --repeats runs, one thread; see docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib.util
+import io
+import json
+import os
+import statistics
+import struct
+import time
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+
+def noise_image(size: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def smooth_image(size: int) -> np.ndarray:
+    """Gradients, a few flat shapes and mild noise: compresses like a photograph or a drawing, not like noise."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    picture = np.stack([x, y, 1 - (x + y) / 2], axis=-1) * 200
+    picture[(x - 0.3) ** 2 + (y - 0.4) ** 2 < 0.04] = (220, 40, 40)
+    picture[(abs(x - 0.7) < 0.12) & (abs(y - 0.7) < 0.12)] = (40, 60, 220)
+    picture += np.random.default_rng(1).normal(0, 2, picture.shape)
+    return picture.clip(0, 255).astype(np.uint8)
+
+
+# -- PNG writers ------------------------------------------------------------------------------------------
+def pillow(level: int) -> Callable[[np.ndarray], bytes]:
+    def write(pixels: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=level)
+        return buffer.getvalue()
+
+    return write
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_from_deflate(compress: Callable[[bytes], bytes], row_filter: str) -> Callable[[np.ndarray], bytes]:
+    """A PNG written here: each row filtered (none, or up: the difference from the row above), the rows
+    compressed by ``compress`` (a zlib-format compressor) as one IDAT chunk."""
+
+    def write(pixels: np.ndarray) -> bytes:
+        height, width, _ = pixels.shape
+        rows = np.empty((height, 1 + 3 * width), np.uint8)
+        flat = pixels.reshape(height, 3 * width)
+        if row_filter == "up":
+            rows[:, 0] = 2
+            rows[0, 1:] = flat[0]
+            np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])  # uint8 arithmetic wraps, as PNG's filter does
+        else:
+            rows[:, 0] = 0
+            rows[:, 1:] = flat
+        header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", compress(rows.tobytes())) + _chunk(b"IEND", b"")
+
+    return write
+
+
+def writers() -> tuple[dict[str, Callable[[np.ndarray], bytes]], list[str]]:
+    found = {"pillow level 1 (imagegen today)": pillow(1), "pillow level 0": pillow(0)}
+    missing = []
+    for row_filter in ("none", "up"):
+        found[f"stdlib zlib level 1, filter {row_filter}"] = png_from_deflate(lambda d: zlib.compress(d, 1), row_filter)
+    if importlib.util.find_spec("imagecodecs"):
+        import imagecodecs
+
+        found["imagecodecs png level 1"] = lambda p: imagecodecs.png_encode(p, level=1)
+        if hasattr(imagecodecs, "spng_encode"):
+            found["imagecodecs spng level 1"] = lambda p: imagecodecs.spng_encode(p, level=1)
+    else:
+        missing.append("imagecodecs")
+    if importlib.util.find_spec("isal"):
+        from isal import isal_zlib
+
+        for row_filter in ("none", "up"):
+            found[f"isal level 0, filter {row_filter}"] = png_from_deflate(
+                lambda d: isal_zlib.compress(d, 0), row_filter
+            )
+            found[f"isal level 1, filter {row_filter}"] = png_from_deflate(
+                lambda d: isal_zlib.compress(d, 1), row_filter
+            )
+    else:
+        missing.append("isal")
+    if importlib.util.find_spec("zlib_ng"):
+        from zlib_ng import zlib_ng
+
+        for row_filter in ("none", "up"):
+            found[f"zlib-ng level 1, filter {row_filter}"] = png_from_deflate(
+                lambda d: zlib_ng.compress(d, 1), row_filter
+            )
+    else:
+        missing.append("zlib-ng")
+    try:
+        import pyvips
+
+        def vips(pixels: np.ndarray) -> bytes:
+            image = pyvips.Image.new_from_memory(pixels.tobytes(), pixels.shape[1], pixels.shape[0], 3, "uchar")
+            return image.pngsave_buffer(compression=1, filter="none")
+
+        found["pyvips compression 1"] = vips
+    except (ImportError, OSError):
+        missing.append("pyvips (with libvips, e.g. pyvips-binary)")
+    return found, missing
+
+
+def median_ms(run: Callable[[], object], repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def bench_png(images: dict[str, np.ndarray], repeats: int) -> dict[str, bytes]:
+    found, missing = writers()
+    baseline_files = {}
+    for image_name, pixels in images.items():
+        print(f"\nPNG writers, {image_name} {pixels.shape[1]}x{pixels.shape[0]} (median of {repeats}):")
+        print(f"{'':44} {'ms':>7} {'x pillow 1':>10} {'MB':>6}  read back")
+        baseline = None
+        for name, write in found.items():
+            data = write(pixels)
+            same = np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), pixels)
+            ms = median_ms(lambda: write(pixels), repeats)
+            baseline = baseline or ms
+            print(f"{name:44} {ms:7.1f} {baseline / ms:10.2f} {len(data) / 1e6:6.2f}  {'same pixels' if same else 'WRONG'}")
+        baseline_files[image_name] = found["pillow level 1 (imagegen today)"](pixels)
+    for name in missing:
+        print(f"skipped: {name} not installed")
+    return baseline_files
+
+
+# -- base64 and JSON ---------------------------------------------------------------------------------------
+def bench_base64_json(files: dict[str, bytes], repeats: int) -> None:
+    for image_name, data in files.items():
+        print(f"\nbase64 and JSON of the {image_name} PNG ({len(data) / 1e6:.2f} MB, median of {repeats}):")
+        rows = {"stdlib base64.b64encode": lambda: base64.b64encode(data)}
+        if importlib.util.find_spec("pybase64"):
+            import pybase64
+
+            rows["pybase64.b64encode"] = lambda: pybase64.b64encode(data)
+        text = base64.b64encode(data).decode()
+        body = {"created": 0, "data": [{"b64_json": text, "seed": 1}], "output_format": "png"}
+        rows["json.dumps (stdlib)"] = lambda: json.dumps(body)
+        if importlib.util.find_spec("orjson"):
+            import orjson
+
+            rows["orjson.dumps"] = lambda: orjson.dumps(body)
+        if importlib.util.find_spec("pydantic"):
+            from pydantic import BaseModel
+
+            class ImageData(BaseModel):
+                b64_json: str
+                seed: int
+
+            class ImagesResponse(BaseModel):
+                created: int
+                data: list[ImageData]
+                output_format: str
+
+            model = ImagesResponse(**body)
+            rows["pydantic model_dump_json (FastAPI's)"] = model.model_dump_json
+        for name, run in rows.items():
+            print(f"{name:44} {median_ms(run, repeats):7.2f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    print(f"cpus={os.cpu_count()} load average {os.getloadavg()[0]:.2f} before")
+    images = {"noise": noise_image(args.size), "smooth": smooth_image(args.size)}
+    files = bench_png(images, args.repeats)
+    bench_base64_json(files, args.repeats)
+    print(f"\nload average {os.getloadavg()[0]:.2f} after")
+
+
+if __name__ == "__main__":
+    main()
