@@ -17,6 +17,15 @@ short and of the long requests and images/s, and step mode's ratios against the 
 
     python bench/bench_serving.py --workload mixed --requests-per-client 10
     python bench/bench_serving.py --workload uniform --size 256 --requests-per-client 2
+
+--workload pixels measures what serving costs the CPU per image once the pixels exist (issue 27): `imagegen
+serve` (backend mp) at 1 and then 4 clients, 1 denoising step, large images. From /proc it reads the CPU seconds
+of the server process and of its worker processes over each load, and the server's idle CPU rate over a window
+before the load, and reports the server's CPU per image raw and with idle rate x elapsed subtracted, the
+workers' CPU per image and the p50. Its baseline row is the raw pipeline plus one Pillow PNG write (level 1) in
+one process. --imagegen-root runs the server of another checkout (e.g. main) with this bench, for before/after.
+
+    python bench/bench_serving.py --workload pixels --model demo --size 1024 --steps 1
 """
 
 from __future__ import annotations
@@ -104,8 +113,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(command: list[str], port: int, log: Path, timeout_s: float = 300) -> subprocess.Popen:
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+def start(command: list[str], port: int, log: Path, timeout_s: float = 300, cwd: Path = ROOT) -> subprocess.Popen:
+    process = subprocess.Popen(command, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -167,7 +176,9 @@ def single_load(name: str, port: int, args, clients: int, requests_per_client: i
 
 
 def bench_server(name: str, command: list[str], port: int, args, logs: Path) -> list[dict]:
-    process = start(command, port, logs / f"{name.replace(' ', '-')}.log")
+    # imagegen's own server runs from --imagegen-root (this checkout unless given); the peers from this one.
+    cwd = args.imagegen_root if "server.cli" in command else ROOT
+    process = start(command, port, logs / f"{name.replace(' ', '-')}.log", cwd=cwd)
     try:
         if args.workload != "single":
             return [workload_load(name, port, args)]
@@ -414,6 +425,147 @@ def print_workload(args, rows: list[dict], ratios: list[dict]) -> None:
                                               for column in columns))
 
 
+# -- what serving costs the CPU per image (issue 27) ------------------------------------------------
+PIXELS_CLIENTS = (1, 4)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (/proc/<pid>/stat), 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_of(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (the server's worker processes)."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = [int(child) for child in (task / "children").read_text().split()]
+                found += children
+                frontier += children
+    return found
+
+
+def pixels_request(port: int, args, clients: int, requests_per_client: int) -> tuple[float, list[float]]:
+    """``clients`` threads, each sending its requests one after another; the seconds they took, the latencies."""
+    url = f"http://127.0.0.1:{port}/v1/images/generations"
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        with httpx.Client(timeout=1800) as http:
+            for i in range(requests_per_client):
+                body = {"prompt": "a red circle on a white background", "size": f"{args.size}x{args.size}",
+                        "num_inference_steps": args.steps, "seed": index * 1000 + i}
+                t0 = time.perf_counter()
+                http.post(url, json=body).raise_for_status()
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    return time.perf_counter() - started, latencies
+
+
+def bench_pixels_server(args, logs: Path) -> list[dict]:
+    port = free_port()
+    command = imagegen_command("mp", port, args)
+    name = "imagegen mp" + (f" ({args.imagegen_root.name})" if args.imagegen_root != ROOT else "")
+    process = start(command, port, logs / "pixels-server.log", cwd=args.imagegen_root)
+    try:
+        workers = children_of(process.pid)
+        pixels_request(port, args, 1, 1)  # warm-up
+        # The server's own CPU while nothing is asked of it (its event loop, metrics, health threads).
+        idle_started, idle_cpu = time.perf_counter(), cpu_seconds(process.pid)
+        time.sleep(args.idle_window_s)  # a measurement window, not synchronisation
+        idle_rate = (cpu_seconds(process.pid) - idle_cpu) / (time.perf_counter() - idle_started)
+        rows = []
+        for clients in PIXELS_CLIENTS:
+            per_client = args.pixels_requests if clients == 1 else max(1, args.pixels_requests // clients)
+            server_before, workers_before = cpu_seconds(process.pid), sum(map(cpu_seconds, workers))
+            elapsed, latencies = pixels_request(port, args, clients, per_client)
+            server_cpu = cpu_seconds(process.pid) - server_before
+            images = clients * per_client
+            rows.append({
+                "name": f"{name}, {clients} client(s)", "clients": clients, "images": images,
+                "images_per_s": images / elapsed, "p50_ms": 1000 * statistics.median(latencies),
+                "server_cpu_ms_per_image": 1000 * server_cpu / images,
+                "server_cpu_ms_per_image_less_idle": 1000 * (server_cpu - idle_rate * elapsed) / images,
+                "workers_cpu_ms_per_image": 1000 * (sum(map(cpu_seconds, workers)) - workers_before) / images,
+                "server_idle_cpu_ms_per_s": 1000 * idle_rate,
+            })
+        return rows
+    finally:
+        stop(process)
+
+
+def bench_pixels_baseline(args) -> dict:
+    """The raw pipeline plus one Pillow PNG write (level 1) per image, in this process: its CPU per image."""
+    import io
+
+    import torch
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    from workers.models.catalog import resolve_model_path
+    from workers.runtime.pipelines import resolve_device, resolve_dtype
+    from workers.runtime.stages import to_uint8
+
+    device = resolve_device(args.device, 0)
+    pipeline = DiffusionPipeline.from_pretrained(
+        resolve_model_path(args.model, args.cache_dir), dtype=resolve_dtype("auto", device)
+    ).to(device)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def one(seed: int) -> bytes:
+        images = pipeline(prompt=["a red circle on a white background"], height=args.size, width=args.size,
+                          num_inference_steps=args.steps, generator=[torch.Generator().manual_seed(seed)],
+                          output_type="np").images
+        buffer = io.BytesIO()
+        Image.fromarray(to_uint8(images)[0]).save(buffer, format="PNG", compress_level=1)
+        return buffer.getvalue()
+
+    one(0)  # warm-up
+    latencies, cpu_before, started = [], time.process_time(), time.perf_counter()
+    for seed in range(args.pixels_requests):
+        t0 = time.perf_counter()
+        one(seed)
+        latencies.append(time.perf_counter() - t0)
+    images = args.pixels_requests
+    return {"name": "raw pipeline + PNG, 1 process", "clients": 1, "images": images,
+            "images_per_s": images / (time.perf_counter() - started), "p50_ms": 1000 * statistics.median(latencies),
+            "process_cpu_ms_per_image": 1000 * (time.process_time() - cpu_before) / images}
+
+
+def bench_pixels(args, logs: Path, failed: list[str]) -> list[dict]:
+    rows = attempt(failed, "imagegen", functools.partial(bench_pixels_server, args, logs))
+    if not args.skip_baseline:
+        rows += attempt(failed, "baseline", lambda: [bench_pixels_baseline(args)])
+    return rows
+
+
+def print_pixels(rows: list[dict]) -> None:
+    print(f"{'':40} {'images':>6} {'images/s':>9} {'p50 ms':>9} {'server CPU ms/img':>18} {'less idle':>10} "
+          f"{'workers CPU ms/img':>19}")
+    for r in rows:
+        if "process_cpu_ms_per_image" in r:
+            print(f"{r['name']:40} {r['images']:6d} {r['images_per_s']:9.3f} {r['p50_ms']:9.0f}   "
+                  f"(one process: {r['process_cpu_ms_per_image']:.0f} ms CPU per image)")
+            continue
+        print(f"{r['name']:40} {r['images']:6d} {r['images_per_s']:9.3f} {r['p50_ms']:9.0f} "
+              f"{r['server_cpu_ms_per_image']:18.1f} {r['server_cpu_ms_per_image_less_idle']:10.1f} "
+              f"{r['workers_cpu_ms_per_image']:19.0f}")
+    idle = [r["server_idle_cpu_ms_per_s"] for r in rows if "server_idle_cpu_ms_per_s" in r]
+    if idle:
+        print(f"server idle CPU: {idle[0]:.2f} ms per s")
+
+
 def bench_single(args, logs: Path, failed: list[str]) -> list[dict]:
     """The single workload: raw pipeline, naive server, then imagegen on each backend."""
     results = bench_raw(args)
@@ -439,9 +591,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--workload", choices=("single", "mixed", "uniform"), default="single",
+    parser.add_argument("--workload", choices=("single", "mixed", "uniform", "pixels"), default="single",
                         help="single: one step count (--steps), raw pipeline, naive server and the backends; "
-                        "mixed, uniform: request vs step scheduling vs LitServe, 16 clients (see above)")
+                        "mixed, uniform: request vs step scheduling vs LitServe, 16 clients; pixels: CPU per "
+                        "image of the server and its workers (see above)")
+    parser.add_argument("--pixels-requests", type=int, default=4,
+                        help="pixels: requests of the 1-client load (the 4-client load sends as many in all)")
+    parser.add_argument("--idle-window-s", type=float, default=10, help="pixels: the server's idle CPU window")
+    parser.add_argument("--skip-baseline", action="store_true", help="pixels: without the raw pipeline row")
+    parser.add_argument("--imagegen-root", type=Path, default=ROOT,
+                        help="the checkout whose `imagegen serve` is measured (default: this one)")
     parser.add_argument("--workload-seed", type=int, default=0, help="the mixed workload's step counts")
     parser.add_argument("--steps", type=int, default=4, help="the single workload's num_inference_steps")
     parser.add_argument("--device", default="auto")
@@ -469,12 +628,15 @@ def main() -> None:
     if args.workload == "single":
         results = bench_single(args, logs, failed)
         print_table = functools.partial(print_single, results)
+    elif args.workload == "pixels":
+        results = bench_pixels(args, logs, failed)
+        print_table = functools.partial(print_pixels, results)
     else:
         rows = bench_workload(args, logs, failed)
         ratios = workload_ratios(rows)
         results = rows + ratios
         print_table = functools.partial(print_workload, args, rows, ratios)
-    steps = f" steps={args.steps}" if args.workload == "single" else ""
+    steps = f" steps={args.steps}" if args.workload in ("single", "pixels") else ""
     print(f"\nmodel={args.model} size={args.size}x{args.size}{steps} device={args.device} "
           f"cpus={os.cpu_count()} load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after, logs {logs}")
     print_table()

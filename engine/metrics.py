@@ -39,7 +39,8 @@ REQUESTS_CANCELLED = Counter("imagegen_requests_cancelled", "Requests whose clie
 STAGE_TIME = Histogram(
     "imagegen_request_stage_time_seconds",
     "Time of one stage of serving a request: text_encode, denoise, vae_decode (in the worker's pipeline "
-    "call) and image_encode (PNG/JPEG/WebP in the server)",
+    "call) and image_encode (PNG/JPEG/WebP: in the worker, a request's images together; in the server, each image "
+    "a worker sent as pixels)",
     ["model_name", "stage"],
     buckets=_LATENCY_BUCKETS,
 )
