@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import InvalidRequestError
-from engine.images import resize_pixels
+from engine.images import OUTPUT_FORMATS, resize_pixels
 from engine.lora import LoraRegistry
 from workers.config import OmniDiffusionConfig, parse_size
 from workers.data import Default, LoraWeight, OmniDiffusionRequest, with_defaults
@@ -107,6 +107,16 @@ class RequestRules:
         if guidance is not None and not 0 <= guidance <= MAX_GUIDANCE_SCALE:
             raise InvalidRequestError(
                 f"guidance_scale must be between 0 and {MAX_GUIDANCE_SCALE:g}, got {guidance}", param="guidance_scale"
+            )
+        if request.output_format not in OUTPUT_FORMATS:
+            raise InvalidRequestError(
+                f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {request.output_format!r}",
+                param="output_format",
+            )
+        compression = request.output_compression
+        if compression is not None and not 0 <= compression <= 100:
+            raise InvalidRequestError(
+                f"output_compression must be between 0 and 100, got {compression}", param="output_compression"
             )
         if not 0 <= request.partial_images <= MAX_PARTIAL_IMAGES:
             raise InvalidRequestError(

@@ -103,3 +103,13 @@ def test_references_outside_the_pipelines_own_limits_are_a_400_naming_the_image(
     for too_small_or_too_thin in (picture(63, 64), picture(520, 64)):
         error = refused(flux2, OmniDiffusionRequest("x", images=[picture(64, 64), too_small_or_too_thin]))
         assert error.param == "image" and str(error).startswith("image 1 is ")
+
+
+@pytest.mark.parametrize(
+    "fields, param", [({"output_format": "gif"}, "output_format"), ({"output_compression": 101}, "output_compression")]
+)
+def test_a_file_the_workers_cannot_write_is_a_400_before_any_denoising(fields, param):
+    text_to_image = rules(described("StableDiffusionPipeline"))
+    assert refused(text_to_image, OmniDiffusionRequest("a fox", **fields)).param == param
+    prepared = text_to_image.prepare(OmniDiffusionRequest("a fox", output_format="webp", output_compression=0))
+    assert (prepared.output_format, prepared.output_compression) == ("webp", 0)
