@@ -544,7 +544,7 @@ def bench_pixels_baseline(args) -> dict:
 
 
 def bench_pixels(args, logs: Path, failed: list[str]) -> list[dict]:
-    rows = attempt(failed, "imagegen", functools.partial(bench_pixels_server, args, logs))
+    rows = [] if args.skip_imagegen else attempt(failed, "imagegen", functools.partial(bench_pixels_server, args, logs))
     if not args.skip_baseline:
         rows += attempt(failed, "baseline", lambda: [bench_pixels_baseline(args)])
     return rows
@@ -599,6 +599,7 @@ def main() -> None:
                         help="pixels: requests of the 1-client load (the 4-client load sends as many in all)")
     parser.add_argument("--idle-window-s", type=float, default=10, help="pixels: the server's idle CPU window")
     parser.add_argument("--skip-baseline", action="store_true", help="pixels: without the raw pipeline row")
+    parser.add_argument("--skip-imagegen", action="store_true", help="pixels: the raw pipeline row only")
     parser.add_argument("--imagegen-root", type=Path, default=ROOT,
                         help="the checkout whose `imagegen serve` is measured (default: this one)")
     parser.add_argument("--workload-seed", type=int, default=0, help="the mixed workload's step counts")
