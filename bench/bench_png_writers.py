@@ -74,7 +74,8 @@ def png_from_deflate(compress: Callable[[bytes], bytes], row_filter: str) -> Cal
             rows[:, 0] = 0
             rows[:, 1:] = flat
         header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-        return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", compress(rows.tobytes())) + _chunk(b"IEND", b"")
+        idat = _chunk(b"IDAT", compress(rows.tobytes()))
+        return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + idat + _chunk(b"IEND", b"")
 
     return write
 
@@ -148,7 +149,8 @@ def bench_png(images: dict[str, np.ndarray], repeats: int) -> dict[str, bytes]:
             same = np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), pixels)
             ms = median_ms(lambda: write(pixels), repeats)
             baseline = baseline or ms
-            print(f"{name:44} {ms:7.1f} {baseline / ms:10.2f} {len(data) / 1e6:6.2f}  {'same pixels' if same else 'WRONG'}")
+            verdict = "same pixels" if same else "WRONG"
+            print(f"{name:44} {ms:7.1f} {baseline / ms:10.2f} {len(data) / 1e6:6.2f}  {verdict}")
         baseline_files[image_name] = found["pillow level 1 (imagegen today)"](pixels)
     for name in missing:
         print(f"skipped: {name} not installed")

@@ -379,7 +379,9 @@ class WorkerWrapperBase:
                 pixels[own] = keep_unmasked(pipeline, pixels[own], r.images[0], r.mask)
             images = list(pixels[own])
             if encode:  # 5. on the encode pool, while the pipeline thread goes on
-                images = [self.encoder.encode(r.request_id, image, r.output_format, r.output_compression) for image in images]
+                images = [
+                    self.encoder.encode(r.request_id, image, r.output_format, r.output_compression) for image in images
+                ]
             outputs[r.request_id] = RequestOutput(
                 r.request_id,
                 images,
@@ -429,8 +431,8 @@ class WorkerWrapperBase:
                     pixels = to_uint8(decode_latents(pipeline, tensors["latents"], first.height, first.width))
                     for r, own in image_slices(group):
                         if r.request_id not in self.cancellations:
-                            self.send_partial(PartialImageOutput(r.request_id, steps.index(index + 1), list(pixels[own])),
-                                              r, sink, encode)
+                            partial = PartialImageOutput(r.request_id, steps.index(index + 1), list(pixels[own]))
+                            self.send_partial(partial, r, sink, encode)
             return {}
 
         return on_step_end

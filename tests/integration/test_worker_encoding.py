@@ -55,7 +55,7 @@ def test_engine_gets_the_workers_files_opened_lazily_with_the_pixels_of_the_arra
         assert all(np.array_equal(np.asarray(a), b) for a, b in zip(served.images, pixels, strict=True))
 
         partials: list[PartialImages] = []
-        engine.progress_listeners.append(lambda item: partials.append(item) if isinstance(item, PartialImages) else None)
+        engine.progress_listeners.append(lambda item: isinstance(item, PartialImages) and partials.append(item))
         sent = request(5, num_inference_steps=6, partial_images=2, output_format="jpeg", output_compression=30)
         (served,) = engine.step([sent])
         served_partials, partials[:] = list(partials), []

@@ -40,7 +40,7 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 def write_png(pixels: np.ndarray) -> bytes:
     """uint8 HxWx3 ``pixels`` as an 8-bit RGB PNG: each row PNG's "up" filter (its difference from the row above,
-    one numpy subtraction, which halves a smooth picture's deflate output), one IDAT chunk deflated by ISA-L at
+    one numpy subtraction, which shrinks a smooth picture's deflate output by ~40%), one IDAT chunk deflated by ISA-L at
     level 1. Pillow reads it back to the same pixels; so does every PNG reader, it is plain PNG."""
     height, width, _ = pixels.shape
     rows = np.empty((height, 1 + 3 * width), np.uint8)
@@ -67,7 +67,8 @@ def encode_pixels(pixels: np.ndarray, output_format: str = "png", compression: i
     height, width = pixels.shape[:2]
     if output_format == "png" and isal_zlib is not None and pixels.ndim == 3 and pixels.shape[2] == 3:
         return EncodedImage(write_png(np.ascontiguousarray(pixels)), output_format, compression, width, height)
-    options: dict = {"compress_level": 1} if output_format == "png" else {"quality": 100 if compression is None else compression}
+    quality = 100 if compression is None else compression
+    options: dict = {"compress_level": 1} if output_format == "png" else {"quality": quality}
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=PILLOW_FORMATS[output_format], **options)
     return EncodedImage(buffer.getvalue(), output_format, compression, width, height)
