@@ -371,13 +371,20 @@ class ModelRegistry:
         return victims if fits else None
 
     def _least_recently_used(self, model: ServedModel) -> tuple[list[ServedModel], bool]:
-        """The idle models to unload, least recently used first, until ``model`` fits; and whether it then does."""
+        """The idle models to unload, least recently used first, until ``model`` fits; and whether it then does.
+        A model unloaded early whose room the later ones freed stays (the most recently used first): the
+        budget keeps as many models as it allows."""
         kept = self._resident(model)
         idle = sorted((m for m in kept if m.status == LOADED and m.users == 0), key=lambda m: m.last_used)
         victims: list[ServedModel] = []
         while not (fits := self._fits(model, kept)) and idle:
             victims.append(idle.pop(0))
             kept.remove(victims[-1])
+        if fits:
+            for victim in sorted(victims, key=lambda m: m.last_used, reverse=True):
+                if self._fits(model, [*kept, victim]):
+                    kept.append(victim)
+                    victims.remove(victim)
         return victims, fits
 
     async def _load(self, model: ServedModel, closing: list[asyncio.Task]) -> None:

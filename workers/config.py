@@ -391,8 +391,8 @@ class OmniDiffusionConfig(BaseSettings):
     admin_api_key: str | None = Field(
         None,
         repr=False,
-        description="key ('Authorization: Bearer <key>') the LoRA load and unload routes require, compared in "
-        "constant time. Prefer IMAGEGEN_ADMIN_API_KEY to the flag, which other users can see in ps",
+        description="key ('Authorization: Bearer <key>') the LoRA and model load and unload routes require, compared "
+        "in constant time. Prefer IMAGEGEN_ADMIN_API_KEY to the flag, which other users can see in ps",
     )
     lora_dir: Path | None = Field(
         None,

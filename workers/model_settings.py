@@ -52,7 +52,7 @@ def model_settings(config: OmniDiffusionConfig) -> list[OmniDiffusionConfig]:
         entries = [{"model": name} for name in config.models]
         where = "--model"
     settings = [_entry_settings(config, entry, f"{where}, entry {index + 1}") for index, entry in enumerate(entries)]
-    check_names(settings)
+    check_names(settings, where)
     return settings
 
 
@@ -93,15 +93,16 @@ def _entry_settings(config: OmniDiffusionConfig, entry: dict[str, Any], where: s
         raise ModelSettingsError(f"{where}: {problems}") from None
 
 
-def check_names(settings: list[OmniDiffusionConfig]) -> None:
+def check_names(settings: list[OmniDiffusionConfig], where: str = "") -> None:
     """Model ids and LoRA adapter names are one namespace (a request's ``model``): no name twice."""
     owners: dict[str, str] = {}
     for config in settings:
-        names = [(config.model_name, "model")] + [(a.name, f"a LoRA adapter of '{config.model_name}'") for a in config.lora_adapters]
+        names = [(config.model_name, "a model")]
+        names += [(adapter.name, f"a LoRA adapter of '{config.model_name}'") for adapter in config.lora_adapters]
         for name, what in names:
             if name in owners:
-                raise ModelSettingsError(f"the name '{name}' is {owners[name]} and {what}: each model id is one name")
-            owners[name] = "a model" if what == "model" else what
+                raise ModelSettingsError(f"{where}: the name '{name}' is {owners[name]} and {what}: a model id names one")
+            owners[name] = what
 
 
 def is_external(config: OmniDiffusionConfig) -> bool:
