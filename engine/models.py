@@ -18,7 +18,14 @@ from typing import Any
 from engine import metrics
 from engine.batcher import AsyncDiffusionEngine
 from engine.engine import DiffusionEngine
-from engine.errors import EngineDeadError, EngineError, ModelUnavailableError, NoRoomError, NotFoundError
+from engine.errors import (
+    EngineDeadError,
+    EngineError,
+    InvalidRequestError,
+    ModelUnavailableError,
+    NoRoomError,
+    NotFoundError,
+)
 from workers.config import OmniDiffusionConfig
 from workers.data import defaults_in_force
 from workers.model_settings import is_external
@@ -92,17 +99,11 @@ class ModelRegistry:
     the models that hold the room. An idle model unloads after its ``model_keep_alive_s``. A model that fails
     to load answers ModelUnavailableError with the cause until a back-off has passed, then loads again.
 
-    ``engine_factory`` builds a model's engine (DiffusionEngine; blocking, run in a thread); ``estimate`` the
-    bytes one rank of a model will take before its first load (workers.runtime.memory.estimate_model_bytes).
+    A model's engine is a DiffusionEngine (built in a thread); before its first load, the bytes one of its ranks
+    will take are workers.runtime.memory.estimate_model_bytes.
     """
 
-    def __init__(
-        self,
-        settings: list[OmniDiffusionConfig],
-        server_config: OmniDiffusionConfig,
-        engine_factory: Callable[[OmniDiffusionConfig], DiffusionEngine] = DiffusionEngine,
-        estimate: Callable[[OmniDiffusionConfig], int | None] | None = None,
-    ):
+    def __init__(self, settings: list[OmniDiffusionConfig], server_config: OmniDiffusionConfig):
         self.models: dict[str, ServedModel] = {}
         for index, config in enumerate(settings):
             preload = config.preload if config.preload is not None else index == 0
@@ -116,8 +117,6 @@ class ModelRegistry:
         self.max_loaded_models = server_config.max_loaded_models
         budget = server_config.memory_budget_gib
         self.memory_budget_bytes = int(budget * _GIB) if budget is not None else None
-        self._engine_factory = engine_factory
-        self._estimate = estimate
         self.draining = False
         # Called with the reason when a model's engine turns fatal (--on-worker-death exit): the server exits.
         self.fatal_listeners: list[Callable[[str], None]] = []
@@ -146,7 +145,7 @@ class ModelRegistry:
             if model.preload and model.engine is None:
                 started = time.monotonic()
                 try:
-                    engine = self._engine_factory(model.config)
+                    engine = DiffusionEngine(model.config)
                 except Exception as error:
                     raise RuntimeError(f"could not start model '{model.config.model}': {error}") from error
                 self.adopt(model, engine)
@@ -275,9 +274,11 @@ class ModelRegistry:
         """Unload ``model`` (the admin route): refuse its new requests at once, let its queued and running ones
         finish, then stop its workers."""
         if model.external:
-            raise ModelUnavailableError(
-                f"The model '{model.name}' runs on workers this server does not start ({model.config.distributed_executor_backend}): "
-                "it cannot be unloaded here."
+            backend = model.config.distributed_executor_backend
+            raise InvalidRequestError(
+                f"The model '{model.name}' runs on workers this server does not start ({backend}): it cannot be "
+                "unloaded here.",
+                param="model",
             )
         model.refusing = True
         try:
@@ -301,13 +302,14 @@ class ModelRegistry:
                 await asyncio.shield(model.loading)
                 continue
             if model.status == FAILED and time.monotonic() < model.retry_at:
-                raise ModelUnavailableError(
-                    f"The model '{model.name}' failed to load: {model.error} (retried in "
-                    f"{model.retry_at - time.monotonic():.0f}s)"
-                )
+                wait_s = model.retry_at - time.monotonic()
+                retry = f" (a request in {wait_s:.0f}s retries the load)" if wait_s < float("inf") else ""
+                raise ModelUnavailableError(f"The model '{model.name}' failed to load: {model.error}{retry}")
             if self.memory_budget_bytes is not None and not model.memory_bytes and model.estimated_bytes is None:
                 model.estimated_bytes = await asyncio.to_thread(self._estimate_bytes, model)
                 continue  # the world may have changed while estimating
+            if not self._fits(model, []):
+                raise NoRoomError(self._too_large(model))
             victims = self._room_for(model)
             if victims is None:
                 timeout_s = self.server_config.request_timeout_s
@@ -336,7 +338,7 @@ class ModelRegistry:
         from workers.runtime.memory import estimate_model_bytes
 
         try:
-            return (self._estimate or estimate_model_bytes)(model.config) or 0
+            return estimate_model_bytes(model.config) or 0
         except Exception as error:  # noqa: BLE001 - no estimate: the figure measured after loading decides
             logger.warning("no memory estimate for model '%s': %s", model.name, error)
             return 0
@@ -393,7 +395,7 @@ class ModelRegistry:
             await asyncio.gather(*closing, return_exceptions=True)
             started = time.monotonic()
             logger.info("loading model '%s'", model.name)
-            engine = await asyncio.to_thread(self._engine_factory, model.config)
+            engine = await asyncio.to_thread(DiffusionEngine, model.config)
         except Exception as error:  # noqa: BLE001 - the model's requests get the cause; the others serve on
             model.status = FAILED
             model.error = str(error) or type(error).__name__
@@ -436,9 +438,23 @@ class ModelRegistry:
             listener(reason)
 
     def _keep_within_budget(self, model: ServedModel) -> None:
-        """After a load whose estimate fell short: unload idle models until the measured figures fit."""
+        """After a load whose estimate fell short: unload idle models until the measured figures fit (the model
+        itself, failed, when it does not fit alone)."""
+        if not self._fits(model, []):
+            model.error = self._too_large(model)
+            self._begin_unload(model, "room")
+            model.status = FAILED
+            model.retry_at = float("inf")  # its size will not change: no retry
+            return
         for victim in self._least_recently_used(model)[0]:
             self._begin_unload(victim, "room")
+
+    def _too_large(self, model: ServedModel) -> str:
+        sizes = ", ".join(f"{device} {size / _GIB:.2f} GiB" for device, size in model.footprint().items())
+        return (
+            f"The model '{model.name}' takes more than --memory-budget-gib {self.memory_budget_bytes / _GIB:g} "
+            f"allows on its own ({sizes})."
+        )
 
     def _begin_unload(self, model: ServedModel, reason: str) -> None:
         """Take ``model`` out of service now; its workers stop in the background (``model.closing``)."""

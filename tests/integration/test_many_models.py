@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 MODELS = ("demo", "tiny", "tiny-flux")
 REQUEST = {"prompt": "a red fox", "size": "64x64", "extra_body": {"num_inference_steps": 2, "seed": 7}}
 # How long a request may wait for room in the LRU server before its 503.
-ROOM_WAIT_S = 15
+ROOM_WAIT_S = 5
 
 
 def client_of(server: ServerProcess) -> openai.OpenAI:
