@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "worker":
         if len(config.models) > 1:  # IMAGEGEN_MODEL may be the server's list, from a ConfigMap both read
-            print(f"imagegen: a worker serves one model; --model names {len(config.models)}: {config.model}", file=sys.stderr)
+            problem = f"a worker serves one model; --model names {len(config.models)}: {config.model}"
+            print(f"imagegen: {problem}", file=sys.stderr)
             return 2
         from workers.hosts.grpc_server import run_worker
         from workers.logs import exit_at_once

@@ -183,8 +183,9 @@ class ImageServing:
         finally:
             if held:
                 self.models.release(model)
-            config = front.engine.od_config if front is not None else model.config
-            room = front.queue_room(key) if front is not None else QueueRoom(config.queued_images_per_key, config.queued_images_per_key, 0.0)
+            # A model that never loaded for this request: the whole share is free.
+            limit = model.config.queued_images_per_key
+            room = front.queue_room(key) if front is not None else QueueRoom(limit, limit, 0.0)
             http_request.state.response_headers = {
                 "x-ratelimit-limit-requests": str(room.limit),
                 "x-ratelimit-remaining-requests": str(room.remaining),

@@ -101,7 +101,9 @@ def check_names(settings: list[OmniDiffusionConfig], where: str = "") -> None:
         names += [(adapter.name, f"a LoRA adapter of '{config.model_name}'") for adapter in config.lora_adapters]
         for name, what in names:
             if name in owners:
-                raise ModelSettingsError(f"{where}: the name '{name}' is {owners[name]} and {what}: a model id names one")
+                raise ModelSettingsError(
+                    f"{where}: the name '{name}' is {owners[name]} and {what}: a model id names one"
+                )
             owners[name] = what
 
 

@@ -1,7 +1,8 @@
 """The HTTP routes, one APIRouter per family; server/app.py includes them all.
 
 images (generations, edits, variations), files (images answered as urls), models (the cards, and the
-admin load and unload), probes (health, readiness, metrics), playground (the page at /, and /docs, /redoc). A new family is a
+admin load and unload), lora (adapters at run time), probes (health, readiness, metrics), playground
+(the page at /, and /docs, /redoc). A new family is a
 module here with a ``router``, included in ``create_app``. What routes share lives on
 ``app.state`` and is read with the functions below.
 """

@@ -81,7 +81,8 @@ def _one_image(count: int) -> None:
 )
 async def create_image(body: ImageGenerationRequest, http_request: Request, images: ImageServing = Depends(serving)):
     images.check_options(body, "/v1/images/generations")
-    return await images.answer(http_request, body, partial(OmniDiffusionRequest, prompt=body.prompt), "image_generation")
+    request = partial(OmniDiffusionRequest, prompt=body.prompt)
+    return await images.answer(http_request, body, request, "image_generation")
 
 
 @router.post(

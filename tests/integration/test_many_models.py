@@ -103,10 +103,8 @@ def test_the_third_load_unloads_the_least_recently_used_and_a_request_loads_it_a
 def endless(server: ServerProcess, model: str) -> tuple[httpx.Client, httpx.Response]:
     """A request on ``model`` that runs until the returned response is closed (its first event has come)."""
     client = httpx.Client(timeout=300)
-    response = client.send(
-        client.build_request("POST", f"{server.base_url}/v1/images/generations", json={**ENDLESS_STREAM, "model": model}),
-        stream=True,
-    )
+    url = f"{server.base_url}/v1/images/generations"
+    response = client.send(client.build_request("POST", url, json={**ENDLESS_STREAM, "model": model}), stream=True)
     assert response.status_code == 200, response.read()
     return client, response
 

@@ -83,7 +83,8 @@ def test_a_bad_entry_is_refused_naming_the_file_entry_and_key(tmp_path, text, me
 def test_a_grpc_entry_stands_beside_mp_entries_and_is_external(tmp_path):
     local, remote = settings_of(
         tmp_path,
-        "- model: tiny\n- model: tiny-flux\n  distributed_executor_backend: grpc\n  worker_addresses: ['127.0.0.1:50051']\n",
+        "- model: tiny\n- model: tiny-flux\n  distributed_executor_backend: grpc\n"
+        "  worker_addresses: ['127.0.0.1:50051']\n",
     )
     assert not is_external(local) and is_external(remote) and remote.worker_addresses == ["127.0.0.1:50051"]
 

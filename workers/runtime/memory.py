@@ -94,7 +94,9 @@ def estimate_pipeline_bytes(folder: Path, dtype: torch.dtype) -> int:
             else:
                 module = model_class(transformers.AutoConfig.from_pretrained(Path(folder) / name))
         element_size = torch.empty((), dtype=dtype).element_size()
-        total += sum(p.numel() * (element_size if p.is_floating_point() else p.element_size()) for p in module.parameters())
+        total += sum(
+            p.numel() * (element_size if p.is_floating_point() else p.element_size()) for p in module.parameters()
+        )
         total += sum(b.numel() * b.element_size() for b in module.buffers())
     return total
 
@@ -109,7 +111,10 @@ def estimate_model_bytes(od_config) -> int | None:
     name = od_config.model
     if name in RANDOM_WEIGHT_MODELS:
         return None
-    folder = DEMO_MODEL_PATH if name == "demo" else Path(od_config.model_cache_dir) / name if name in BUILTIN_MODELS else Path(name)
+    if name == "demo":
+        folder = DEMO_MODEL_PATH
+    else:
+        folder = Path(od_config.model_cache_dir) / name if name in BUILTIN_MODELS else Path(name)
     if not (folder / "model_index.json").is_file():
         return None
     dtype = resolve_dtype(od_config.dtype, resolve_device(od_config.device, od_config.device_index(0)))
