@@ -18,6 +18,7 @@ from helpers import (
     metric_samples,
     pid_alive,
     poll,
+    start_workers,
 )
 
 pytestmark = pytest.mark.slow
@@ -189,17 +190,36 @@ def test_the_memory_budget_fits_as_many_models_as_it_allows_never_more(budget_se
 @pytest.fixture(scope="module")
 def file_server(tmp_path_factory):
     """A models file: demo (preloaded), tiny-flux as 'flux-idle' unloaded after 2 s idle, a model that
-    cannot load, and tiny (for the admin routes, with their key)."""
+    cannot load, tiny (for the admin routes, with their key), and tiny-flux on an `imagegen worker` of
+    its own as 'remote' (backend grpc, beside the mp entries)."""
+    (worker,) = start_workers(1, "--model", "tiny-flux", "--served-model-name", "remote")
     path = tmp_path_factory.mktemp("models") / "models.yaml"
     path.write_text(
         "- model: demo\n"
         "- model: tiny-flux\n  served_model_name: flux-idle\n  keep_alive_s: 2\n"
         "- model: /nonexistent/model-folder\n  served_model_name: broken\n"
         "- model: tiny\n"
+        f"- model: tiny-flux\n  served_model_name: remote\n  distributed_executor_backend: grpc\n"
+        f"  worker_addresses: ['{worker.address}']\n"
     )
-    server = ServerProcess("--models-file", str(path), env={"IMAGEGEN_ADMIN_API_KEY": ADMIN_KEY})
-    yield server
-    server.stop()
+    try:
+        server = ServerProcess("--models-file", str(path), env={"IMAGEGEN_ADMIN_API_KEY": ADMIN_KEY})
+        yield server
+        server.stop()
+    finally:
+        worker.stop()
+
+
+def test_a_grpc_model_beside_mp_models_is_external_resident_and_cannot_be_unloaded(file_server):
+    card = httpx.get(f"{file_server.base_url}/v1/models/remote", timeout=30).json()
+    assert card["external"] is True and card["status"] == "loaded"
+    assert generate(file_server, "remote").shape == (64, 64, 3)
+    assert generate(file_server, "demo").shape == (64, 64, 3)
+    refused = httpx.post(
+        f"{file_server.base_url}/v1/models/remote/unload", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30
+    )
+    assert refused.status_code == 400 and "does not start" in refused.json()["error"]["message"]
+    assert statuses(file_server)["remote"] == "loaded"
 
 
 def test_an_idle_model_unloads_after_its_keep_alive_and_its_workers_exit(file_server):
