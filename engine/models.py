@@ -120,6 +120,8 @@ class ModelRegistry:
         self.draining = False
         # Called with the reason when a model's engine turns fatal (--on-worker-death exit): the server exits.
         self.fatal_listeners: list[Callable[[str], None]] = []
+        # Why a model's engine could not serve any more (kept after the engines are closed).
+        self.fatal_error: str | None = None
         self._changed: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         preloaded = [model for model in self.models.values() if model.preload and not model.external]
@@ -180,10 +182,6 @@ class ModelRegistry:
             if model.engine is not None:
                 model.engine.close()
 
-    @property
-    def fatal_error(self) -> str | None:
-        """Why a model's engine cannot serve any more (--on-worker-death exit), if one cannot."""
-        return next((m.engine.fatal_error for m in self.models.values() if m.engine and m.engine.fatal_error), None)
 
     def start_draining(self) -> None:
         """Refuse new requests (503); queued and running ones still finish."""
@@ -434,6 +432,7 @@ class ModelRegistry:
         self._arm_keep_alive(model)
 
     def _on_fatal(self, reason: str) -> None:
+        self.fatal_error = self.fatal_error or reason
         for listener in self.fatal_listeners:
             listener(reason)
 
