@@ -406,8 +406,8 @@ def main() -> int:
     parser.add_argument("--recovery-bound-s", type=float, default=300, help="a wait longer than this aborts the run")
     args = parser.parse_args()
 
-    print(f"chaos run: backend {args.backend}, {args.rounds} rounds, CPU {cpu_model()} x {os.cpu_count()}, "
-          f"load average {load_average()}")
+    settings = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in vars(args).items())
+    print(f"chaos run: {settings}\nCPU {cpu_model()} x {os.cpu_count()}, load average {load_average()}")
     folder = Path(tempfile.mkdtemp(prefix="imagegen-chaos-"))
     adapter = make_lora(folder / ADAPTER, default_cache_dir(), seed=1)
     cluster = Cluster(args, folder, adapter)
