@@ -210,7 +210,7 @@ class Load:
 class Cluster:
     """The server and, for grpc, its two `imagegen worker` processes; rank 1 is the one faulted."""
 
-    def __init__(self, args: argparse.Namespace, folder: Path, adapter: Path):
+    def __init__(self, args: argparse.Namespace, adapter: Path):
         self.args = args
         self.worker_flags = ("--model", "tiny", "--num-gpus", str(GROUPS), "--rpc-timeout-s", str(args.rpc_timeout_s))
         self.workers: dict[int, WorkerProcess] = {}
@@ -410,7 +410,7 @@ def main() -> int:
     print(f"chaos run: {settings}\nCPU {cpu_model()} x {os.cpu_count()}, load average {load_average()}")
     folder = Path(tempfile.mkdtemp(prefix="imagegen-chaos-"))
     adapter = make_lora(folder / ADAPTER, default_cache_dir(), seed=1)
-    cluster = Cluster(args, folder, adapter)
+    cluster = Cluster(args, adapter)
     faults: list[Fault] = []
     idle = None
     load = Load(cluster.server.base_url, args.clients, args.client_deadline_s)
