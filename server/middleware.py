@@ -16,8 +16,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from engine import metrics
 
 request_logger = logging.getLogger("imagegen.requests")
+# nginx's status for a request whose client hung up before the answer: nothing is sent, it is only logged and counted.
+CLIENT_CLOSED_REQUEST = 499
 # A client's X-Request-ID is kept when it is a plain token; anything else gets a fresh id.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class ClientDisconnected(Exception):
+    """The client hung up before its answer was ready; its request was cancelled and nobody is left to answer."""
 
 
 class RequestLogMiddleware:
@@ -25,7 +31,8 @@ class RequestLogMiddleware:
     counts it by route and status, times the image routes, and logs one line for it. A route's
     ``state.response_headers`` go on whatever answer it gives, an error's too (the image routes'
     x-ratelimit-* headers). The image routes name the model the request ran on (``state.model_name``);
-    the others count for ``model_name``, the first model."""
+    the others count for ``model_name``, the first model. A request whose client hung up first
+    (ClientDisconnected) is logged with status 499 and gets no answer."""
 
     def __init__(self, app: ASGIApp, model_name: str):
         self.app = app
@@ -51,6 +58,8 @@ class RequestLogMiddleware:
 
         try:
             await self.app(scope, receive, send_and_record)
+        except ClientDisconnected:
+            status["code"] = CLIENT_CLOSED_REQUEST
         finally:
             elapsed = time.monotonic() - started
             route = scope.get("route")

@@ -40,7 +40,7 @@ from engine.batcher import QueueRoom
 from engine.models import ModelRegistry, ServedModel
 from engine.images import encode_image
 from server.errors import engine_error_event
-from server.middleware import key_digest
+from server.middleware import ClientDisconnected, key_digest
 from server.protocol import (
     CompletedEvent,
     ImageData,
@@ -373,7 +373,8 @@ def _usage(usage: Usage, images: int, output_image_tokens: int) -> ImageUsage:
 
 
 async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it if the client goes away first (a queued request then never runs)."""
+    """Await ``work``. If the client goes away first, cancel it (a queued request then never runs) and raise
+    ClientDisconnected: a hang-up is no server error."""
     task = asyncio.ensure_future(work)
 
     async def watch() -> None:
@@ -385,6 +386,11 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     watcher = asyncio.create_task(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        # Cancelled by the watcher, not with this handler (the server shutting down): the client left.
+        if watcher.done() and not asyncio.current_task().cancelling():
+            raise ClientDisconnected from None
+        raise
     finally:
         watcher.cancel()
 
