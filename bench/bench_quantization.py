@@ -58,7 +58,8 @@ def measure(args, row: str) -> dict:
 
     from workers.models.catalog import load_pipeline, model_folder
     from workers.runtime.pipelines import resolve_device, resolve_dtype
-    from workers.runtime.quantization import measure_weights, pipeline_components, torchao_config
+    from workers.runtime.memory import measure_weights, pipeline_components
+    from workers.runtime.quantization import torchao_config
 
     device = resolve_device(args.device, 0)
     dtype = resolve_dtype("auto", device)

@@ -33,6 +33,15 @@ class NoServingGroupError(EngineDeadError):
     answers again, so a client may retry (503 with Retry-After)."""
 
 
+class NoRoomError(EngineError):
+    """A model cannot load: the models that hold the room are busy (--max-loaded-models, --memory-budget-gib).
+    The server is at capacity, not slow: 503 with Retry-After."""
+
+
+class ModelUnavailableError(EngineDeadError):
+    """The model failed to load (its requests get the cause, 503), or it is being unloaded."""
+
+
 class GenerationFailedError(EngineError):
     """The pipeline raised for this request."""
 

@@ -71,3 +71,20 @@ MODEL_WEIGHT_BYTES = Gauge(
     "quantized size; --quantization)",
     ["model_name", "component"],
 )
+
+# -- several models per server (engine/models.py; docs/models.md) ------------------------------------------
+MODEL_LOADED = Gauge("imagegen_model_loaded", "1 while the model is loaded and serving, else 0", ["model_name"])
+MODEL_MEMORY_BYTES = Gauge(
+    "imagegen_model_memory_bytes",
+    "Bytes a loaded model takes on each device, as its workers measured it after loading (0 once unloaded)",
+    ["model_name", "device"],
+)
+MODEL_LOAD_TIME = Histogram(
+    "imagegen_model_load_seconds", "Time to load a model: start its workers until they serve", ["model_name"],
+    buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+MODEL_UNLOADS = Counter(
+    "imagegen_model_unloads",
+    "Models unloaded, by reason: idle (--model-keep-alive-s), room (another model needed it), admin",
+    ["model_name", "reason"],
+)

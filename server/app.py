@@ -13,7 +13,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from engine import AsyncDiffusionEngine, DiffusionEngine
+from engine import DiffusionEngine
+from engine.models import ModelRegistry
 from server.errors import install_error_handlers
 from server.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, KeyRing, RequestLogMiddleware
 from server.routes import files, images, lora, models, playground, probes
@@ -21,21 +22,21 @@ from server.serving import ImageServing
 from server.storage import ImageStore
 
 
-def create_app(engine: DiffusionEngine) -> FastAPI:
-    """An app serving ``engine``. The caller owns the engine; the app owns its batching front and image store.
+def create_app(served: ModelRegistry | DiffusionEngine) -> FastAPI:
+    """An app serving the models of ``served`` (a DiffusionEngine: that one model). The caller owns the engines
+    it loaded; the app owns the models' batching fronts, the ones it loads, and its image store.
 
-    ``app.state`` holds what the routes share: ``engine`` (the AsyncDiffusionEngine front, from
-    start-up on), ``serving`` (the ImageServing over it), ``store``, ``created`` and ``admin_keys``.
+    ``app.state`` holds what the routes share: ``models`` (the ModelRegistry, started with the app),
+    ``serving`` (the ImageServing over it), ``store``, ``created`` and ``admin_keys``.
     """
-    config = engine.od_config
+    registry = served if isinstance(served, ModelRegistry) else ModelRegistry.of_engine(served)
+    config = registry.server_config
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.engine = AsyncDiffusionEngine(engine)
-        app.state.engine.start()
-        app.state.serving = ImageServing(app.state.engine, app.state.store)
+        registry.start()
         yield
-        await app.state.engine.close()
+        await registry.close()
         app.state.store.close()
 
     # /docs and /redoc are the playground router's, with their assets served from this machine.
@@ -46,7 +47,9 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    app.state.models = registry
     app.state.store = ImageStore(config.image_storage_dir, config.image_ttl_s)
+    app.state.serving = ImageServing(registry, app.state.store)
     app.state.created = int(time.time())
     app.state.admin_keys = KeyRing([config.admin_api_key] if config.admin_api_key else [])
 
@@ -57,9 +60,9 @@ def create_app(engine: DiffusionEngine) -> FastAPI:
             ApiKeyMiddleware,
             api_keys=config.api_key,
             protect_metrics=config.metrics_require_api_key,
-            own_key_paths=lora.ADMIN_PATHS,
+            has_own_key=lambda method, path: path in lora.ADMIN_PATHS or models.is_admin_path(method, path),
         )
-    app.add_middleware(RequestLogMiddleware, model_name=config.model_name)
+    app.add_middleware(RequestLogMiddleware, model_name=registry.first.name)
 
     # The LoRA admin routes exist only when run-time loading is on.
     for family in (images, files, models, probes, playground, *([lora] if config.allow_runtime_lora else [])):

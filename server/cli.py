@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from engine import DiffusionEngine, OmniDiffusionConfig, configure_logging
+from engine import OmniDiffusionConfig, configure_logging
 from server import client_cli
 
 
@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imagegen: invalid configuration: {problems}", file=sys.stderr)
         return 2
     if args.command == "worker":
+        if len(config.models) > 1:  # IMAGEGEN_MODEL may be the server's list, from a ConfigMap both read
+            problem = f"a worker serves one model; --model names {len(config.models)}: {config.model}"
+            print(f"imagegen: {problem}", file=sys.stderr)
+            return 2
         from workers.hosts.grpc_server import run_worker
         from workers.logs import exit_at_once
 
@@ -109,17 +113,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(config: OmniDiffusionConfig) -> int:
-    """Run the server until SIGINT/SIGTERM (exit 0) or until the engine turns fatal (exit 1)."""
+    """Run the server until SIGINT/SIGTERM (exit 0) or until an engine turns fatal (exit 1)."""
     import uvicorn
 
+    from engine.models import ModelRegistry
     from server.app import create_app
+    from workers.model_settings import ModelSettingsError, model_settings
 
     try:
-        engine = DiffusionEngine(config)
+        registry = ModelRegistry(model_settings(config), config)
+    except (ModelSettingsError, ValueError) as error:
+        print(f"imagegen: invalid configuration: {error}", file=sys.stderr)
+        return 2
+    try:
+        registry.preload()
     except Exception as error:  # noqa: BLE001 - start-up failures end in one line, not a traceback
-        print(f"imagegen: could not start model '{config.model}': {error}", file=sys.stderr)
+        registry.close_engines()
+        print(f"imagegen: {error}", file=sys.stderr)
         return 1
-    app = create_app(engine)
+    app = create_app(registry)
 
     class Server(uvicorn.Server):
         """On the first SIGTERM/SIGINT, drain: keep listening but answer new work (and /ready) with 503
@@ -127,15 +139,14 @@ def serve(config: OmniDiffusionConfig) -> int:
         uvicorn close. A second signal stops at once."""
 
         def handle_exit(self, sig: int, frame: Any) -> None:
-            front = getattr(app.state, "engine", None)
-            if front is None or front.draining:
+            if registry.draining:
                 super().handle_exit(sig, frame)
                 return
-            front.start_draining()
+            registry.start_draining()
             self._loop.call_soon_threadsafe(self._loop.create_task, self._drain())
 
         async def _drain(self) -> None:
-            await app.state.engine.wait_idle(config.shutdown_timeout_s)
+            await registry.wait_idle(config.shutdown_timeout_s)
             # Not super().handle_exit(): uvicorn would re-raise the signal at exit, and a drained
             # server should exit 0.
             self.should_exit = True
@@ -157,13 +168,13 @@ def serve(config: OmniDiffusionConfig) -> int:
         )
     )
     # uvicorn's loop polls should_exit, so setting it from a worker-monitor thread is safe.
-    engine.fatal_listeners.append(lambda reason: setattr(server, "should_exit", True))
+    registry.fatal_listeners.append(lambda reason: setattr(server, "should_exit", True))
     try:
         server.run()
     finally:
-        engine.close()
-    if engine.fatal_error is not None:
-        print(f"imagegen: exiting: {engine.fatal_error}", file=sys.stderr)
+        registry.close_engines()
+    if registry.fatal_error is not None:
+        print(f"imagegen: exiting: {registry.fatal_error}", file=sys.stderr)
         return 1
     return 0
 

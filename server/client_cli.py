@@ -117,7 +117,13 @@ def _base_url(url: str | None) -> str:
 def _list_models(client) -> None:
     for card in client.models.list():
         extra = card.model_extra or {}
-        details = [f"default size {extra['default_size']}"] if "default_size" in extra else []
+        details = []
+        if extra.get("status") and not extra.get("parent"):  # loaded, loading, unloaded, failed (and why)
+            details.append(extra["status"] + (f": {extra['status_error']}" if extra.get("status_error") else ""))
+        if extra.get("memory_bytes") and not extra.get("parent"):
+            details.append("memory " + ", ".join(f"{d} {b / 2**20:.1f} MiB" for d, b in extra["memory_bytes"].items()))
+        if extra.get("default_size"):
+            details.append(f"default size {extra['default_size']}")
         if "tasks" in extra:
             details.append(f"tasks {', '.join(extra['tasks'])}")
         print("\t".join([card.id, *details]))

@@ -15,6 +15,7 @@ from engine.errors import (
     EngineOverloadedError,
     GenerationFailedError,
     InvalidRequestError,
+    NoRoomError,
     NoServingGroupError,
     NotFoundError,
     RequestTimeoutError,
@@ -28,6 +29,7 @@ ERROR_TABLE: dict[type[EngineError], tuple[int, str]] = {
     NotFoundError: (404, "invalid_request_error"),
     InvalidRequestError: (400, "invalid_request_error"),
     EngineOverloadedError: (429, "rate_limit_error"),
+    NoRoomError: (503, "server_error"),
     GenerationFailedError: (500, "server_error"),
     EngineDeadError: (503, "server_error"),
     RequestTimeoutError: (504, "server_error"),
@@ -42,7 +44,7 @@ ERROR_RESPONSES: dict = {
         404: "no such model or image file",
         429: "queue full; retry after Retry-After",
         500: "the pipeline failed (x-should-retry: false)",
-        503: "no worker can serve, or the server is draining",
+        503: "no worker can serve, the model failed to load or has no room to load, or the server is draining",
         504: "a worker did not answer in time",
     }.items()
 }
@@ -77,7 +79,7 @@ def _engine_error_detail(error: EngineError) -> tuple[int, ErrorDetail]:
 def engine_error_response(error: EngineError) -> JSONResponse:
     status, detail = _engine_error_detail(error)
     response = error_response(status, detail.message, detail.type, detail.param, detail.code)
-    if isinstance(error, (EngineOverloadedError, NoServingGroupError)):
+    if isinstance(error, (EngineOverloadedError, NoServingGroupError, NoRoomError)):
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
     return response
 

@@ -8,6 +8,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -15,15 +16,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from engine import metrics
 
 request_logger = logging.getLogger("imagegen.requests")
+# nginx's status for a request whose client hung up before the answer: nothing is sent, it is only logged and counted.
+CLIENT_CLOSED_REQUEST = 499
 # A client's X-Request-ID is kept when it is a plain token; anything else gets a fresh id.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class ClientDisconnected(Exception):
+    """The client hung up before its answer was ready; its request was cancelled and nobody is left to answer."""
 
 
 class RequestLogMiddleware:
     """Gives each request an id (the client's X-Request-ID, or a new one, echoed in the response),
     counts it by route and status, times the image routes, and logs one line for it. A route's
     ``state.response_headers`` go on whatever answer it gives, an error's too (the image routes'
-    x-ratelimit-* headers)."""
+    x-ratelimit-* headers). The image routes name the model the request ran on (``state.model_name``);
+    the others count for ``model_name``, the first model. A request whose client hung up first
+    (ClientDisconnected) is logged with status 499 and gets no answer."""
 
     def __init__(self, app: ASGIApp, model_name: str):
         self.app = app
@@ -49,18 +58,22 @@ class RequestLogMiddleware:
 
         try:
             await self.app(scope, receive, send_and_record)
+        except ClientDisconnected:
+            status["code"] = CLIENT_CLOSED_REQUEST
         finally:
             elapsed = time.monotonic() - started
             route = scope.get("route")
             endpoint = route.path if route is not None else "unmatched"
-            metrics.REQUESTS.labels(self.model_name, endpoint, str(status["code"])).inc()
+            model_name = scope["state"].get("model_name", self.model_name)
+            metrics.REQUESTS.labels(model_name, endpoint, str(status["code"])).inc()
             if endpoint.startswith("/v1/images"):
-                metrics.E2E_LATENCY.labels(self.model_name).observe(elapsed)
+                metrics.E2E_LATENCY.labels(model_name).observe(elapsed)
             # The image routes add what the generation took (images, queue and inference time).
             fields = {
                 "request_id": request_id,
                 "method": scope["method"],
                 "path": scope["path"],
+                "model": model_name,
                 "status": status["code"],
                 "duration_s": round(elapsed, 4),
                 **scope["state"].get("generation", {}),
@@ -156,26 +169,28 @@ class ApiKeyMiddleware:
     """Requires ``Authorization: Bearer <key>`` with one of ``api_keys`` on /v1/* (and on /metrics
     when ``protect_metrics``); anything else is answered 401 with an OpenAI error body.
 
-    /health and /ready stay open for probes, and ``own_key_paths`` check a key of their own (the LoRA
-    admin routes). Stored images (/v1/images/files/) stay open too: like
+    /health and /ready stay open for probes, and the routes ``has_own_key(method, path)`` names check a key
+    of their own (the LoRA and model admin routes). Stored images (/v1/images/files/) stay open too: like
     OpenAI's signed URLs, their unguessable URL is the credential, so a browser can show them. So
     do the pages for people (the playground at / and its /static/ files, /docs, /redoc,
     /openapi.json): a browser loads them without a key, and the playground's API calls send one.
     """
 
-    def __init__(self, app: ASGIApp, api_keys: list[str], protect_metrics: bool, own_key_paths: frozenset[str]):
+    def __init__(
+        self, app: ASGIApp, api_keys: list[str], protect_metrics: bool, has_own_key: Callable[[str, str], bool]
+    ):
         self.app = app
         self._keys = KeyRing(api_keys)
         self._protect_metrics = protect_metrics
-        self._own_key_paths = own_key_paths
+        self._has_own_key = has_own_key
 
-    def _protected(self, path: str) -> bool:
-        if path.startswith("/v1/images/files/") or path in self._own_key_paths:
+    def _protected(self, method: str, path: str) -> bool:
+        if path.startswith("/v1/images/files/") or self._has_own_key(method, path):
             return False
         return path.startswith("/v1/") or (self._protect_metrics and path == "/metrics")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._protected(scope["path"]):
+        if scope["type"] != "http" or not self._protected(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
         refusal = self._keys.refusal(scope["headers"])

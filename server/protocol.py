@@ -239,7 +239,9 @@ class ModelCard(BaseModel):
     # Extensions: what a request may ask for, and what one that names nothing runs with (the
     # defaults in force: a setting, else the model's imagegen.json, else built in).
     allowed_sizes: list[str] = Field(description="sizes listed by the server's allowed_sizes setting")
-    default_size: str = Field(description="the size of a request that names none")
+    default_size: str | None = Field(
+        description="the size of a request that names none; null: the model's native size, known once it has loaded"
+    )
     default_num_inference_steps: int
     default_guidance_scale: float | None = Field(description="guidance of a request that names none; null: the pipeline's own")
     max_num_inference_steps: int
@@ -254,6 +256,14 @@ class ModelCard(BaseModel):
     # vLLM's fields: a LoRA adapter names the base model it runs on as parent, and its weights as root.
     parent: str | None = Field(None, description="for a LoRA adapter: the id of the base model it runs on")
     root: str | None = Field(None, description="the model's weights: the base model, or a LoRA adapter's path")
+    # Several models per server (docs/models.md).
+    status: Literal["loaded", "loading", "unloaded", "failed"] | None = Field(
+        None, description="whether the model is loaded now (a request for an unloaded one loads it)"
+    )
+    status_error: str | None = Field(None, description="why it failed to load (status failed)")
+    external: bool | None = Field(
+        None, description="its workers are someone else's (grpc, ray_external): this server cannot load or unload it"
+    )
 
 
 class LoadLoraAdapterRequest(BaseModel):
@@ -262,6 +272,7 @@ class LoadLoraAdapterRequest(BaseModel):
     lora_name: str = Field(description="the model id requests pick the adapter with")
     lora_path: str = Field(description="a diffusers/PEFT folder or a .safetensors file on the workers' host")
     lora_scale: float = Field(1.0, description="the scale of a request that names none")
+    model: str | None = Field(None, description="the base model it runs on (default: the server's first model)")
 
 
 class UnloadLoraAdapterRequest(BaseModel):

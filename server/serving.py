@@ -1,8 +1,9 @@
 """ImageServing: the one request path every image route shares: validate -> generate -> encode -> answer.
 
-A route parses its own body (JSON or multipart) into an OmniDiffusionRequest with
-``check_options`` and ``request_fields``, then hands it to ``answer``, which answers as the
-body asks: JSON with b64_json or urls, or a stream of server-sent events.
+A route parses its own body (JSON or multipart), checks it with ``check_options``, and hands ``answer``
+how to make its OmniDiffusionRequest; ``answer`` holds the model the body names (loading it if needed),
+fills the options every route shares (``request_fields``) and answers as the body asks: JSON with
+b64_json or urls, or a stream of server-sent events.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic import BaseModel
 
 from engine import (
     AsyncDiffusionEngine,
+    DiffusionEngine,
     DiffusionOutput,
     EngineError,
     GenerationFailedError,
@@ -35,9 +37,11 @@ from engine import (
     steps_for_quality,
 )
 from engine import EncodedImage, metrics
+from engine.batcher import QueueRoom
+from engine.models import ModelRegistry, ServedModel
 from engine.images import encode_image, encoded_as
 from server.errors import engine_error_event
-from server.middleware import key_digest
+from server.middleware import ClientDisconnected, key_digest
 from server.protocol import (
     CompletedEvent,
     ImageData,
@@ -61,26 +65,34 @@ _EFFECTIVE_QUALITY = {"auto": "medium", "standard": "medium", "hd": "high"}
 class ImageServing:
     """Turns a route's parsed body into generated images and the answer the client asked for.
 
-    Holds what every image route shares: the batching front, the store of images answered as
-    urls, and which unknown fields have already been logged.
+    Holds what every image route shares: the models (each request holds the one it names while it runs),
+    the store of images answered as urls, and which unknown fields have already been logged.
     """
 
-    def __init__(self, front: AsyncDiffusionEngine, store: ImageStore):
-        self.front = front
-        self.engine = front.engine
-        self.config = front.engine.od_config
-        self.model_name = self.config.model_name
+    def __init__(self, models: ModelRegistry, store: ImageStore):
+        self.models = models
+        self.config = models.server_config
         self.store = store
         self._logged_unknown_fields: set[str] = set()
 
     # -- 1. validate -------------------------------------------------------------------------------
+    def model_of(self, body: ImageOptions) -> ServedModel:
+        """The model a request runs on: the one ``model`` names, the base model of the LoRA adapter it names,
+        or the first (none named). NotFoundError (404) for a name nobody serves."""
+        if body.model is None or body.model in self.models.models:
+            return self.models.get(body.model)
+        owner = self.models.adapter_owner(body.model)
+        if owner is None:
+            raise self.models.not_found(body.model)
+        return owner
+
     def check_options(self, body: ImageOptions, route: str) -> None:
         """Refuse what this server cannot do for any request (a model it does not serve, 404; a transparent
         background)."""
-        self._loras(body)
+        model = self.model_of(body)
         if getattr(body, "background", None) == "transparent":
             raise InvalidRequestError(
-                f"background 'transparent' is not supported by the model '{self.model_name}': its pipeline makes "
+                f"background 'transparent' is not supported by the model '{model.name}': its pipeline makes "
                 "opaque RGB images. Use 'opaque' or 'auto'.",
                 param="background",
             )
@@ -89,16 +101,24 @@ class ImageServing:
             self._logged_unknown_fields.add(name)
             logger.warning("ignoring unknown field '%s' (first sent to %s); not logged again", name, route)
 
-    def _loras(self, body: ImageOptions) -> tuple[LoraWeight, ...]:
+    def check_image_count(self, body: ImageOptions, count: int) -> None:
+        """Refuse more input images than the model takes, before any is decoded (a model not loaded yet is
+        checked once it is, with the request)."""
+        engine = self.model_of(body).engine
+        if engine is not None:
+            engine.rules.check_image_count(count)
+
+    def _loras(self, body: ImageOptions, engine: DiffusionEngine) -> tuple[LoraWeight, ...]:
         """The LoRA adapters the request runs with: the one ``model`` names (at ``lora_scale``), or ``loras``
         with the base model. NotFoundError for a model not served; InvalidRequestError for both forms at once,
         or a ``lora_scale`` without an adapter as model. The engine checks the names in ``loras``."""
-        if body.model is not None and body.model != self.model_name:
-            adapter = self.engine.loras.get(body.model).name
+        model_name = engine.od_config.model_name
+        if body.model is not None and body.model != model_name:
+            adapter = engine.loras.get(body.model).name
             if body.loras:
                 raise InvalidRequestError(
                     f"The model '{adapter}' is a LoRA adapter, and loras names adapters too: name them all in "
-                    f"loras, with model '{self.model_name}'",
+                    f"loras, with model '{model_name}'",
                     param="loras",
                 )
             return (LoraWeight(adapter, body.lora_scale),)
@@ -109,14 +129,14 @@ class ImageServing:
             )
         return tuple(LoraWeight(lora.name, lora.scale) for lora in body.loras or ())
 
-    def request_fields(self, body: ImageOptions) -> dict:
-        """OmniDiffusionRequest fields from the options every route shares."""
+    def request_fields(self, body: ImageOptions, engine: DiffusionEngine) -> dict:
+        """OmniDiffusionRequest fields from the options every route shares, for the model ``engine`` serves."""
         width, height = _parse_request_size(body.size)
         steps = body.num_inference_steps
         quality = getattr(body, "quality", None)
         if steps is None and quality is not None:
-            default_steps = self.engine.defaults["num_inference_steps"].value
-            steps = steps_for_quality(quality, default_steps, self.config.max_num_inference_steps)
+            default_steps = engine.defaults["num_inference_steps"].value
+            steps = steps_for_quality(quality, default_steps, engine.od_config.max_num_inference_steps)
         # Partial images and progress only mean something in a stream; variations have neither.
         streamed = getattr(body, "stream", False)
         return {
@@ -130,7 +150,7 @@ class ImageServing:
             "partial_images": (getattr(body, "partial_images", None) or 0) if streamed else 0,
             "progress": streamed and getattr(body, "progress", False),
             "cache": body.cache,
-            "loras": self._loras(body),
+            "loras": self._loras(body, engine),
             # The worker writes the files (docs/architecture.md, "A request's path").
             "output_format": body.output_format,
             "output_compression": body.output_compression,
@@ -138,16 +158,38 @@ class ImageServing:
 
     # -- 2. generate, 3. encode, 4. answer ---------------------------------------------------------
     async def answer(
-        self, http_request: Request, body: ImageOptions, request: OmniDiffusionRequest, events: str | None
+        self,
+        http_request: Request,
+        body: ImageOptions,
+        make_request: Callable[..., OmniDiffusionRequest],
+        events: str | None,
     ):
-        """Generate ``request`` and answer as ``body`` asks: JSON with b64_json or urls, or (``events`` names
-        the event prefix) a server-sent event stream. The answer, an error's too, carries the sender's
-        share of the queue as OpenAI's x-ratelimit-*-requests headers (docs/openai-compatibility.md)."""
+        """Load the model the body names if it is not (see ModelRegistry), make the request from the body's
+        options (``make_request(**fields)``), generate it and answer as ``body`` asks: JSON with b64_json or
+        urls, or (``events`` names the event prefix) a server-sent event stream. The model is held until the
+        answer is complete. The answer, an error's too, carries the sender's share of the queue as OpenAI's
+        x-ratelimit-*-requests headers (docs/openai-compatibility.md)."""
+        model = self.model_of(body)
+        # The request log and the request metrics carry the model (server/middleware.py).
+        http_request.state.model_name = model.name
         key = fairness_key(http_request, self.config.fairness_header)
+        front: AsyncDiffusionEngine | None = None
+        held = False
         try:
-            return await self._answer(http_request, body, request, events, key)
+            front = await self.models.acquire(model)
+            held = True
+            request = make_request(**self.request_fields(body, front.engine))
+            answer = await self._answer(http_request, body, request, events, key, front)
+            if isinstance(answer, StreamingResponse):  # held until its last event is sent
+                answer.body_iterator = _released_after(answer.body_iterator, partial(self.models.release, model))
+                held = False
+            return answer
         finally:
-            room = self.front.queue_room(key)
+            if held:
+                self.models.release(model)
+            # A model that never loaded for this request: the whole share is free.
+            limit = model.config.queued_images_per_key
+            room = front.queue_room(key) if front is not None else QueueRoom(limit, limit, 0.0)
             http_request.state.response_headers = {
                 "x-ratelimit-limit-requests": str(room.limit),
                 "x-ratelimit-remaining-requests": str(room.remaining),
@@ -155,18 +197,25 @@ class ImageServing:
             }
 
     async def _answer(
-        self, http_request: Request, body: ImageOptions, request: OmniDiffusionRequest, events: str | None, key: str
+        self,
+        http_request: Request,
+        body: ImageOptions,
+        request: OmniDiffusionRequest,
+        events: str | None,
+        key: str,
+        front: AsyncDiffusionEngine,
     ):
+        engine = front.engine
         # Prepared here, in a thread: resizing an uploaded image must not block the event loop.
-        prepared = await asyncio.to_thread(self.engine.prepare, request)
+        prepared = await asyncio.to_thread(engine.prepare, request)
         size = f"{prepared.width}x{prepared.height}"
         quality = getattr(body, "quality", None)
         quality = _EFFECTIVE_QUALITY.get(quality, quality)
-        encode = partial(self._encode, body.output_format, body.output_compression)
+        encode = partial(self._encode, engine.od_config.model_name, body.output_format, body.output_compression)
 
         if events is not None and getattr(body, "stream", False):
             event_fields = {"output_format": body.output_format, "quality": quality or "medium", "size": size}
-            items = self.front.stream(prepared, key)
+            items = front.stream(prepared, key)
             # Nothing is sent before the first item, so a request that fails at once (queue full, timed
             # out, pipeline error) gets its status code, as without stream.
             first = await _cancel_on_disconnect(http_request, anext(items))
@@ -175,7 +224,7 @@ class ImageServing:
                 _finished(http_request, first)
             stream = _server_sent_events(http_request, first, items, partial(_events, events, encode, event_fields))
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        output = await _cancel_on_disconnect(http_request, self.front.generate(prepared, key))
+        output = await _cancel_on_disconnect(http_request, front.generate(prepared, key))
         _finished(http_request, output)
         encoded = await _files(encode, body.output_format, body.output_compression, output)
         if (body.response_format or self.config.default_response_format) == "url":
@@ -200,7 +249,10 @@ class ImageServing:
             return response
         return Response(_json_with_base64(response, encoded), media_type="application/json")
 
-    def _encode(self, output_format: str, compression: int | None, image, worker_file: EncodedImage | None) -> bytes:
+
+    def _encode(
+        self, model_name: str, output_format: str, compression: int | None, image, worker_file: EncodedImage | None
+    ) -> bytes:
         """The file of ``image``: the worker's own (``worker_file``) when it wrote it as asked, else encoded here
         (pixels from an older worker or a custom executor), timed as the image_encode stage."""
         data = encoded_as(worker_file, output_format, compression)
@@ -208,7 +260,7 @@ class ImageServing:
             return data
         started = time.perf_counter()
         data = encode_image(image, output_format, compression)
-        metrics.STAGE_TIME.labels(self.model_name, "image_encode").observe(time.perf_counter() - started)
+        metrics.STAGE_TIME.labels(model_name, "image_encode").observe(time.perf_counter() - started)
         return data
 
 
@@ -243,6 +295,15 @@ def _json_with_base64(response: ImagesResponse, files: list[bytes]) -> bytes:
     for data, piece in zip(files, pieces[1:]):
         joined += [pybase64.b64encode(data), piece]
     return b"".join(joined)
+
+
+async def _released_after(events: AsyncIterator[str], release: Callable[[], None]) -> AsyncIterator[str]:
+    """``events``, then ``release()`` once they are sent or the client left."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        release()
 
 
 def fairness_key(http_request: Request, fairness_header: str | None) -> str:
@@ -356,7 +417,8 @@ def _usage(usage: Usage, images: int, output_image_tokens: int) -> ImageUsage:
 
 
 async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it if the client goes away first (a queued request then never runs)."""
+    """Await ``work``. If the client goes away first, cancel it (a queued request then never runs) and raise
+    ClientDisconnected: a hang-up is no server error."""
     task = asyncio.ensure_future(work)
 
     async def watch() -> None:
@@ -368,6 +430,11 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     watcher = asyncio.create_task(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        # Cancelled by the watcher, not with this handler (the server shutting down): the client left.
+        if watcher.done() and not asyncio.current_task().cancelling():
+            raise ClientDisconnected from None
+        raise
     finally:
         watcher.cancel()
 

@@ -100,11 +100,33 @@ class OmniDiffusionConfig(BaseSettings):
         "demo",
         description="built-in model (demo, tiny, tiny-flux, tiny-sd3, tiny-kontext, tiny-flux2-klein; random-sd15, "
         "random-sdxl, random-flux-dev: full-size architectures with random weights), a diffusers folder, or a cached "
-        "hub id",
+        "hub id; serve takes several (space-separated; comma-separated in IMAGEGEN_MODEL), see docs/models.md",
+        json_schema_extra={"cli_nargs": "+"},
     )
     served_model_name: str | None = Field(None, description="model id clients send and /v1/models lists (default: --model)")
     model_cache_dir: Path = Field(default_factory=default_cache_dir, description="where built-in models are written")
     num_gpus: int = Field(1, ge=1, description="number of workers (ranks); each owns one device")
+    # NoDecode: "2,3" from the environment is split below, as from the command line.
+    device_ids: Annotated[list[int] | None, NoDecode] = Field(
+        None, description="the CUDA devices of the ranks, in rank order (default: rank r on cuda:r)"
+    )
+    # -- several models per server; see docs/models.md -------------------------------------------
+    models_file: Path | None = Field(
+        None, description="YAML list of models to serve, each entry overriding the server-wide settings (serve only)"
+    )
+    max_loaded_models: int | None = Field(
+        None, ge=1, description="most models loaded at once; the least recently used idle one makes room"
+    )
+    memory_budget_gib: float | None = Field(
+        None, gt=0, description="most memory the loaded models may take on each device, as their workers measure it"
+    )
+    model_keep_alive_s: float = Field(
+        -1, ge=-1, description="unload a model after this many seconds without requests (-1: never); keep_alive_s "
+        "in a models-file entry"
+    )
+    preload: bool | None = Field(
+        None, description="load at start-up rather than on the first request (default: the first model only)"
+    )
     # -- rank groups (several devices on one image); see docs/parallelism.md ----------------------
     cfg_parallel_size: int = Field(
         1,
@@ -369,8 +391,8 @@ class OmniDiffusionConfig(BaseSettings):
     admin_api_key: str | None = Field(
         None,
         repr=False,
-        description="key ('Authorization: Bearer <key>') the LoRA load and unload routes require, compared in "
-        "constant time. Prefer IMAGEGEN_ADMIN_API_KEY to the flag, which other users can see in ps",
+        description="key ('Authorization: Bearer <key>') the LoRA and model load and unload routes require, compared "
+        "in constant time. Prefer IMAGEGEN_ADMIN_API_KEY to the flag, which other users can see in ps",
     )
     lora_dir: Path | None = Field(
         None,
@@ -392,6 +414,21 @@ class OmniDiffusionConfig(BaseSettings):
         return items if items or info.field_name in (
             "allowed_sizes", "compile_warmup_sizes", "lora_modules", "quantize_components"
         ) else None
+
+    @field_validator("device_ids", mode="before")
+    @classmethod
+    def _split_device_ids(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [int(item) for item in value.split(",") if item.strip()] or None
+        return value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _join_models(cls, value: Any) -> Any:
+        """``--model a b`` arrives as a list; kept as "a,b", the form IMAGEGEN_MODEL takes."""
+        if isinstance(value, list):
+            return ",".join(str(item) for item in value)
+        return value
 
     @field_validator("ray_rank_resources", mode="before")
     @classmethod
@@ -474,6 +511,23 @@ class OmniDiffusionConfig(BaseSettings):
         if self.model_name in {parse_lora_module(spec).name for spec in self.lora_modules}:
             raise ValueError(f"a LoRA adapter cannot be named '{self.model_name}', the base model's id")
         return self
+
+    @model_validator(mode="after")
+    def _check_device_ids(self) -> OmniDiffusionConfig:
+        if self.device_ids is not None and len(self.device_ids) != self.num_gpus:
+            raise ValueError(f"device_ids names {len(self.device_ids)} devices for {self.num_gpus} ranks (num_gpus)")
+        if len(self.models) > 1 and self.served_model_name:
+            raise ValueError("served_model_name names one model: with several, give each its own in --models-file")
+        return self
+
+    @property
+    def models(self) -> list[str]:
+        """The models ``model`` names: one, or several for ``serve`` ("a,b")."""
+        return [name.strip() for name in self.model.split(",") if name.strip()]
+
+    def device_index(self, rank: int) -> int:
+        """The CUDA device of ``rank``: device_ids[rank], or the rank itself."""
+        return self.device_ids[rank] if self.device_ids else rank
 
     @property
     def lora_adapters(self) -> list[LoraModule]:

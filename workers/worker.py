@@ -28,8 +28,9 @@ from workers.runtime.edits import EditPipeline, edit_kwargs, edit_pipeline, refe
 from workers.runtime.encoding import ImageEncoder, encoded
 from workers.runtime.levers import Levers, apply_levers, load_device, warm_up
 from workers.runtime.lora import LoraAdapters, LoraLoadError
+from workers.runtime.memory import measure_weights
 from workers.runtime.pipelines import native_size, resolve_device, resolve_dtype, size_multiple, task_pipelines
-from workers.runtime.quantization import QuantizationPlan, measure_weights
+from workers.runtime.quantization import QuantizationPlan
 from workers.runtime.rank_group import (
     CfgParallelHooks,
     RankGroup,
@@ -105,7 +106,7 @@ class WorkerWrapperBase:
         for library_logging in (diffusers_logging, transformers_logging):
             library_logging.set_verbosity_error()
             library_logging.disable_progress_bar()
-        self.device = resolve_device(self.od_config.device, self.rank)
+        self.device = resolve_device(self.od_config.device, self.od_config.device_index(self.rank))
         self.dtype = resolve_dtype(self.od_config.dtype, self.device)
         config = self.od_config
         # Read first: a malformed imagegen.json fails start-up before minutes of loading.
@@ -139,8 +140,22 @@ class WorkerWrapperBase:
             # Before the handshake, so /ready waits for it and no client pays the compile.
             default_size = defaults_in_force(config, self._description)["size"].value
             self.levers.description.update(warm_up(self.generate, config, default_size))
+        if self.device.type == "cuda" and config.offload != "none":
+            self._measure_offload_peak()
         logger.info("rank %d levers: %s", self.rank, self.levers.description)
         return self.describe()
+
+    def _measure_offload_peak(self) -> None:
+        """With --offload the weights sit on the CPU between calls: what the model takes on its GPU is the
+        peak of a call (a one-step warm-up at the default size), not what stays allocated."""
+        from workers.config import parse_size
+
+        width, height = parse_size(defaults_in_force(self.od_config, self._description)["size"].value)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.generate([OmniDiffusionRequest("warm-up", width=width, height=height, seed=0, num_inference_steps=1)])
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.weights = measure_weights(self.pipeline, self.device, offload_peak_bytes=peak)
+        self._description["memory_bytes"] = self.weights["memory_bytes"]
 
     @property
     def is_group_leader(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -54,16 +55,16 @@ def _request_body(json_model: type[BaseModel], form_model: type[BaseModel]) -> d
 
 
 async def _read_image_body(
-    http_request: Request, model: type[M], images: ImageServing, route: str, check_count: Callable[[int], None]
+    http_request: Request, model: type[M], images: ImageServing, route: str, check_count: Callable[[int], None] | None
 ) -> tuple[M, dict[str, list[bytes]], tuple[np.ndarray, ...]]:
     """The body of a route that takes input images (JSON or multipart), checked, with the uploaded
-    files and the images' pixels; ``check_count`` refuses more images than the route takes, before
-    any is decoded."""
+    files and the images' pixels; more images than the model (or ``check_count``, the route) takes are
+    refused before any is decoded."""
     config = images.config
     body, uploads = await read_body(http_request, model, config.max_upload_image_bytes)
     images.check_options(body, route)
     sources = uploads.get("image", []) + json_images(body.images, config.max_upload_image_bytes)
-    check_count(len(sources))
+    (check_count or partial(images.check_image_count, body))(len(sources))
     return body, uploads, await read_pixels(sources, "image", rgb_pixels, config)
 
 
@@ -80,7 +81,7 @@ def _one_image(count: int) -> None:
 )
 async def create_image(body: ImageGenerationRequest, http_request: Request, images: ImageServing = Depends(serving)):
     images.check_options(body, "/v1/images/generations")
-    request = OmniDiffusionRequest(prompt=body.prompt, **images.request_fields(body))
+    request = partial(OmniDiffusionRequest, prompt=body.prompt)
     return await images.answer(http_request, body, request, "image_generation")
 
 
@@ -93,22 +94,20 @@ async def create_image(body: ImageGenerationRequest, http_request: Request, imag
 )
 async def edit_image(http_request: Request, images: ImageServing = Depends(serving)):
     """Image-to-image; inpainting when a mask is given (its fully transparent pixels are repainted)."""
-    body, uploads, pixels = await _read_image_body(
-        http_request, ImageEditRequest, images, "/v1/images/edits", images.engine.rules.check_image_count
-    )
+    body, uploads, pixels = await _read_image_body(http_request, ImageEditRequest, images, "/v1/images/edits", None)
     masks = uploads.get("mask", [])
     if body.mask is not None:
         masks.append(data_url_bytes(body.mask, "mask.image_url", images.config.max_upload_image_bytes))
     if len(masks) > 1:
         raise InvalidRequestError(f"An edit takes one mask; {len(masks)} were sent.", param="mask")
     (mask,) = await read_pixels(masks, "mask", mask_pixels, images.config) if masks else (None,)
-    request = OmniDiffusionRequest(
+    request = partial(
+        OmniDiffusionRequest,
         prompt=body.prompt,
         images=pixels,
         mask=mask,
         strength=body.strength,
         input_fidelity=body.input_fidelity,
-        **images.request_fields(body),
     )
     return await images.answer(http_request, body, request, "image_edit")
 
@@ -125,5 +124,5 @@ async def create_variation(http_request: Request, images: ImageServing = Depends
     body, _, pixels = await _read_image_body(
         http_request, ImageVariationRequest, images, "/v1/images/variations", _one_image
     )
-    request = OmniDiffusionRequest(prompt="", images=pixels, strength=body.strength, **images.request_fields(body))
+    request = partial(OmniDiffusionRequest, prompt="", images=pixels, strength=body.strength)
     return await images.answer(http_request, body, request, None)

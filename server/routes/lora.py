@@ -7,14 +7,13 @@ Included only with --allow-runtime-lora (else both are 404), and both need the a
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 
-from engine import AsyncDiffusionEngine
+from engine import InvalidRequestError
+from engine.models import ModelRegistry
 from server.errors import ERROR_RESPONSES
-from server.middleware import KeyRing, unauthorized
 from server.protocol import LoadLoraAdapterRequest, ModelCard, UnloadedModel, UnloadLoraAdapterRequest
-from server.routes import front
-from server.routes.models import base_model_card, lora_card
+from server.routes import served_models
+from server.routes.models import admin_refusal, lora_card, model_card
 from workers.config import LoraModule
 
 router = APIRouter()
@@ -24,32 +23,36 @@ LOAD_PATH, UNLOAD_PATH = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
 ADMIN_PATHS = frozenset({LOAD_PATH, UNLOAD_PATH})
 
 
-def _refused(http_request: Request) -> JSONResponse | None:
-    """The 401 for a request without the admin key; None when it has it."""
-    ring: KeyRing = http_request.app.state.admin_keys
-    refusal = ring.refusal(http_request.headers.raw)
-    return None if refusal is None else unauthorized(*refusal)
-
-
 @router.post(LOAD_PATH, response_model=ModelCard, responses=ERROR_RESPONSES)
 async def load_lora_adapter(
-    body: LoadLoraAdapterRequest, http_request: Request, engine: AsyncDiffusionEngine = Depends(front)
+    body: LoadLoraAdapterRequest, http_request: Request, registry: ModelRegistry = Depends(served_models)
 ):
-    """Load an adapter on every worker; requests pick it with ``model: lora_name`` once this answers."""
-    if (refusal := _refused(http_request)) is not None:
+    """Load an adapter on every worker of ``body.model`` (loading the model if needed); requests pick it with
+    ``model: lora_name`` once this answers. Model ids and adapter names are one namespace: a name taken is 400."""
+    if (refusal := admin_refusal(http_request)) is not None:
         return refusal
+    model = registry.get(body.model)
+    owner = registry.adapter_owner(body.lora_name)
+    if body.lora_name in registry.models or (owner is not None and owner is not model):
+        what = "a model" if body.lora_name in registry.models else f"an adapter of the model '{owner.name}'"
+        raise InvalidRequestError(f"The name '{body.lora_name}' is {what} already.", param="lora_name")
     adapter = LoraModule(body.lora_name, body.lora_path, body.lora_scale)
-    await engine.load_lora_adapter(adapter)
-    return lora_card(base_model_card(http_request), adapter.name, adapter.path)
+    async with registry.use(model) as front:
+        await front.load_lora_adapter(adapter)
+    return lora_card(model_card(http_request, model), adapter.name, adapter.path)
 
 
 @router.post(UNLOAD_PATH, response_model=UnloadedModel, responses=ERROR_RESPONSES)
 async def unload_lora_adapter(
-    body: UnloadLoraAdapterRequest, http_request: Request, engine: AsyncDiffusionEngine = Depends(front)
+    body: UnloadLoraAdapterRequest, http_request: Request, registry: ModelRegistry = Depends(served_models)
 ):
     """Refuse new requests for the adapter at once (404), and answer once its queued and running
     requests have finished and every worker has dropped it."""
-    if (refusal := _refused(http_request)) is not None:
+    if (refusal := admin_refusal(http_request)) is not None:
         return refusal
-    await engine.unload_lora_adapter(body.lora_name)
+    model = registry.adapter_owner(body.lora_name)
+    if model is None or model.engine is None:  # a model not loaded holds no adapter
+        raise registry.not_found(body.lora_name)
+    async with registry.use(model) as front:
+        await front.unload_lora_adapter(body.lora_name)
     return UnloadedModel(id=body.lora_name)

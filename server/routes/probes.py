@@ -8,36 +8,47 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from engine import AsyncDiffusionEngine, EngineDeadError, EngineError
+from engine import EngineDeadError
+from engine.models import FAILED, ModelRegistry
 from server.errors import engine_error_response
-from server.routes import front
+from server.routes import served_models
 
 router = APIRouter()
 
 
 @router.get("/health")
-async def health(engine: AsyncDiffusionEngine = Depends(front)) -> JSONResponse:
-    """Liveness: 200 while the server serves (listing any set-aside ranks), 503 only when nothing can serve."""
-    try:
-        # In a thread: external workers are asked over the network (up to a few seconds).
-        await asyncio.to_thread(engine.engine.check_health)
-    except EngineError as error:
-        return engine_error_response(error)
-    set_aside = sorted(engine.engine.rank_groups.set_aside_ranks().items())
-    return JSONResponse({"status": "ok", "set_aside": [{"rank": rank, "reason": why} for rank, why in set_aside]})
+async def health(registry: ModelRegistry = Depends(served_models)) -> JSONResponse:
+    """Liveness: 200 while the server serves (listing any set-aside ranks, and the models that failed to load
+    or cannot serve), 503 only when no loaded model can serve."""
+    # In a thread: external workers are asked over the network (up to a few seconds).
+    failing = await asyncio.to_thread(registry.check_health)
+    loaded = [model for model in registry.models.values() if model.engine is not None]
+    if failing and len(failing) == len(loaded):
+        return engine_error_response(failing[0][1])
+    several = len(registry.models) > 1  # one model: the answer as it always was
+    set_aside = [
+        {"rank": rank, "reason": why, **({"model": model.name} if several else {})}
+        for model in loaded
+        for rank, why in sorted(model.engine.rank_groups.set_aside_ranks().items())
+    ]
+    if not several:
+        return JSONResponse({"status": "ok", "set_aside": set_aside})
+    failed = [{"model": model.name, "error": str(error)} for model, error in failing] + [
+        {"model": model.name, "error": model.error} for model in registry.models.values() if model.status == FAILED
+    ]
+    return JSONResponse({"status": "ok", "set_aside": set_aside, "failed_models": failed})
 
 
 @router.get("/ready")
-async def ready(engine: AsyncDiffusionEngine = Depends(front)) -> JSONResponse:
-    """Readiness: 200 while at least one rank group serves; 503 while none does (starting, restarting, all set
-    aside) or the server drains."""
-    if engine.draining:
+async def ready(registry: ModelRegistry = Depends(served_models)) -> JSONResponse:
+    """Readiness: 200 while every preloaded model that is loaded has a rank group serving; 503 while one has none
+    (starting, restarting, all set aside) or the server drains."""
+    if registry.draining:
         return engine_error_response(EngineDeadError("the server is shutting down"))
-    if not engine.engine.is_ready():
-        try:
-            await asyncio.to_thread(engine.engine.check_health)  # every group aside: say which ranks and why
-        except EngineError as error:
-            return engine_error_response(error)
+    if not registry.is_ready():
+        failing = await asyncio.to_thread(registry.check_health)  # every group aside: say which ranks and why
+        if failing:
+            return engine_error_response(failing[0][1])
         return engine_error_response(EngineDeadError("a worker is starting or restarting"))
     return JSONResponse({"status": "ready"})
 

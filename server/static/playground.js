@@ -116,7 +116,9 @@ async function loadModels() {
   }
   const select = $("model");
   const previous = select.value;
-  select.replaceChildren(...state.models.map((card) => new Option(card.id, card.id)));
+  // With several models, each says whether it is loaded (a request for an unloaded one loads it first).
+  const label = (card) => (card.status && card.status !== "loaded" && !card.parent ? `${card.id} (${card.status})` : card.id);
+  select.replaceChildren(...state.models.map((card) => new Option(label(card), card.id)));
   if (state.models.some((card) => card.id === previous)) select.value = previous;
   applyModel();
 }
@@ -130,13 +132,14 @@ function applyModel() {
   if (!card) return;
   const size = $("size");
   const previous = size.value;
-  const sizes = [...new Set([card.default_size, ...card.allowed_sizes])];
+  // A model not loaded yet may not know its default size (null: its native size).
+  const sizes = [...new Set([card.default_size, ...card.allowed_sizes])].filter(Boolean);
   size.replaceChildren(
     ...sizes.map((s) => new Option(s, s)),
     new Option("auto", "auto"), // the model's size, or the image's when editing
     new Option("other…", "other"),
   );
-  size.value = [...sizes, "auto", "other"].includes(previous) ? previous : card.default_size;
+  size.value = [...sizes, "auto", "other"].includes(previous) ? previous : card.default_size || "auto";
   const steps = $("steps");
   steps.max = card.max_num_inference_steps;
   if (!steps.dataset.touched) steps.value = card.default_num_inference_steps;

@@ -167,3 +167,26 @@ def test_a_running_request_whose_client_leaves_stops_at_the_next_denoising_step(
     poll(lambda: server.metric("imagegen_num_requests_running") == 0, 20, "the step to stop early")
     assert server.metric("imagegen_images_generated_total") == images_before  # its images were dropped
     assert server.post(num_inference_steps=2, timeout=60).status_code == 200
+
+
+def test_a_client_that_hangs_up_is_logged_499_and_counted_cancelled_without_a_server_error(small_queue_server):
+    server = small_queue_server
+    log_start = len(server.output())
+    cancelled_before = server.metric("imagegen_requests_cancelled_total")
+    server_errors_before = server.metric("imagegen_requests_total", status="500")
+    hang_ups_before = server.metric("imagegen_requests_total", status="499")
+    with ThreadPoolExecutor(2) as pool:
+        # A stream that hangs up once it has started; a request sent behind it hangs up before its answer.
+        with worker_kept_busy(server, pool, 1):
+            with pytest.raises(httpx.TimeoutException):
+                server.post(num_inference_steps=2, timeout=2)
+    poll(
+        lambda: server.metric("imagegen_requests_cancelled_total") >= cancelled_before + 2,
+        30,
+        "both requests to be cancelled",
+    )
+    poll(lambda: server.metric("imagegen_requests_total", status="499") > hang_ups_before, 30, "the 499 to be counted")
+    log = server.output()[log_start:]
+    assert "Traceback" not in log and "status=500" not in log, log
+    assert "status=499" in log
+    assert server.metric("imagegen_requests_total", status="500") == server_errors_before

@@ -52,3 +52,22 @@ def test_invalid_setting_exits_with_usage_error():
     result = run_cli("serve", "--device", "tpu")
     assert result.returncode == 2
     assert "--device" in result.stderr
+
+
+def test_worker_refuses_several_models_in_one_line():
+    # The list a ConfigMap may share between the server and its workers.
+    result = run_cli("worker", "--port", "0", env={"IMAGEGEN_MODEL": "demo,tiny-flux"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "imagegen: a worker serves one model; --model names 2: demo,tiny-flux"
+    ]
+
+
+def test_a_bad_models_file_entry_exits_with_one_line_naming_the_entry_and_key(tmp_path):
+    models = tmp_path / "models.yaml"
+    models.write_text("- model: tiny\n- model: demo\n  host: 0.0.0.0\n")
+    result = run_cli("serve", "--models-file", str(models), "--port", "0")
+    assert result.returncode == 2
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("imagegen:")]
+    assert f"models file {models}, entry 2 (demo): 'host' is a server-wide setting" in line
+    assert "Traceback" not in result.stderr

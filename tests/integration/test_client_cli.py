@@ -149,7 +149,10 @@ def test_edit_with_a_mask_writes_the_format_of_the_file_name(tiny_server, tmp_pa
 def test_models_lists_the_served_model(tiny_server):
     result = cli("models", env=client_env(tiny_server))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["tiny\tdefault size 64x64\ttasks img2img, inpaint, text2img"]
+    (line,) = result.stdout.splitlines()
+    name, status, memory, size, tasks = line.split("\t")
+    assert (name, status, size, tasks) == ("tiny", "loaded", "default size 64x64", "tasks img2img, inpaint, text2img")
+    assert memory.startswith("memory cpu ") and memory.endswith(" MiB")
 
 
 # -- failures --------------------------------------------------------------------------------------

@@ -67,11 +67,53 @@ def test_new_keys_are_served_in_the_order_they_came():
     assert drain(queue) == ["a1", "b1", "c1"]
 
 
-def test_a_key_whose_last_request_left_joins_again_as_new():
+def test_a_key_served_until_it_had_nothing_left_waits_behind_the_old_keys_when_it_sends_again():
     queue = queue_of(Item("a", "a1"), Item("a", "a2"), Item("b", "b1"))
     assert queue.popleft().name == "a1"  # a goes behind b
-    assert queue.popleft().name == "b1"  # b has nothing left
+    assert queue.popleft().name == "b1"  # b has nothing left, and keeps its place behind a
     queue.append(Item("b", "b2"))
+    assert drain(queue) == ["a2", "b2"]
+
+
+def test_a_key_that_sends_again_as_soon_as_it_is_served_cannot_starve_a_key_with_a_backlog():
+    queue = queue_of(*(Item("backlog", f"w{i}") for i in range(4)), Item("refill", "r0"))
+    taken = []
+    for _ in range(8):
+        item = queue.popleft()
+        taken.append(item.name)
+        if item.key == "refill":  # its next request arrives before the next step is taken
+            queue.append(Item("refill", f"r{int(item.name[1:]) + 1}"))
+    assert taken == ["w0", "r0", "w1", "r1", "w2", "r2", "w3", "r3"]
+
+
+def test_a_flood_of_small_requests_that_fills_each_step_cannot_starve_a_request_that_cannot_join_it():
+    queue = queue_of(*(Item("waits", name, images=8, size="128x128") for name in ("big1", "big2")))
+    assert names(queue.take_batch(8, by_size)) == ["big1"]  # "waits" is an old key now
+    steps = []
+    for round_ in range(3):
+        for i in range(8):  # the flood's clients send again as soon as their images come back
+            queue.append(Item("flood", f"f{round_}.{i}"))
+        steps.append(names(queue.take_batch(8, by_size)))
+    # The flood fills one step, and empties; refilled, it waits behind "waits" for its next turn.
+    assert steps[0] == [f"f0.{i}" for i in range(8)]
+    assert steps[1] == ["big2"]
+    assert steps[2] == [f"f1.{i}" for i in range(8)]
+
+
+def test_a_key_cannot_jump_the_turns_by_dropping_its_queued_requests_and_sending_again():
+    b2 = Item("b", "b2")
+    queue = queue_of(Item("a", "a1"), Item("b", "b1"), b2, Item("a", "a2"))
+    assert [queue.popleft().name for _ in range(2)] == ["a1", "b1"]
+    queue.remove(b2)  # b's client left; b keeps its place behind a
+    queue.append(Item("b", "b3"))
+    assert drain(queue) == ["a2", "b3"]
+
+
+def test_once_nothing_is_queued_every_key_starts_anew_in_arrival_order():
+    queue = queue_of(Item("a", "a1"), Item("b", "b1"))
+    assert drain(queue) == ["a1", "b1"]
+    queue.append(Item("b", "b2"))
+    queue.append(Item("a", "a2"))
     assert drain(queue) == ["b2", "a2"]
 
 

@@ -207,8 +207,10 @@ def test_api_key_middleware_hands_on_a_digest_of_the_matching_key_never_the_key(
     async def app(scope, receive, send):
         seen.update(scope["state"])
 
-    middleware = ApiKeyMiddleware(app, ["key-one", "key-two"], protect_metrics=False, own_key_paths=frozenset())
-    scope = {"type": "http", "path": "/v1/images/generations", "headers": [(b"authorization", b"Bearer key-two")]}
+    middleware = ApiKeyMiddleware(
+        app, ["key-one", "key-two"], protect_metrics=False, has_own_key=lambda method, path: False
+    )
+    scope = {"type": "http", "method": "POST", "path": "/v1/images/generations", "headers": [(b"authorization", b"Bearer key-two")]}
     asyncio.run(middleware(scope, None, None))
     assert seen["api_key_digest"] == key_digest(b"key-two") != key_digest(b"key-one")
     assert "key-two" not in seen["api_key_digest"]

@@ -8,13 +8,8 @@ import torch
 from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
 from workers.config import OmniDiffusionConfig
-from workers.runtime.quantization import (
-    QuantizationError,
-    QuantizationPlan,
-    component_config,
-    module_weight_bytes,
-    tensor_bytes,
-)
+from workers.runtime.memory import module_weight_bytes, tensor_bytes
+from workers.runtime.quantization import QuantizationError, QuantizationPlan, component_config
 
 
 def test_an_int8_linear_is_counted_by_its_inner_tensors_not_its_logical_size():

@@ -3,14 +3,13 @@ quantizer integrations, one config per component), the refusals of what cannot r
 loaded from one file (GGUF or safetensors), and the bytes each component's weights take.
 
 ``QuantizationPlan.for_config`` decides and refuses before anything loads; ``plan.load`` is the one
-place the worker loads its pipeline through; ``measure_weights`` reports what came of it. See
-docs/quantization.md.
+place the worker loads its pipeline through; ``workers.runtime.memory.measure_weights`` reports what came of
+it. See docs/quantization.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from workers.models.catalog import load_pipeline, model_folder
+from workers.runtime.memory import pipeline_components
 from workers.models.random_weights import RANDOM_WEIGHT_MODELS
 
 logger = logging.getLogger(__name__)
@@ -39,16 +39,6 @@ DENOISER_FILE_SUFFIXES = (".gguf", ".safetensors")
 
 class QuantizationError(ValueError):
     """A quantization setting cannot run on this device or pipeline; the worker does not start."""
-
-
-def pipeline_components(folder: Path) -> dict[str, tuple[str, str]]:
-    """The model folder's model_index.json: component -> (library, class name), modules only."""
-    index = json.loads((folder / "model_index.json").read_text())
-    return {
-        name: (spec[0], spec[1])
-        for name, spec in index.items()
-        if isinstance(spec, list) and len(spec) == 2 and spec[0] in ("diffusers", "transformers")
-    }
 
 
 def torchao_config(method: str):
@@ -234,53 +224,3 @@ def _check_denoiser_file(od_config, denoiser: str | None, folder: Path) -> Path:
         # peft would wrap GGUF's linears as plain nn.Linear layers, an untested path.
         raise QuantizationError(f"--denoiser-file {path}: LoRA adapters on a GGUF denoiser are not supported")
     return path
-
-
-# -- what the weights take ---------------------------------------------------------------------------
-def tensor_bytes(tensor: torch.Tensor, seen: set[int]) -> int:
-    """Storage bytes of ``tensor`` not counted yet (``seen`` holds storages counted). A tensor subclass
-    such as torchao's Int8Tensor reports its logical size through ``.nbytes``: its inner tensors
-    (``__tensor_flatten__``: qdata, scale, ...) are what it holds."""
-    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(tensor_bytes(inner, seen) for name in names if (inner := getattr(tensor, name)) is not None)
-    if tensor.device.type == "meta":
-        return tensor.numel() * tensor.element_size()
-    storage = tensor.untyped_storage()
-    if storage.data_ptr() in seen:
-        return 0
-    seen.add(storage.data_ptr())
-    return storage.nbytes()
-
-
-def module_weight_bytes(module: torch.nn.Module, linear_only: bool = False) -> int:
-    """Storage bytes of ``module``'s parameters and buffers (of its nn.Linear weights alone with ``linear_only``)."""
-    seen: set[int] = set()
-    if linear_only:
-        return sum(tensor_bytes(m.weight, seen) for m in module.modules() if isinstance(m, torch.nn.Linear))
-    return sum(tensor_bytes(t, seen) for t in [*module.parameters(), *module.buffers()])
-
-
-def pipeline_modules(pipeline) -> dict[str, torch.nn.Module]:
-    """The pipeline's torch modules by component name, in the pipeline's order."""
-    return {name: module for name, module in pipeline.components.items() if isinstance(module, torch.nn.Module)}
-
-
-def measure_weights(pipeline, device: torch.device) -> dict[str, Any]:
-    """Bytes of every component's weights (``weight_bytes``), of its nn.Linear weights
-    (``linear_weight_bytes``), and the memory the pipeline holds on ``device`` (``memory_bytes``):
-    torch.cuda.memory_allocated on CUDA, the weights' storage bytes on the CPU."""
-    modules = pipeline_modules(pipeline)
-    weight_bytes = {name: module_weight_bytes(module) for name, module in modules.items()}
-    if device.type == "cuda":
-        memory = torch.cuda.memory_allocated(device)
-    else:
-        seen: set[int] = set()  # components may share tensors
-        memory = sum(tensor_bytes(t, seen) for m in modules.values() for t in [*m.parameters(), *m.buffers()])
-    return {
-        "weight_bytes": weight_bytes,
-        "linear_weight_bytes": {
-            name: module_weight_bytes(module, linear_only=True) for name, module in modules.items()
-        },
-        "memory_bytes": {str(device): memory},
-    }

@@ -1,0 +1,511 @@
+"""ModelRegistry: the models one server serves, each a DiffusionEngine (and its workers) loaded when asked for
+and unloaded when idle or when another model needs its room. See docs/models.md.
+
+Every decision runs on the event loop, between awaits, so the counts it reads cannot change under it; loading
+and unloading (starting and stopping workers) run in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine import metrics
+from engine.batcher import AsyncDiffusionEngine
+from engine.engine import DiffusionEngine
+from engine.errors import (
+    EngineDeadError,
+    EngineError,
+    InvalidRequestError,
+    ModelUnavailableError,
+    NoRoomError,
+    NotFoundError,
+)
+from workers.config import OmniDiffusionConfig
+from workers.data import defaults_in_force
+from workers.model_settings import is_external
+
+logger = logging.getLogger(__name__)
+
+LOADED, LOADING, UNLOADED, FAILED = "loaded", "loading", "unloaded", "failed"
+# After a failed load, the next request retries it once this back-off has passed (doubling, at most the last).
+LOAD_RETRY_BACKOFF_S = (5.0, 10.0, 30.0, 60.0)
+_GIB = 1024**3
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """One configured model: its settings, whether it is loaded, what it took when it last was, and who uses it.
+
+    ``users`` counts the requests that hold it (waiting for it to load, queued or running): a model with users
+    is never unloaded to make room. ``memory_bytes`` and ``model_info`` are from its last load (kept while it
+    is unloaded: the room it needs next time, and its card).
+    """
+
+    config: OmniDiffusionConfig
+    preload: bool
+    status: str = UNLOADED
+    error: str | None = None
+    engine: DiffusionEngine | None = None
+    front: AsyncDiffusionEngine | None = None
+    model_info: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    memory_bytes: dict[str, int] = field(default_factory=dict)
+    # Bytes one rank will take, from its modules built on the meta device (before its first load; None: unknown).
+    estimated_bytes: int | None = None
+    users: int = 0
+    last_used: float = 0.0
+    loading: asyncio.Task | None = None
+    closing: asyncio.Task | None = None
+    refusing: bool = False  # an admin unload waits for its requests: new ones are refused
+    failures: int = 0
+    retry_at: float = 0.0
+    idle_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.model_name
+
+    @property
+    def external(self) -> bool:
+        """Its workers are someone else's (grpc, ray_external): resident while they are up; never unloaded here."""
+        return is_external(self.config)
+
+    @property
+    def keep_alive_s(self) -> float:
+        return self.config.model_keep_alive_s
+
+    def footprint(self) -> dict[str, int]:
+        """The bytes it takes (or will) per device: measured at its last load, else the estimate on the device
+        key "*" (any device: before a load, which device a rank gets is the worker's to find out)."""
+        if self.memory_bytes:
+            return self.memory_bytes
+        return {"*": (self.estimated_bytes or 0) * self.config.num_gpus}
+
+
+class ModelRegistry:
+    """The models a server serves (the first takes requests that name none), each loaded on demand.
+
+    ``use(model)`` holds a model for one request: it loads it (making room first) and answers its
+    AsyncDiffusionEngine. Room: at most ``max_loaded_models`` loaded at once, and at most
+    ``memory_budget_gib`` on any device (from the figures the workers measured, or before a first load the
+    meta-device estimate); the least recently used model without users is unloaded to make it. When no such
+    model is left, the request waits up to ``request_timeout_s`` for one, then gets NoRoomError (503) naming
+    the models that hold the room. An idle model unloads after its ``model_keep_alive_s``. A model that fails
+    to load answers ModelUnavailableError with the cause until a back-off has passed, then loads again.
+
+    A model's engine is a DiffusionEngine (built in a thread); before its first load, the bytes one of its ranks
+    will take are workers.runtime.memory.estimate_model_bytes.
+    """
+
+    def __init__(self, settings: list[OmniDiffusionConfig], server_config: OmniDiffusionConfig):
+        self.models: dict[str, ServedModel] = {}
+        for index, config in enumerate(settings):
+            preload = config.preload if config.preload is not None else index == 0
+            model = ServedModel(config, preload=preload or is_external(config))
+            # Until its first load, its card tells what its settings alone decide.
+            unloaded_info = {"model_defaults": {}, "native_size": None}
+            model.defaults = {name: default.value for name, default in defaults_in_force(config, unloaded_info).items()}
+            self.models[config.model_name] = model
+        self.first = next(iter(self.models.values()))
+        self.server_config = server_config
+        self.max_loaded_models = server_config.max_loaded_models
+        budget = server_config.memory_budget_gib
+        self.memory_budget_bytes = int(budget * _GIB) if budget is not None else None
+        self.draining = False
+        # Called with the reason when a model's engine turns fatal (--on-worker-death exit): the server exits.
+        self.fatal_listeners: list[Callable[[str], None]] = []
+        # Why a model's engine could not serve any more (kept after the engines are closed).
+        self.fatal_error: str | None = None
+        self._changed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        preloaded = [model for model in self.models.values() if model.preload and not model.external]
+        if self.max_loaded_models is not None and len(preloaded) > self.max_loaded_models:
+            raise ValueError(
+                f"{len(preloaded)} models are preloaded but --max-loaded-models is {self.max_loaded_models}"
+            )
+        for model in self.models.values():
+            metrics.MODEL_LOADED.labels(model.name).set(0)
+
+    @classmethod
+    def of_engine(cls, engine: DiffusionEngine) -> ModelRegistry:
+        """A registry serving one engine that is already loaded."""
+        registry = cls([engine.od_config], engine.od_config)
+        registry.adopt(registry.first, engine)
+        return registry
+
+    # -- start and stop ---------------------------------------------------------------------------
+    def preload(self) -> None:
+        """Load every preloaded model, in order, before the server listens (blocking). A model that cannot
+        load raises, naming it: a start-up error."""
+        for model in self.models.values():
+            if model.preload and model.engine is None:
+                started = time.monotonic()
+                try:
+                    engine = DiffusionEngine(model.config)
+                except Exception as error:
+                    raise RuntimeError(f"could not start model '{model.config.model}': {error}") from error
+                self.adopt(model, engine)
+                metrics.MODEL_LOAD_TIME.labels(model.name).observe(time.monotonic() - started)
+
+    def start(self) -> None:
+        """On the event loop: the batching front of every loaded model, and the keep-alive timers."""
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        for model in self.models.values():
+            if model.engine is not None:
+                self._start_front(model)
+
+    async def close(self) -> None:
+        """Stop every model (loads in progress first finish). Idempotent."""
+        for model in self.models.values():
+            if model.loading is not None:
+                await asyncio.gather(model.loading, return_exceptions=True)
+            if model.idle_timer is not None:
+                model.idle_timer.cancel()
+            if model.engine is not None:
+                front, engine = model.front, model.engine
+                model.front = model.engine = None
+                model.status = UNLOADED
+                await self._stop(front, engine)
+            if model.closing is not None:
+                await asyncio.gather(model.closing, return_exceptions=True)
+
+    def close_engines(self) -> None:
+        """Close every engine still open, from outside the event loop (after the server stopped)."""
+        for model in self.models.values():
+            if model.engine is not None:
+                model.engine.close()
+
+
+    def start_draining(self) -> None:
+        """Refuse new requests (503); queued and running ones still finish."""
+        self.draining = True
+        for model in self.models.values():
+            if model.front is not None:
+                model.front.start_draining()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no model has a request queued or running, at most ``timeout_s``; True if it got there."""
+        deadline = time.monotonic() + timeout_s
+        for model in self.models.values():
+            if model.front is not None and not await model.front.wait_idle(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    # -- requests ---------------------------------------------------------------------------------
+    def get(self, name: str | None) -> ServedModel:
+        """The model ``name`` names (None: the first); NotFoundError (404 model_not_found) for any other name."""
+        if name is None:
+            return self.first
+        model = self.models.get(name)
+        if model is None:
+            raise self.not_found(name)
+        return model
+
+    def not_found(self, name: str) -> NotFoundError:
+        """The 404 of a model id no model or adapter has (each served name listed)."""
+        served = ", ".join(f"'{served}'" for served in self.served_names())
+        return NotFoundError(
+            f"The model '{name}' does not exist; this server serves {served}.", param="model", code="model_not_found"
+        )
+
+    def served_names(self) -> list[str]:
+        """Every model id a request may send: each model, then its LoRA adapters."""
+        return [name for model in self.models.values() for name in [model.name, *self.adapter_names(model)]]
+
+    def adapter_names(self, model: ServedModel) -> list[str]:
+        """The LoRA adapters of ``model``: those it serves when loaded, else those it loads at start-up."""
+        if model.engine is not None:
+            return [adapter.name for adapter in model.engine.loras.served()]
+        return [adapter.name for adapter in model.config.lora_adapters]
+
+    def adapter_owner(self, name: str) -> ServedModel | None:
+        """The model whose LoRA adapter is named ``name`` (see adapter_names)."""
+        return next((model for model in self.models.values() if name in self.adapter_names(model)), None)
+
+    async def acquire(self, model: ServedModel) -> AsyncDiffusionEngine:
+        """Hold ``model`` for one request, loaded (after making room): never unloaded until ``release``."""
+        if self.draining:
+            raise EngineDeadError("the server is shutting down")
+        if model.refusing:
+            raise ModelUnavailableError(f"The model '{model.name}' is being unloaded.")
+        model.users += 1
+        if model.idle_timer is not None:
+            model.idle_timer.cancel()
+            model.idle_timer = None
+        try:
+            front = await self._loaded(model)
+        except BaseException:
+            self.release(model)
+            raise
+        model.last_used = time.monotonic()
+        return front
+
+    def release(self, model: ServedModel) -> None:
+        """The request that held ``model`` is done with it."""
+        model.users -= 1
+        model.last_used = time.monotonic()
+        self._arm_keep_alive(model)
+        self._changed.set()
+
+    @asynccontextmanager
+    async def use(self, model: ServedModel) -> AsyncIterator[AsyncDiffusionEngine]:
+        """``acquire`` for the block, ``release`` after it."""
+        front = await self.acquire(model)
+        try:
+            yield front
+        finally:
+            self.release(model)
+
+    async def load(self, model: ServedModel) -> None:
+        """Load ``model`` now (the admin route), making room as a request would."""
+        async with self.use(model):
+            pass
+
+    async def unload(self, model: ServedModel) -> None:
+        """Unload ``model`` (the admin route): refuse its new requests at once, let its queued and running ones
+        finish, then stop its workers."""
+        if model.external:
+            backend = model.config.distributed_executor_backend
+            raise InvalidRequestError(
+                f"The model '{model.name}' runs on workers this server does not start ({backend}): it cannot be "
+                "unloaded here.",
+                param="model",
+            )
+        model.refusing = True
+        try:
+            while model.users or model.loading is not None:
+                self._changed.clear()
+                await self._changed.wait()
+            if model.status == LOADED:
+                self._begin_unload(model, "admin")
+            if model.closing is not None:
+                await asyncio.gather(model.closing, return_exceptions=True)
+        finally:
+            model.refusing = False
+
+    # -- residency --------------------------------------------------------------------------------
+    async def _loaded(self, model: ServedModel) -> AsyncDiffusionEngine:
+        room_deadline: float | None = None
+        while True:
+            if model.status == LOADED:
+                return model.front
+            if model.loading is not None:
+                await asyncio.shield(model.loading)
+                continue
+            if model.status == FAILED and time.monotonic() < model.retry_at:
+                wait_s = model.retry_at - time.monotonic()
+                retry = f" (a request in {wait_s:.0f}s retries the load)" if wait_s < float("inf") else ""
+                raise ModelUnavailableError(f"The model '{model.name}' failed to load: {model.error}{retry}")
+            if self.memory_budget_bytes is not None and not model.memory_bytes and model.estimated_bytes is None:
+                model.estimated_bytes = await asyncio.to_thread(self._estimate_bytes, model)
+                continue  # the world may have changed while estimating
+            if not self._fits(model, []):
+                raise NoRoomError(self._too_large(model))
+            victims = self._room_for(model)
+            if victims is None:
+                timeout_s = self.server_config.request_timeout_s
+                room_deadline = room_deadline or time.monotonic() + timeout_s
+                remaining = room_deadline - time.monotonic()
+                if remaining <= 0:
+                    holders = [m.name for m in self._resident(model)]
+                    raise NoRoomError(
+                        f"No room to load the model '{model.name}' after {timeout_s:g}s: "
+                        f"{', '.join(repr(name) for name in holders)} hold it and have requests queued or running."
+                    )
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except TimeoutError:
+                    pass
+                continue
+            for victim in victims:
+                self._begin_unload(victim, "room")
+            model.status = LOADING
+            model.loading = asyncio.get_running_loop().create_task(
+                self._load(model, [v.closing for v in victims if v.closing is not None])
+            )
+
+    def _estimate_bytes(self, model: ServedModel) -> int:
+        from workers.runtime.memory import estimate_model_bytes
+
+        try:
+            return estimate_model_bytes(model.config) or 0
+        except Exception as error:  # noqa: BLE001 - no estimate: the figure measured after loading decides
+            logger.warning("no memory estimate for model '%s': %s", model.name, error)
+            return 0
+
+    def _resident(self, model: ServedModel) -> list[ServedModel]:
+        """The models other than ``model`` that take room now: loaded or loading, external ones aside."""
+        return [
+            m for m in self.models.values() if m is not model and not m.external and m.status in (LOADED, LOADING)
+        ]
+
+    def _fits(self, model: ServedModel, kept: list[ServedModel]) -> bool:
+        if self.max_loaded_models is not None and len(kept) + 1 > self.max_loaded_models:
+            return False
+        if self.memory_budget_bytes is None:
+            return True
+        used: dict[str, int] = {}
+        for other in kept:
+            for device, size in other.footprint().items():
+                used[device] = used.get(device, 0) + size
+        need = model.footprint()
+        # A figure on "*" (an estimate) may land on any device: it is counted on each.
+        devices = (set(used) | set(need)) - {"*"} or {"*"}
+        return all(
+            used.get(device, 0) + used.get("*", 0) + need.get(device, 0) + need.get("*", 0) <= self.memory_budget_bytes
+            for device in devices
+        )
+
+    def _room_for(self, model: ServedModel) -> list[ServedModel] | None:
+        """The models to unload so that ``model`` fits, least recently used first; None when it cannot fit
+        now (what would have to go has users, or it does not fit alone)."""
+        victims, fits = self._least_recently_used(model)
+        return victims if fits else None
+
+    def _least_recently_used(self, model: ServedModel) -> tuple[list[ServedModel], bool]:
+        """The idle models to unload, least recently used first, until ``model`` fits; and whether it then does.
+        A model unloaded early whose room the later ones freed stays (the most recently used first): the
+        budget keeps as many models as it allows."""
+        kept = self._resident(model)
+        idle = sorted((m for m in kept if m.status == LOADED and m.users == 0), key=lambda m: m.last_used)
+        victims: list[ServedModel] = []
+        while not (fits := self._fits(model, kept)) and idle:
+            victims.append(idle.pop(0))
+            kept.remove(victims[-1])
+        if fits:
+            for victim in sorted(victims, key=lambda m: m.last_used, reverse=True):
+                if self._fits(model, [*kept, victim]):
+                    kept.append(victim)
+                    victims.remove(victim)
+        return victims, fits
+
+    async def _load(self, model: ServedModel, closing: list[asyncio.Task]) -> None:
+        try:
+            # The room must really be back before the next load starts: the unloaded models' workers have exited.
+            await asyncio.gather(*closing, return_exceptions=True)
+            started = time.monotonic()
+            logger.info("loading model '%s'", model.name)
+            engine = await asyncio.to_thread(DiffusionEngine, model.config)
+        except Exception as error:  # noqa: BLE001 - the model's requests get the cause; the others serve on
+            model.status = FAILED
+            model.error = str(error) or type(error).__name__
+            model.failures += 1
+            backoff = LOAD_RETRY_BACKOFF_S[min(model.failures, len(LOAD_RETRY_BACKOFF_S)) - 1]
+            model.retry_at = time.monotonic() + backoff
+            logger.error("model '%s' failed to load (retried after %gs): %s", model.name, backoff, model.error)
+        else:
+            metrics.MODEL_LOAD_TIME.labels(model.name).observe(time.monotonic() - started)
+            self.adopt(model, engine)
+            self._start_front(model)
+            logger.info("model '%s' loaded in %.1fs: %s", model.name, time.monotonic() - started, model.memory_bytes)
+            self._keep_within_budget(model)
+        finally:
+            model.loading = None
+            self._changed.set()
+
+    def adopt(self, model: ServedModel, engine: DiffusionEngine) -> None:
+        """Serve ``engine``, loaded already, as ``model``."""
+        model.engine = engine
+        model.status = LOADED
+        model.error = None
+        model.failures = 0
+        model.model_info = engine.model_info
+        model.defaults = {name: default.value for name, default in engine.defaults.items()}
+        model.memory_bytes = dict(engine.model_info.get("memory_bytes") or {})
+        model.last_used = time.monotonic()
+        engine.fatal_listeners.append(self._on_fatal)
+        metrics.MODEL_LOADED.labels(model.name).set(1)
+        for device, size in model.memory_bytes.items():
+            metrics.MODEL_MEMORY_BYTES.labels(model.name, device).set(size)
+
+    def _start_front(self, model: ServedModel) -> None:
+        model.front = AsyncDiffusionEngine(model.engine)
+        model.front.start()
+        self._arm_keep_alive(model)
+
+    def _on_fatal(self, reason: str) -> None:
+        self.fatal_error = self.fatal_error or reason
+        for listener in self.fatal_listeners:
+            listener(reason)
+
+    def _keep_within_budget(self, model: ServedModel) -> None:
+        """After a load whose estimate fell short: unload idle models until the measured figures fit (the model
+        itself, failed, when it does not fit alone)."""
+        if not self._fits(model, []):
+            model.error = self._too_large(model)
+            self._begin_unload(model, "room")
+            model.status = FAILED
+            model.retry_at = float("inf")  # its size will not change: no retry
+            return
+        for victim in self._least_recently_used(model)[0]:
+            self._begin_unload(victim, "room")
+
+    def _too_large(self, model: ServedModel) -> str:
+        sizes = ", ".join(f"{device} {size / _GIB:.2f} GiB" for device, size in model.footprint().items())
+        return (
+            f"The model '{model.name}' takes more than --memory-budget-gib {self.memory_budget_bytes / _GIB:g} "
+            f"allows on its own ({sizes})."
+        )
+
+    def _begin_unload(self, model: ServedModel, reason: str) -> None:
+        """Take ``model`` out of service now; its workers stop in the background (``model.closing``)."""
+        front, engine = model.front, model.engine
+        model.front = model.engine = None
+        model.status = UNLOADED
+        if model.idle_timer is not None:
+            model.idle_timer.cancel()
+            model.idle_timer = None
+        metrics.MODEL_LOADED.labels(model.name).set(0)
+        for device in model.memory_bytes:
+            metrics.MODEL_MEMORY_BYTES.labels(model.name, device).set(0)
+        metrics.MODEL_UNLOADS.labels(model.name, reason).inc()
+        logger.info("unloading model '%s' (%s)", model.name, reason)
+        model.closing = asyncio.get_running_loop().create_task(self._stop(front, engine))
+
+    async def _stop(self, front: AsyncDiffusionEngine | None, engine: DiffusionEngine) -> None:
+        if front is not None:
+            await front.close()
+        await asyncio.to_thread(engine.close)  # returns once its workers have exited
+        self._changed.set()
+
+    def _arm_keep_alive(self, model: ServedModel) -> None:
+        if model.keep_alive_s < 0 or model.users or model.status != LOADED or model.external or self._loop is None:
+            return
+        if model.idle_timer is not None:
+            model.idle_timer.cancel()
+        model.idle_timer = self._loop.call_later(model.keep_alive_s, self._unload_if_idle, model)
+
+    def _unload_if_idle(self, model: ServedModel) -> None:
+        model.idle_timer = None
+        if model.status == LOADED and not model.users and not model.refusing:
+            self._begin_unload(model, "idle")
+
+    # -- probes -----------------------------------------------------------------------------------
+    def is_ready(self) -> bool:
+        """Every preloaded model that is loaded serves (one unloaded since, by keep-alive or for room, loads
+        again on its next request; one that failed on demand is /health's to list)."""
+        return not self.draining and all(
+            model.engine.is_ready() for model in self.models.values() if model.preload and model.engine is not None
+        )
+
+    def check_health(self) -> list[tuple[ServedModel, EngineError]]:
+        """Every loaded model's health (blocking: external workers are asked over the network): the models that
+        cannot serve, with why."""
+        failing = []
+        for model in list(self.models.values()):
+            engine = model.engine
+            if engine is None:
+                continue
+            try:
+                engine.check_health()
+            except EngineError as error:
+                failing.append((model, error))
+        return failing

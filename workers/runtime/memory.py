@@ -1,0 +1,121 @@
+"""What a model takes in memory: measured on a loaded pipeline (the figure /v1/models, the metrics and the
+server's memory budget read), and estimated before its first load from its modules built on the meta device.
+
+On CUDA a loaded pipeline takes ``torch.cuda.memory_allocated`` on its device (with --offload, the peak of a
+warm-up call, ``max_memory_allocated``: its weights sit on the CPU between calls); on the CPU, the storage
+bytes of its parameters and buffers. A tensor subclass (torchao's quantized tensors) counts the inner tensors
+it holds (``__tensor_flatten__``), never its logical size. See docs/models.md.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def tensor_bytes(tensor: torch.Tensor, seen: set[int]) -> int:
+    """Storage bytes of ``tensor`` not counted yet (``seen`` holds storages counted). A tensor subclass
+    such as torchao's Int8Tensor reports its logical size through ``.nbytes``: its inner tensors
+    (``__tensor_flatten__``: qdata, scale, ...) are what it holds."""
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(inner, seen) for name in names if (inner := getattr(tensor, name)) is not None)
+    if tensor.device.type == "meta":
+        return tensor.numel() * tensor.element_size()
+    storage = tensor.untyped_storage()
+    if storage.data_ptr() in seen:
+        return 0
+    seen.add(storage.data_ptr())
+    return storage.nbytes()
+
+
+def module_weight_bytes(module: torch.nn.Module, linear_only: bool = False) -> int:
+    """Storage bytes of ``module``'s parameters and buffers (of its nn.Linear weights alone with ``linear_only``)."""
+    seen: set[int] = set()
+    if linear_only:
+        return sum(tensor_bytes(m.weight, seen) for m in module.modules() if isinstance(m, torch.nn.Linear))
+    return sum(tensor_bytes(t, seen) for t in [*module.parameters(), *module.buffers()])
+
+
+def pipeline_modules(pipeline) -> dict[str, torch.nn.Module]:
+    """The pipeline's torch modules by component name, in the pipeline's order."""
+    return {name: module for name, module in pipeline.components.items() if isinstance(module, torch.nn.Module)}
+
+
+def pipeline_components(folder: Path) -> dict[str, tuple[str, str]]:
+    """The model folder's model_index.json: component -> (library, class name), modules only."""
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return {
+        name: (spec[0], spec[1])
+        for name, spec in index.items()
+        if isinstance(spec, list) and len(spec) == 2 and spec[0] in ("diffusers", "transformers")
+    }
+
+
+def measure_weights(pipeline, device: torch.device, offload_peak_bytes: int | None = None) -> dict[str, Any]:
+    """Bytes of every component's weights (``weight_bytes``), of its nn.Linear weights
+    (``linear_weight_bytes``), and the memory the pipeline holds on ``device`` (``memory_bytes``):
+    torch.cuda.memory_allocated on CUDA (``offload_peak_bytes`` instead, when offloading), the weights'
+    storage bytes on the CPU."""
+    modules = pipeline_modules(pipeline)
+    weight_bytes = {name: module_weight_bytes(module) for name, module in modules.items()}
+    if device.type == "cuda":
+        memory = offload_peak_bytes if offload_peak_bytes is not None else torch.cuda.memory_allocated(device)
+    else:
+        seen: set[int] = set()  # components may share tensors
+        memory = sum(tensor_bytes(t, seen) for m in modules.values() for t in [*m.parameters(), *m.buffers()])
+    return {
+        "weight_bytes": weight_bytes,
+        "linear_weight_bytes": {
+            name: module_weight_bytes(module, linear_only=True) for name, module in modules.items()
+        },
+        "memory_bytes": {str(device): memory},
+    }
+
+
+def estimate_pipeline_bytes(folder: Path, dtype: torch.dtype) -> int:
+    """The bytes a pipeline in ``folder`` will take on one rank, before it is loaded: each component built
+    from its config on the meta device (no memory, no weights read), its parameters counted in ``dtype``
+    (the dtype it will load in) and its buffers at their own size."""
+    import diffusers
+    import transformers
+
+    total = 0
+    for name, (library, class_name) in pipeline_components(folder).items():
+        model_class = getattr(diffusers if library == "diffusers" else transformers, class_name, None)
+        if not (isinstance(model_class, type) and issubclass(model_class, torch.nn.Module)):
+            continue  # a scheduler, a tokenizer: no weights
+        with torch.device("meta"):
+            if library == "diffusers":
+                module = model_class.from_config(model_class.load_config(Path(folder) / name))
+            else:
+                module = model_class(transformers.AutoConfig.from_pretrained(Path(folder) / name))
+        element_size = torch.empty((), dtype=dtype).element_size()
+        total += sum(
+            p.numel() * (element_size if p.is_floating_point() else p.element_size()) for p in module.parameters()
+        )
+        total += sum(b.numel() * b.element_size() for b in module.buffers())
+    return total
+
+
+def estimate_model_bytes(od_config) -> int | None:
+    """``estimate_pipeline_bytes`` of the model ``od_config`` names, in the dtype it will load in; None when
+    its folder is not there yet (a built-in model built on first use) or it is built from configs alone."""
+    from workers.models.catalog import BUILTIN_MODELS, DEMO_MODEL_PATH
+    from workers.models.random_weights import RANDOM_WEIGHT_MODELS
+    from workers.runtime.pipelines import resolve_device, resolve_dtype
+
+    name = od_config.model
+    if name in RANDOM_WEIGHT_MODELS:
+        return None
+    if name == "demo":
+        folder = DEMO_MODEL_PATH
+    else:
+        folder = Path(od_config.model_cache_dir) / name if name in BUILTIN_MODELS else Path(name)
+    if not (folder / "model_index.json").is_file():
+        return None
+    dtype = resolve_dtype(od_config.dtype, resolve_device(od_config.device, od_config.device_index(0)))
+    return estimate_pipeline_bytes(folder, dtype)
