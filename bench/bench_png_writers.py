@@ -1,12 +1,12 @@
 """Which PNG writer, base64 and JSON encoder the serving path should use (issue 27), measured on one image.
 
 Every candidate writes the same 1024x1024 RGB image; each file is read back by Pillow and must give the same
-pixels, or the candidate is reported as wrong. Candidates missing from the environment are skipped with a
-line saying so, so this runs in the project's venv (Pillow only) or in one with the candidates installed:
+pixels, or the candidate is reported as wrong. The candidates that deflate are fed by imagegen's own writer
+(workers/runtime/encoding.py), so this runs in the project's venv; candidates missing from it are skipped with
+a line saying so. To compare them all, add them to it:
 
-    python -m venv /tmp/png-bench && /tmp/png-bench/bin/pip install numpy pillow imagecodecs isal zlib-ng \
-        pyvips pyvips-binary pybase64 orjson pydantic
-    /tmp/png-bench/bin/python bench/bench_png_writers.py --repeats 15
+    .venv/bin/pip install imagecodecs zlib-ng pyvips pyvips-binary orjson
+    .venv/bin/python bench/bench_png_writers.py --repeats 15
 
 Two images: uniform noise (what the random-weight models draw: the worst case for compression) and a smooth
 picture with edges (what a trained model draws). Medians of --repeats runs, one thread; see docs/benchmarks.md.
@@ -21,13 +21,14 @@ import io
 import json
 import os
 import statistics
-import struct
 import time
 import zlib
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
+
+from workers.runtime.encoding import write_png
 
 
 def noise_image(size: int) -> np.ndarray:
@@ -54,34 +55,14 @@ def pillow(level: int) -> Callable[[np.ndarray], bytes]:
     return write
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
 def png_from_deflate(compress: Callable[[bytes], bytes], row_filter: str) -> Callable[[np.ndarray], bytes]:
-    """A PNG written here: each row filtered (none, or up: the difference from the row above), the rows
-    compressed by ``compress`` (a zlib-format compressor) as one IDAT chunk."""
-
-    def write(pixels: np.ndarray) -> bytes:
-        height, width, _ = pixels.shape
-        rows = np.empty((height, 1 + 3 * width), np.uint8)
-        flat = pixels.reshape(height, 3 * width)
-        if row_filter == "up":
-            rows[:, 0] = 2
-            rows[0, 1:] = flat[0]
-            np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])  # uint8 arithmetic wraps, as PNG's filter does
-        else:
-            rows[:, 0] = 0
-            rows[:, 1:] = flat
-        header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-        idat = _chunk(b"IDAT", compress(rows.tobytes()))
-        return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + idat + _chunk(b"IEND", b"")
-
-    return write
+    """imagegen's own PNG writer (workers/runtime/encoding.py) with ``compress`` (a zlib-format compressor) as its
+    deflater and each row filtered by ``row_filter`` (none, or up: the difference from the row above)."""
+    return lambda pixels: write_png(pixels, compress, up_filter=row_filter == "up")
 
 
 def writers() -> tuple[dict[str, Callable[[np.ndarray], bytes]], list[str]]:
-    found = {"pillow level 1 (imagegen today)": pillow(1), "pillow level 0": pillow(0)}
+    found = {"pillow level 1 (imagegen without isal)": pillow(1), "pillow level 0": pillow(0)}
     missing = []
     for row_filter in ("none", "up"):
         found[f"stdlib zlib level 1, filter {row_filter}"] = png_from_deflate(lambda d: zlib.compress(d, 1), row_filter)
@@ -151,7 +132,7 @@ def bench_png(images: dict[str, np.ndarray], repeats: int) -> dict[str, bytes]:
             baseline = baseline or ms
             verdict = "same pixels" if same else "WRONG"
             print(f"{name:44} {ms:7.1f} {baseline / ms:10.2f} {len(data) / 1e6:6.2f}  {verdict}")
-        baseline_files[image_name] = found["pillow level 1 (imagegen today)"](pixels)
+        baseline_files[image_name] = found["pillow level 1 (imagegen without isal)"](pixels)
     for name in missing:
         print(f"skipped: {name} not installed")
     return baseline_files

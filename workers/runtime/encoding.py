@@ -38,21 +38,28 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
 
-def write_png(pixels: np.ndarray) -> bytes:
+def write_png(
+    pixels: np.ndarray, compress: Callable[[bytes], bytes] | None = None, up_filter: bool = True
+) -> bytes:
     """uint8 HxWx3 ``pixels`` as an 8-bit RGB PNG: each row PNG's "up" filter (its difference from the row above,
     one numpy subtraction, which shrinks a smooth picture's deflate output by ~40%), one IDAT chunk deflated by ISA-L at
-    level 1. Pillow reads it back to the same pixels; so does every PNG reader, it is plain PNG."""
+    level 1. Pillow reads it back to the same pixels; so does every PNG reader, it is plain PNG.
+
+    ``compress`` (any zlib-format compressor) and ``up_filter=False`` (rows as they are) let
+    bench/bench_png_writers.py compare deflaters and filters on this very writer."""
     height, width, _ = pixels.shape
     rows = np.empty((height, 1 + 3 * width), np.uint8)
     flat = pixels.reshape(height, 3 * width)
-    rows[:, 0] = 2  # filter type up; the first row's "above" is zeros, so it is itself
-    rows[0, 1:] = flat[0]
-    np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])  # uint8 arithmetic wraps modulo 256, as the filter does
+    if up_filter:
+        rows[:, 0] = 2  # filter type up; the first row's "above" is zeros, so it is itself
+        rows[0, 1:] = flat[0]
+        np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])  # uint8 arithmetic wraps modulo 256, as the filter does
+    else:
+        rows[:, 0] = 0
+        rows[:, 1:] = flat
+    deflated = compress(rows.tobytes()) if compress else isal_zlib.compress(rows.tobytes(), 1)
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, deflate, adaptive, no interlace
-    return (
-        _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", isal_zlib.compress(rows.tobytes(), 1))
-        + _png_chunk(b"IEND", b"")
-    )
+    return _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", deflated) + _png_chunk(b"IEND", b"")
 
 
 def encode_pixels(pixels: np.ndarray, output_format: str = "png", compression: int | None = None) -> EncodedImage:
