@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import importlib.util
 import io
 import json
 import os
 import statistics
 import time
-import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -61,11 +61,24 @@ def png_from_deflate(compress: Callable[[bytes], bytes], row_filter: str) -> Cal
     return lambda pixels: write_png(pixels, compress, up_filter=row_filter == "up")
 
 
+# zlib-format deflaters fed by imagegen's writer: name, module, the levels tried.
+DEFLATERS = (("stdlib zlib", "zlib", (1,)), ("isal", "isal.isal_zlib", (0, 1)), ("zlib-ng", "zlib_ng.zlib_ng", (1,)))
+
+
 def writers() -> tuple[dict[str, Callable[[np.ndarray], bytes]], list[str]]:
     found = {"pillow level 1 (imagegen without isal)": pillow(1), "pillow level 0": pillow(0)}
     missing = []
-    for row_filter in ("none", "up"):
-        found[f"stdlib zlib level 1, filter {row_filter}"] = png_from_deflate(lambda d: zlib.compress(d, 1), row_filter)
+    for name, module_name, levels in DEFLATERS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            missing.append(name)
+            continue
+        for level in levels:
+            for row_filter in ("none", "up"):
+                found[f"{name} level {level}, filter {row_filter}"] = png_from_deflate(
+                    functools.partial(module.compress, level=level), row_filter
+                )
     if importlib.util.find_spec("imagecodecs"):
         import imagecodecs
 
@@ -74,27 +87,6 @@ def writers() -> tuple[dict[str, Callable[[np.ndarray], bytes]], list[str]]:
             found["imagecodecs spng level 1"] = lambda p: imagecodecs.spng_encode(p, level=1)
     else:
         missing.append("imagecodecs")
-    if importlib.util.find_spec("isal"):
-        from isal import isal_zlib
-
-        for row_filter in ("none", "up"):
-            found[f"isal level 0, filter {row_filter}"] = png_from_deflate(
-                lambda d: isal_zlib.compress(d, 0), row_filter
-            )
-            found[f"isal level 1, filter {row_filter}"] = png_from_deflate(
-                lambda d: isal_zlib.compress(d, 1), row_filter
-            )
-    else:
-        missing.append("isal")
-    if importlib.util.find_spec("zlib_ng"):
-        from zlib_ng import zlib_ng
-
-        for row_filter in ("none", "up"):
-            found[f"zlib-ng level 1, filter {row_filter}"] = png_from_deflate(
-                lambda d: zlib_ng.compress(d, 1), row_filter
-            )
-    else:
-        missing.append("zlib-ng")
     try:
         import pyvips
 
