@@ -63,12 +63,14 @@ class ModelRegistry:
         self.server_config = server_config
         self.room = Room(server_config.max_loaded_models, server_config.memory_budget_gib)
         self.draining = False
-        self.closed = False
+        # Set once the server stops waiting for loads and room (end_waits): the requests still waiting get 503.
+        self.waits_ended = False
         # Called with the reason when a model's engine turns fatal (--on-worker-death exit): the server exits.
         self.fatal_listeners: list[Callable[[str], None]] = []
         # Why a model's engine could not serve any more (kept after the engines are closed).
         self.fatal_error: str | None = None
         self._changed: asyncio.Event | None = None
+        self._waits_ended: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         preloaded = [model for model in self.models.values() if model.preload and not model.external]
         if self.room.max_loaded_models is not None and len(preloaded) > self.room.max_loaded_models:
@@ -103,6 +105,7 @@ class ModelRegistry:
         """On the event loop: the batching front of every loaded model, and the keep-alive timers."""
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
+        self._waits_ended = asyncio.Event()
         for model in self.models.values():
             if model.engine is not None:
                 self._start_front(model)
@@ -110,7 +113,7 @@ class ModelRegistry:
     async def close(self) -> None:
         """Stop every model (loads in progress first finish; the requests that waited for them get
         EngineDeadError). Idempotent."""
-        self.closed = True
+        self.end_waits()
         for model in self.models.values():
             if model.loading is not None:
                 await asyncio.gather(model.loading, return_exceptions=True)
@@ -137,6 +140,14 @@ class ModelRegistry:
         for model in self.models.values():
             if model.front is not None:
                 model.front.start_draining()
+
+    def end_waits(self) -> None:
+        """Answer EngineDeadError (503) now to every request still waiting for a model to load or for room, and
+        to any that would: once the drain's time has run out, each gets an answer rather than a cut connection."""
+        self.waits_ended = True
+        if self._waits_ended is not None:
+            self._waits_ended.set()
+            self._changed.set()
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request holds a model (waiting for its load, queued, running, or its stream still
@@ -257,12 +268,17 @@ class ModelRegistry:
     async def _loaded(self, model: ServedModel) -> AsyncDiffusionEngine:
         room_deadline: float | None = None
         while True:
-            if self.closed:
+            if self.waits_ended:
                 raise EngineDeadError("the server is shutting down")
             if model.status == LOADED:
                 return model.front
             if model.loading is not None:
-                await asyncio.shield(model.loading)
+                # Never cancels the load (others may wait for it too); end_waits ends the wait.
+                ended = asyncio.ensure_future(self._waits_ended.wait())
+                try:
+                    await asyncio.wait({model.loading, ended}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    ended.cancel()
                 continue
             if model.status == FAILED and time.monotonic() < model.retry_at:
                 wait_s = model.retry_at - time.monotonic()

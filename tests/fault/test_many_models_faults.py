@@ -62,3 +62,19 @@ def test_stopping_the_server_lets_a_request_waiting_for_its_model_load_finish():
         assert server.process.wait(timeout=120) == 0
     finally:
         server.stop()
+
+
+def test_a_request_still_waiting_for_its_model_load_when_the_drain_time_runs_out_gets_503():
+    # tiny-flux's worker takes seconds to start (a new Python importing torch): longer than the drain's second.
+    server = ServerProcess("--model", "tiny", "tiny-flux", "--shutdown-timeout-s", "1")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(server.post, timeout=300, model="tiny-flux", **SHORT)
+            poll(lambda: status_of(server, "tiny-flux") == "loading", 60, "tiny-flux to start loading")
+            server.process.send_signal(signal.SIGTERM)
+            response = waiting.result(timeout=300)
+        assert response.status_code == 503, response.text
+        assert "shutting down" in response.json()["error"]["message"]
+        assert server.process.wait(timeout=120) == 0
+    finally:
+        server.stop()
