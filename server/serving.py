@@ -183,7 +183,9 @@ class ImageServing:
             if events is not None and getattr(body, "stream", False) and getattr(body, "progress", False):
                 if self.models.needs_load(model):
                     stream = self._events_after_load(http_request, body, make_request, events, key, model)
-                    return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                    return StreamingResponse(
+                        stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+                    )
             front = await self.models.acquire(model)
             held = True
             request = make_request(**self.request_fields(body, front.engine))

@@ -299,8 +299,9 @@ def lora_server(model_cache, tmp_path_factory):
 
 
 def test_a_run_time_lora_adapter_comes_back_when_its_model_loads_again(lora_server):
-    loaded_adapter = admin_post(lora_server, "/v1/load_lora_adapter", lora_name="sharp", lora_path=lora_server.lora_path,
-                                model="tiny")
+    loaded_adapter = admin_post(
+        lora_server, "/v1/load_lora_adapter", lora_name="sharp", lora_path=lora_server.lora_path, model="tiny"
+    )
     assert loaded_adapter.status_code == 200, loaded_adapter.text
     with_adapter = generate(lora_server, "sharp")
     assert (with_adapter != generate(lora_server, "tiny")).any()  # the adapter changes the pixels
@@ -330,7 +331,8 @@ def test_a_streaming_request_sees_loading_progress_events_while_its_model_loads(
             "progress": True}
     with httpx.stream("POST", f"{lora_server.base_url}/v1/images/generations", json=body, timeout=300) as response:
         assert response.status_code == 200
-        events = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines() if line.startswith("data: ")]
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    events = [json.loads(line.removeprefix("data: ")) for line in lines]
     kinds = [(event["type"], event.get("stage"), event.get("step")) for event in events]
     loading = [kind for kind in kinds if kind[1] == "loading_model"]
     assert loading and kinds[: len(loading)] == loading  # first, before any step
