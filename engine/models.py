@@ -362,23 +362,12 @@ class ModelRegistry:
         if model.adapters is None:
             return engine
         try:
-            wanted = {adapter.name for adapter in model.adapters}
-            for adapter in engine.loras.served():
-                if adapter.name not in wanted:  # a start-up adapter unloaded at run time stays unloaded
-                    engine.loras.begin_unload(adapter.name)
-                    engine.loras.unload(adapter.name)
-            served = {adapter.name for adapter in engine.loras.served()}
-            for adapter in model.adapters:
-                if adapter.name in served:
-                    continue
-                try:
-                    engine.loras.load(adapter)
-                except InvalidRequestError as error:
-                    logger.error("model '%s' loaded again without its LoRA adapter '%s': %s", model.name,
-                                 adapter.name, error)
+            refused = engine.loras.restore(model.adapters)
         except BaseException:
             engine.close()
             raise
+        for name, why in refused.items():
+            logger.error("model '%s' loaded again without its LoRA adapter '%s': %s", model.name, name, why)
         return engine
 
     def adopt(self, model: ServedModel, engine: DiffusionEngine) -> None:
