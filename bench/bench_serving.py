@@ -26,6 +26,12 @@ workers' CPU per image and the p50. Its baseline row is the raw pipeline plus on
 one process. --imagegen-root runs the server of another checkout (e.g. main) with this bench, for before/after.
 
     python bench/bench_serving.py --workload pixels --model demo --size 1024 --steps 1
+
+--workload models measures several models behind one server (issue 24, bench/bench_models.py): two models at
+50/50, 8 clients, in one `imagegen serve` against the two in two single-model servers at once (4 clients each),
+and each model's load time against the latency of a request that must load it first.
+
+    python bench/bench_serving.py --workload models --models demo,tiny --size 64 --rounds 3
 """
 
 from __future__ import annotations
@@ -591,10 +597,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--workload", choices=("single", "mixed", "uniform", "pixels"), default="single",
+    parser.add_argument("--workload", choices=("single", "mixed", "uniform", "pixels", "models"), default="single",
                         help="single: one step count (--steps), raw pipeline, naive server and the backends; "
                         "mixed, uniform: request vs step scheduling vs LitServe, 16 clients; pixels: CPU per "
-                        "image of the server and its workers (see above)")
+                        "image of the server and its workers; models: one server with two models vs two servers "
+                        "(see above)")
+    parser.add_argument("--models", type=lambda value: value.split(","), default=["demo", "tiny"],
+                        help="models: the two models, comma-separated")
+    parser.add_argument("--models-clients", type=int, default=4, help="models: clients per model")
+    parser.add_argument("--rounds", type=int, default=3, help="models: interleaved rounds (medians reported)")
     parser.add_argument("--pixels-requests", type=int, default=4,
                         help="pixels: requests of the 1-client load (the 4-client load sends as many in all)")
     parser.add_argument("--idle-window-s", type=float, default=10, help="pixels: the server's idle CPU window")
@@ -629,6 +640,11 @@ def main() -> None:
     if args.workload == "single":
         results = bench_single(args, logs, failed)
         print_table = functools.partial(print_single, results)
+    elif args.workload == "models":
+        from bench_models import bench_models, print_models
+
+        results = bench_models(args, logs, start, stop, free_port)
+        print_table = functools.partial(print_models, args, results)
     elif args.workload == "pixels":
         results = bench_pixels(args, logs, failed)
         print_table = functools.partial(print_pixels, results)

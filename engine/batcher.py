@@ -118,7 +118,9 @@ class AsyncDiffusionEngine:
         self.engine.progress_listeners.append(self._on_progress)
 
     async def close(self) -> None:
-        """Stop scheduling, let running steps finish, fail what is still queued."""
+        """Stop scheduling, let running steps finish, fail what is still queued (and refuse what comes later:
+        nothing waits on a queue nobody schedules)."""
+        self.draining = True
         if self._scheduler is not None:
             self._scheduler.cancel()
             self.engine.progress_listeners.remove(self._on_progress)

@@ -81,6 +81,25 @@ class LoraRegistry:
             self._executor.rank_setup_calls.append(call)
             return replies[0]
 
+    def restore(self, adapters: list[LoraModule]) -> dict[str, str]:
+        """Serve exactly ``adapters`` (what a model served when it was unloaded, for its next load): unload
+        the others, load the missing ones. Answers the adapters that would not load again (their files gone),
+        with why; the rest serve."""
+        wanted = {adapter.name for adapter in adapters}
+        for adapter in self.served():
+            if adapter.name not in wanted:  # a start-up adapter unloaded at run time stays unloaded
+                self.begin_unload(adapter.name)
+                self.unload(adapter.name)
+        served = {adapter.name for adapter in self.served()}
+        refused = {}
+        for adapter in adapters:
+            if adapter.name not in served:
+                try:
+                    self.load(adapter)
+                except InvalidRequestError as error:
+                    refused[adapter.name] = str(error)
+        return refused
+
     def begin_unload(self, name: str) -> LoraModule:
         """Refuse new requests for adapter ``name`` from now on (NotFoundError when it is not served)."""
         adapter = self.get(name)

@@ -12,8 +12,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any
 
 from engine import metrics
 from engine.batcher import AsyncDiffusionEngine
@@ -26,66 +24,15 @@ from engine.errors import (
     NoRoomError,
     NotFoundError,
 )
+from engine.residency import FAILED, LOADED, LOADING, UNLOADED, Room, ServedModel
 from workers.config import OmniDiffusionConfig
 from workers.data import defaults_in_force
 from workers.model_settings import is_external
 
 logger = logging.getLogger(__name__)
 
-LOADED, LOADING, UNLOADED, FAILED = "loaded", "loading", "unloaded", "failed"
 # After a failed load, the next request retries it once this back-off has passed (doubling, at most the last).
 LOAD_RETRY_BACKOFF_S = (5.0, 10.0, 30.0, 60.0)
-_GIB = 1024**3
-
-
-@dataclass(eq=False)
-class ServedModel:
-    """One configured model: its settings, whether it is loaded, what it took when it last was, and who uses it.
-
-    ``users`` counts the requests that hold it (waiting for it to load, queued or running): a model with users
-    is never unloaded to make room. ``memory_bytes`` and ``model_info`` are from its last load (kept while it
-    is unloaded: the room it needs next time, and its card).
-    """
-
-    config: OmniDiffusionConfig
-    preload: bool
-    status: str = UNLOADED
-    error: str | None = None
-    engine: DiffusionEngine | None = None
-    front: AsyncDiffusionEngine | None = None
-    model_info: dict[str, Any] = field(default_factory=dict)
-    defaults: dict[str, Any] = field(default_factory=dict)
-    memory_bytes: dict[str, int] = field(default_factory=dict)
-    # Bytes one rank will take, from its modules built on the meta device (before its first load; None: unknown).
-    estimated_bytes: int | None = None
-    users: int = 0
-    last_used: float = 0.0
-    loading: asyncio.Task | None = None
-    closing: asyncio.Task | None = None
-    refusing: bool = False  # an admin unload waits for its requests: new ones are refused
-    failures: int = 0
-    retry_at: float = 0.0
-    idle_timer: asyncio.TimerHandle | None = None
-
-    @property
-    def name(self) -> str:
-        return self.config.model_name
-
-    @property
-    def external(self) -> bool:
-        """Its workers are someone else's (grpc, ray_external): resident while they are up; never unloaded here."""
-        return is_external(self.config)
-
-    @property
-    def keep_alive_s(self) -> float:
-        return self.config.model_keep_alive_s
-
-    def footprint(self) -> dict[str, int]:
-        """The bytes it takes (or will) per device: measured at its last load, else the estimate on the device
-        key "*" (any device: before a load, which device a rank gets is the worker's to find out)."""
-        if self.memory_bytes:
-            return self.memory_bytes
-        return {"*": (self.estimated_bytes or 0) * self.config.num_gpus}
 
 
 class ModelRegistry:
@@ -114,20 +61,21 @@ class ModelRegistry:
             self.models[config.model_name] = model
         self.first = next(iter(self.models.values()))
         self.server_config = server_config
-        self.max_loaded_models = server_config.max_loaded_models
-        budget = server_config.memory_budget_gib
-        self.memory_budget_bytes = int(budget * _GIB) if budget is not None else None
+        self.room = Room(server_config.max_loaded_models, server_config.memory_budget_gib)
         self.draining = False
+        # Set once the server stops waiting for loads and room (end_waits): the requests still waiting get 503.
+        self.waits_ended = False
         # Called with the reason when a model's engine turns fatal (--on-worker-death exit): the server exits.
         self.fatal_listeners: list[Callable[[str], None]] = []
         # Why a model's engine could not serve any more (kept after the engines are closed).
         self.fatal_error: str | None = None
         self._changed: asyncio.Event | None = None
+        self._waits_ended: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         preloaded = [model for model in self.models.values() if model.preload and not model.external]
-        if self.max_loaded_models is not None and len(preloaded) > self.max_loaded_models:
+        if self.room.max_loaded_models is not None and len(preloaded) > self.room.max_loaded_models:
             raise ValueError(
-                f"{len(preloaded)} models are preloaded but --max-loaded-models is {self.max_loaded_models}"
+                f"{len(preloaded)} models are preloaded but --max-loaded-models is {self.room.max_loaded_models}"
             )
         for model in self.models.values():
             metrics.MODEL_LOADED.labels(model.name).set(0)
@@ -157,12 +105,15 @@ class ModelRegistry:
         """On the event loop: the batching front of every loaded model, and the keep-alive timers."""
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
+        self._waits_ended = asyncio.Event()
         for model in self.models.values():
             if model.engine is not None:
                 self._start_front(model)
 
     async def close(self) -> None:
-        """Stop every model (loads in progress first finish). Idempotent."""
+        """Stop every model (loads in progress first finish; the requests that waited for them get
+        EngineDeadError). Idempotent."""
+        self.end_waits()
         for model in self.models.values():
             if model.loading is not None:
                 await asyncio.gather(model.loading, return_exceptions=True)
@@ -190,9 +141,24 @@ class ModelRegistry:
             if model.front is not None:
                 model.front.start_draining()
 
+    def end_waits(self) -> None:
+        """Answer EngineDeadError (503) now to every request still waiting for a model to load or for room, and
+        to any that would: once the drain's time has run out, each gets an answer rather than a cut connection."""
+        self.waits_ended = True
+        if self._waits_ended is not None:
+            self._waits_ended.set()
+            self._changed.set()
+
     async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no model has a request queued or running, at most ``timeout_s``; True if it got there."""
+        """Wait until no request holds a model (waiting for its load, queued, running, or its stream still
+        being sent) and no model has a step running, at most ``timeout_s``; True if it got there."""
         deadline = time.monotonic() + timeout_s
+        while any(model.users for model in self.models.values()):
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                return False
         for model in self.models.values():
             if model.front is not None and not await model.front.wait_idle(max(0.0, deadline - time.monotonic())):
                 return False
@@ -220,14 +186,22 @@ class ModelRegistry:
         return [name for model in self.models.values() for name in [model.name, *self.adapter_names(model)]]
 
     def adapter_names(self, model: ServedModel) -> list[str]:
-        """The LoRA adapters of ``model``: those it serves when loaded, else those it loads at start-up."""
-        if model.engine is not None:
-            return [adapter.name for adapter in model.engine.loras.served()]
-        return [adapter.name for adapter in model.config.lora_adapters]
+        """The LoRA adapters of ``model``: those it serves when loaded, else those it will serve once loaded."""
+        return [adapter.name for adapter in model.served_adapters()]
 
     def adapter_owner(self, name: str) -> ServedModel | None:
         """The model whose LoRA adapter is named ``name`` (see adapter_names)."""
         return next((model for model in self.models.values() if name in self.adapter_names(model)), None)
+
+    def needs_load(self, model: ServedModel) -> bool:
+        """Whether a request for ``model`` now would wait for it to load (not when it would be refused at once)."""
+        if self.draining or model.refusing:
+            return False
+        return model.status in (UNLOADED, LOADING) or (model.status == FAILED and time.monotonic() >= model.retry_at)
+
+    def forget_adapter(self, model: ServedModel, name: str) -> None:
+        """Drop the LoRA adapter ``name`` of ``model``, which is not loaded: its next load leaves it out."""
+        model.adapters = [adapter for adapter in model.served_adapters() if adapter.name != name]
 
     async def acquire(self, model: ServedModel) -> AsyncDiffusionEngine:
         """Hold ``model`` for one request, loaded (after making room): never unloaded until ``release``."""
@@ -294,22 +268,30 @@ class ModelRegistry:
     async def _loaded(self, model: ServedModel) -> AsyncDiffusionEngine:
         room_deadline: float | None = None
         while True:
+            if self.waits_ended:
+                raise EngineDeadError("the server is shutting down")
             if model.status == LOADED:
                 return model.front
             if model.loading is not None:
-                await asyncio.shield(model.loading)
+                # Never cancels the load (others may wait for it too); end_waits ends the wait.
+                ended = asyncio.ensure_future(self._waits_ended.wait())
+                try:
+                    await asyncio.wait({model.loading, ended}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    ended.cancel()
                 continue
             if model.status == FAILED and time.monotonic() < model.retry_at:
                 wait_s = model.retry_at - time.monotonic()
                 retry = f" (a request in {wait_s:.0f}s retries the load)" if wait_s < float("inf") else ""
                 raise ModelUnavailableError(f"The model '{model.name}' failed to load: {model.error}{retry}")
-            if self.memory_budget_bytes is not None and not model.memory_bytes and model.estimated_bytes is None:
+            if self.room.memory_budget_bytes is not None and not model.memory_bytes and model.estimated_bytes is None:
                 model.estimated_bytes = await asyncio.to_thread(self._estimate_bytes, model)
                 continue  # the world may have changed while estimating
-            if not self._fits(model, []):
-                raise NoRoomError(self._too_large(model))
-            victims = self._room_for(model)
-            if victims is None:
+            if not self.room.fits(model, []):
+                raise NoRoomError(self.room.too_large(model))
+            victims, fits = self.room.least_recently_used(model, self._resident(model))
+            if not fits:  # what would have to go has users
+
                 timeout_s = self.server_config.request_timeout_s
                 room_deadline = room_deadline or time.monotonic() + timeout_s
                 remaining = room_deadline - time.monotonic()
@@ -347,53 +329,13 @@ class ModelRegistry:
             m for m in self.models.values() if m is not model and not m.external and m.status in (LOADED, LOADING)
         ]
 
-    def _fits(self, model: ServedModel, kept: list[ServedModel]) -> bool:
-        if self.max_loaded_models is not None and len(kept) + 1 > self.max_loaded_models:
-            return False
-        if self.memory_budget_bytes is None:
-            return True
-        used: dict[str, int] = {}
-        for other in kept:
-            for device, size in other.footprint().items():
-                used[device] = used.get(device, 0) + size
-        need = model.footprint()
-        # A figure on "*" (an estimate) may land on any device: it is counted on each.
-        devices = (set(used) | set(need)) - {"*"} or {"*"}
-        return all(
-            used.get(device, 0) + used.get("*", 0) + need.get(device, 0) + need.get("*", 0) <= self.memory_budget_bytes
-            for device in devices
-        )
-
-    def _room_for(self, model: ServedModel) -> list[ServedModel] | None:
-        """The models to unload so that ``model`` fits, least recently used first; None when it cannot fit
-        now (what would have to go has users, or it does not fit alone)."""
-        victims, fits = self._least_recently_used(model)
-        return victims if fits else None
-
-    def _least_recently_used(self, model: ServedModel) -> tuple[list[ServedModel], bool]:
-        """The idle models to unload, least recently used first, until ``model`` fits; and whether it then does.
-        A model unloaded early whose room the later ones freed stays (the most recently used first): the
-        budget keeps as many models as it allows."""
-        kept = self._resident(model)
-        idle = sorted((m for m in kept if m.status == LOADED and m.users == 0), key=lambda m: m.last_used)
-        victims: list[ServedModel] = []
-        while not (fits := self._fits(model, kept)) and idle:
-            victims.append(idle.pop(0))
-            kept.remove(victims[-1])
-        if fits:
-            for victim in sorted(victims, key=lambda m: m.last_used, reverse=True):
-                if self._fits(model, [*kept, victim]):
-                    kept.append(victim)
-                    victims.remove(victim)
-        return victims, fits
-
     async def _load(self, model: ServedModel, closing: list[asyncio.Task]) -> None:
         try:
             # The room must really be back before the next load starts: the unloaded models' workers have exited.
             await asyncio.gather(*closing, return_exceptions=True)
             started = time.monotonic()
             logger.info("loading model '%s'", model.name)
-            engine = await asyncio.to_thread(DiffusionEngine, model.config)
+            engine = await asyncio.to_thread(self._start_engine, model)
         except Exception as error:  # noqa: BLE001 - the model's requests get the cause; the others serve on
             model.status = FAILED
             model.error = str(error) or type(error).__name__
@@ -410,6 +352,23 @@ class ModelRegistry:
         finally:
             model.loading = None
             self._changed.set()
+
+    @staticmethod
+    def _start_engine(model: ServedModel) -> DiffusionEngine:
+        """``model``'s engine (blocking), serving the LoRA adapters it served when it was last unloaded: its
+        start-up ones as before, those loaded at run time loaded again. An adapter that no longer loads (its
+        file gone) is left out, with an error logged: the model serves without it."""
+        engine = DiffusionEngine(model.config)
+        if model.adapters is None:
+            return engine
+        try:
+            refused = engine.loras.restore(model.adapters)
+        except BaseException:
+            engine.close()
+            raise
+        for name, why in refused.items():
+            logger.error("model '%s' loaded again without its LoRA adapter '%s': %s", model.name, name, why)
+        return engine
 
     def adopt(self, model: ServedModel, engine: DiffusionEngine) -> None:
         """Serve ``engine``, loaded already, as ``model``."""
@@ -439,25 +398,19 @@ class ModelRegistry:
     def _keep_within_budget(self, model: ServedModel) -> None:
         """After a load whose estimate fell short: unload idle models until the measured figures fit (the model
         itself, failed, when it does not fit alone)."""
-        if not self._fits(model, []):
-            model.error = self._too_large(model)
+        if not self.room.fits(model, []):
+            model.error = self.room.too_large(model)
             self._begin_unload(model, "room")
             model.status = FAILED
             model.retry_at = float("inf")  # its size will not change: no retry
             return
-        for victim in self._least_recently_used(model)[0]:
+        for victim in self.room.least_recently_used(model, self._resident(model))[0]:
             self._begin_unload(victim, "room")
-
-    def _too_large(self, model: ServedModel) -> str:
-        sizes = ", ".join(f"{device} {size / _GIB:.2f} GiB" for device, size in model.footprint().items())
-        return (
-            f"The model '{model.name}' takes more than --memory-budget-gib {self.memory_budget_bytes / _GIB:g} "
-            f"allows on its own ({sizes})."
-        )
 
     def _begin_unload(self, model: ServedModel, reason: str) -> None:
         """Take ``model`` out of service now; its workers stop in the background (``model.closing``)."""
         front, engine = model.front, model.engine
+        model.adapters = engine.loras.served()  # loaded again with it
         model.front = model.engine = None
         model.status = UNLOADED
         if model.idle_timer is not None:

@@ -146,7 +146,8 @@ def serve(config: OmniDiffusionConfig) -> int:
             self._loop.call_soon_threadsafe(self._loop.create_task, self._drain())
 
         async def _drain(self) -> None:
-            await registry.wait_idle(config.shutdown_timeout_s)
+            if not await registry.wait_idle(config.shutdown_timeout_s):
+                registry.end_waits()  # the requests still waiting for a model load get 503, not a cut connection
             # Not super().handle_exit(): uvicorn would re-raise the signal at exit, and a drained
             # server should exit 0.
             self.should_exit = True

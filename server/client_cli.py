@@ -184,6 +184,8 @@ def _write_images(events, output: Path) -> list[tuple[Path, int]]:
             extra = event.model_extra or {}
             if kind == "progress":
                 bar.total = extra["total_steps"]
+                # Not redrawn here: the bar draws once per event, at its update.
+                bar.set_description("loading the model" if extra.get("stage") == "loading_model" else "", refresh=False)
                 bar.update(extra["step"] - bar.n)
             elif kind == "completed":
                 index = len(written)

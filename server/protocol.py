@@ -221,12 +221,14 @@ class CompletedEvent(_StreamEvent):
 
 class ProgressEvent(BaseModel):
     """``image_generation.progress`` / ``image_edit.progress`` (an extension, asked for with ``progress``):
-    the request has had ``step`` of its ``total_steps`` denoising steps."""
+    the request has had ``step`` of its ``total_steps`` denoising steps. ``stage`` ``loading_model``: it waits
+    for its model to load (``step`` 0; sent at once and then every few seconds until it has loaded)."""
 
     type: Literal["image_generation.progress", "image_edit.progress"]
     step: int
     total_steps: int
     created_at: int
+    stage: Literal["loading_model", "denoising"] = "denoising"
 
 
 class ModelCard(BaseModel):

@@ -38,7 +38,8 @@ from engine import (
 )
 from engine import EncodedImage, metrics
 from engine.batcher import QueueRoom
-from engine.models import ModelRegistry, ServedModel
+from engine.models import ModelRegistry
+from engine.residency import ServedModel
 from engine.images import encode_image, encoded_as
 from server.errors import engine_error_event
 from server.middleware import ClientDisconnected, key_digest
@@ -57,6 +58,9 @@ from server.storage import ImageStore
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# While a streaming request with progress waits for its model to load, a loading_model progress event this often.
+LOADING_EVENT_INTERVAL_S = 2.0
 
 # What the response reports for a requested quality (OpenAI answers with one of its current names).
 _EFFECTIVE_QUALITY = {"auto": "medium", "standard": "medium", "hd": "high"}
@@ -176,6 +180,12 @@ class ImageServing:
         front: AsyncDiffusionEngine | None = None
         held = False
         try:
+            if events is not None and getattr(body, "stream", False) and getattr(body, "progress", False):
+                if self.models.needs_load(model):
+                    stream = self._events_after_load(http_request, body, make_request, events, key, model)
+                    return StreamingResponse(
+                        stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+                    )
             front = await self.models.acquire(model)
             held = True
             request = make_request(**self.request_fields(body, front.engine))
@@ -214,7 +224,6 @@ class ImageServing:
         encode = partial(self._encode, engine.od_config.model_name, body.output_format, body.output_compression)
 
         if events is not None and getattr(body, "stream", False):
-            event_fields = {"output_format": body.output_format, "quality": quality or "medium", "size": size}
             items = front.stream(prepared, key)
             # Nothing is sent before the first item, so a request that fails at once (queue full, timed
             # out, pipeline error) gets its status code, as without stream.
@@ -222,7 +231,7 @@ class ImageServing:
             if isinstance(first, DiffusionOutput):
                 await items.aclose()  # the output is its last item
                 _finished(http_request, first)
-            stream = _server_sent_events(http_request, first, items, partial(_events, events, encode, event_fields))
+            stream = _server_sent_events(http_request, first, items, self._event_maker(body, prepared, events, engine))
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         output = await _cancel_on_disconnect(http_request, front.generate(prepared, key))
         _finished(http_request, output)
@@ -249,6 +258,64 @@ class ImageServing:
             return response
         return Response(_json_with_base64(response, encoded), media_type="application/json")
 
+
+    def _event_maker(
+        self, body: ImageOptions, prepared: OmniDiffusionRequest, events: str, engine: DiffusionEngine
+    ) -> Callable[[StreamItem], list[str]]:
+        """The server-sent events of each item of ``prepared``'s stream (see _events)."""
+        quality = getattr(body, "quality", None)
+        quality = _EFFECTIVE_QUALITY.get(quality, quality)
+        fields = {
+            "output_format": body.output_format, "quality": quality or "medium",
+            "size": f"{prepared.width}x{prepared.height}",
+        }
+        encode = partial(self._encode, engine.od_config.model_name, body.output_format, body.output_compression)
+        return partial(_events, events, encode, fields)
+
+    async def _events_after_load(
+        self,
+        http_request: Request,
+        body: ImageOptions,
+        make_request: Callable[..., OmniDiffusionRequest],
+        events: str,
+        key: str,
+        model: ServedModel,
+    ) -> AsyncIterator[str]:
+        """The stream of a request (with ``progress``) whose model must load first: a loading_model progress event
+        at once (the 200 goes with it) and every LOADING_EVENT_INTERVAL_S while it loads, then the request's own
+        events. Any failure after the first event (the load failed, the request does not suit the model, the
+        server shuts down) is an error event. The client leaving stops the wait (the load goes on for others)."""
+        total_steps = body.num_inference_steps or model.defaults["num_inference_steps"]
+        acquiring = asyncio.ensure_future(self.models.acquire(model))
+        front: AsyncDiffusionEngine | None = None
+        try:
+            while not acquiring.done():
+                loading = ProgressEvent(
+                    type=f"{events}.progress", step=0, total_steps=total_steps, created_at=int(time.time()),
+                    stage="loading_model",
+                )
+                yield _server_sent_event(loading)
+                await asyncio.wait({acquiring}, timeout=LOADING_EVENT_INTERVAL_S)
+            front = acquiring.result()
+            request = make_request(**self.request_fields(body, front.engine))
+            prepared = await asyncio.to_thread(front.engine.prepare, request)
+            items = front.stream(prepared, key)
+            # Starlette ends this stream when the client leaves; _server_sent_events then cancels the request.
+            first = await anext(items)
+            if isinstance(first, DiffusionOutput):
+                await items.aclose()
+                _finished(http_request, first)
+            async for event in _server_sent_events(
+                http_request, first, items, self._event_maker(body, prepared, events, front.engine)
+            ):
+                yield event
+        except EngineError as error:
+            yield _server_sent_event(engine_error_event(error))
+        finally:
+            if front is not None:
+                self.models.release(model)
+            elif not acquiring.done():
+                acquiring.cancel()  # acquire releases the model itself
 
     def _encode(
         self, model_name: str, output_format: str, compression: int | None, image, worker_file: EncodedImage | None

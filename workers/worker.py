@@ -28,7 +28,7 @@ from workers.runtime.edits import EditPipeline, edit_kwargs, edit_pipeline, refe
 from workers.runtime.encoding import ImageEncoder, encoded
 from workers.runtime.levers import Levers, apply_levers, load_device, warm_up
 from workers.runtime.lora import LoraAdapters, LoraLoadError
-from workers.runtime.memory import measure_weights
+from workers.runtime.memory import measure_weights, wait_for_room_to_load
 from workers.runtime.pipelines import native_size, resolve_device, resolve_dtype, size_multiple, task_pipelines
 from workers.runtime.quantization import QuantizationPlan
 from workers.runtime.rank_group import (
@@ -115,6 +115,7 @@ class WorkerWrapperBase:
             check_context_parallel(config, self.device)
         # Decided (and refused) before minutes of loading, like imagegen.json.
         self.quantization = QuantizationPlan.for_config(config, self.device, self.dtype)
+        wait_for_room_to_load(config, self.device)  # a model unloaded for this one may still be handing it back
         pipeline = self.quantization.load(config, self.dtype, load_device(config, self.device))
         pipeline.set_progress_bar_config(disable=True)
         self.rank_group, self._cfg_hooks = form_rank_group(pipeline, config, self.rank, self.device)

@@ -51,8 +51,11 @@ async def unload_lora_adapter(
     if (refusal := admin_refusal(http_request)) is not None:
         return refusal
     model = registry.adapter_owner(body.lora_name)
-    if model is None or model.engine is None:  # a model not loaded holds no adapter
+    if model is None:
         raise registry.not_found(body.lora_name)
+    if model.engine is None and model.loading is None:  # not loaded: only its next load would bring it back
+        registry.forget_adapter(model, body.lora_name)
+        return UnloadedModel(id=body.lora_name)
     async with registry.use(model) as front:
         await front.unload_lora_adapter(body.lora_name)
     return UnloadedModel(id=body.lora_name)

@@ -7,7 +7,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from engine.models import ModelRegistry, ServedModel
+from engine.models import ModelRegistry
+from engine.residency import ServedModel
 from server.errors import ERROR_RESPONSES
 from server.middleware import KeyRing, unauthorized
 from server.protocol import ModelCard, ModelList, UnloadedModel
@@ -61,8 +62,7 @@ def lora_card(base: ModelCard, name: str, path: str) -> ModelCard:
 
 def _adapter_cards(http_request: Request, model: ServedModel) -> list[ModelCard]:
     base = model_card(http_request, model)
-    adapters = model.engine.loras.served() if model.engine is not None else model.config.lora_adapters
-    return [base, *(lora_card(base, adapter.name, adapter.path) for adapter in adapters)]
+    return [base, *(lora_card(base, adapter.name, adapter.path) for adapter in model.served_adapters())]
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)

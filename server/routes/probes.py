@@ -9,7 +9,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine import EngineDeadError
-from engine.models import FAILED, ModelRegistry
+from engine.models import ModelRegistry
+from engine.residency import FAILED
 from server.errors import engine_error_response
 from server.routes import served_models
 

@@ -251,7 +251,8 @@ class Batch {
       if (kind === "progress") {
         $("progress").max = event.total_steps;
         $("progress").value = event.step;
-        setStatus(`Step ${event.step} of ${event.total_steps}`);
+        const loading = event.stage === "loading_model";
+        setStatus(loading ? "Loading the model…" : `Step ${event.step} of ${event.total_steps}`);
       } else if (kind === "partial_image") {
         // With n images, each partial image index comes once per image, in image order.
         const seen = this.partialsSeen[event.partial_image_index] ?? 0;

@@ -4,6 +4,7 @@ one is never unloaded, and one that cannot load fails alone. Real servers, real 
 
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -273,3 +274,72 @@ def test_requests_for_two_loaded_models_run_side_by_side(lru_server):
     finally:
         running.close()
         client.close()
+
+
+def admin_post(server: ServerProcess, path: str, **body) -> httpx.Response:
+    return httpx.post(
+        f"{server.base_url}{path}", json=body or None, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def lora_server(model_cache, tmp_path_factory):
+    """tiny (preloaded) and tiny-flux, with run-time LoRA adapters from a folder holding one for tiny."""
+    from lora_adapters import make_lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    make_lora(folder / "sharp", model_cache, seed=1)
+    server = ServerProcess(
+        "--model", "tiny", "tiny-flux", "--allow-runtime-lora", "--lora-dir", str(folder),
+        env={"IMAGEGEN_ADMIN_API_KEY": ADMIN_KEY},
+    )
+    server.lora_path = str(folder / "sharp")
+    yield server
+    server.stop()
+
+
+def test_a_run_time_lora_adapter_comes_back_when_its_model_loads_again(lora_server):
+    loaded_adapter = admin_post(
+        lora_server, "/v1/load_lora_adapter", lora_name="sharp", lora_path=lora_server.lora_path, model="tiny"
+    )
+    assert loaded_adapter.status_code == 200, loaded_adapter.text
+    with_adapter = generate(lora_server, "sharp")
+    assert (with_adapter != generate(lora_server, "tiny")).any()  # the adapter changes the pixels
+
+    assert admin_post(lora_server, "/v1/models/tiny/unload").status_code == 200
+    assert statuses(lora_server)["tiny"] == "unloaded"
+    cards = httpx.get(f"{lora_server.base_url}/v1/models", timeout=30).json()["data"]
+    assert {"id": "sharp", "parent": "tiny"}.items() <= next(c for c in cards if c["id"] == "sharp").items()
+
+    # A request naming the adapter loads its model again, adapter and all: the same computation, the same pixels.
+    assert (generate(lora_server, "sharp") == with_adapter).all()
+    assert statuses(lora_server)["tiny"] == "loaded"
+
+    # An adapter unloaded while its model is not loaded stays out of its next load.
+    assert admin_post(lora_server, "/v1/models/tiny/unload").status_code == 200
+    assert admin_post(lora_server, "/v1/unload_lora_adapter", lora_name="sharp").status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client_of(lora_server).images.generate(model="sharp", **REQUEST)
+    generate(lora_server, "tiny")
+    assert "sharp" not in {c["id"] for c in httpx.get(f"{lora_server.base_url}/v1/models", timeout=30).json()["data"]}
+
+
+def test_a_streaming_request_sees_loading_progress_events_while_its_model_loads(lora_server):
+    if statuses(lora_server)["tiny-flux"] != "unloaded":
+        assert admin_post(lora_server, "/v1/models/tiny-flux/unload").status_code == 200
+    body = {"prompt": "a red fox", "size": "64x64", "model": "tiny-flux", "num_inference_steps": 2, "stream": True,
+            "progress": True}
+    with httpx.stream("POST", f"{lora_server.base_url}/v1/images/generations", json=body, timeout=300) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    events = [json.loads(line.removeprefix("data: ")) for line in lines]
+    kinds = [(event["type"], event.get("stage"), event.get("step")) for event in events]
+    loading = [kind for kind in kinds if kind[1] == "loading_model"]
+    assert loading and kinds[: len(loading)] == loading  # first, before any step
+    assert set(loading) == {("image_generation.progress", "loading_model", 0)}
+    assert [kind for kind in kinds if kind[1] == "denoising"] == [
+        ("image_generation.progress", "denoising", 1), ("image_generation.progress", "denoising", 2)
+    ]
+    assert kinds[-1][0] == "image_generation.completed"
+    assert decode(events[-1]["b64_json"]).shape == (64, 64, 3)
+    assert statuses(lora_server)["tiny-flux"] == "loaded"

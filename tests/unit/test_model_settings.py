@@ -120,3 +120,47 @@ def test_the_memory_of_an_int8_module_is_its_inner_tensors_and_the_meta_estimate
     measured = measure_weights(pipeline, torch.device("cpu"))["memory_bytes"]["cpu"]
     assert estimate_pipeline_bytes(DEMO_MODEL_PATH, torch.float32) == measured
     assert estimate_pipeline_bytes(DEMO_MODEL_PATH, torch.bfloat16) < measured * 0.6
+
+
+class DriverFreeBytes:
+    """Stands in for torch.cuda.mem_get_info (no GPU here: the CUDA boundary is the one thing mocked): the free
+    bytes the driver reports on each call, the last repeated."""
+
+    def __init__(self, *free_bytes: int):
+        self.free_bytes = list(free_bytes)
+        self.calls = 0
+
+    def __call__(self, device) -> tuple[int, int]:
+        assert torch.device(device).type == "cuda"
+        free = self.free_bytes[min(self.calls, len(self.free_bytes) - 1)]
+        self.calls += 1
+        return free, 80 * 2**30
+
+
+def test_a_cuda_load_waits_until_the_driver_reports_the_models_room_back(monkeypatch):
+    from workers.runtime.memory import estimate_model_bytes, wait_for_room_to_load
+
+    config = OmniDiffusionConfig(model="demo", device="cpu")  # the dtype the estimate counts in: float32
+    needed = estimate_model_bytes(config)
+    # The workers of the model unloaded for this one have exited; the driver hands their memory back.
+    driver = DriverFreeBytes(needed // 4, needed - 1, needed)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", driver)
+    wait_for_room_to_load(config, torch.device("cuda", 0), timeout_s=60)
+    assert driver.calls == 3  # returned as soon as the room was there, not before
+
+
+def test_a_cuda_load_waits_for_room_a_bounded_time_then_goes_ahead_and_says_why(monkeypatch, caplog):
+    from workers.runtime.memory import wait_for_room_to_load
+
+    config = OmniDiffusionConfig(model="demo", device="cpu")
+    driver = DriverFreeBytes(2**20)  # never enough: another process holds the device
+    monkeypatch.setattr(torch.cuda, "mem_get_info", driver)
+    with caplog.at_level("WARNING", logger="workers.runtime.memory"):
+        wait_for_room_to_load(config, torch.device("cuda", 0), timeout_s=0.3)
+    assert driver.calls >= 2
+    assert "loading anyway" in caplog.text
+    # Nothing to wait for on the CPU, nor where the estimate does not hold (quantized weights).
+    driver.calls = 0
+    wait_for_room_to_load(config, torch.device("cpu"), timeout_s=60)
+    wait_for_room_to_load(config.model_copy(update={"quantization": "int8wo"}), torch.device("cuda", 0), timeout_s=60)
+    assert driver.calls == 0

@@ -5,16 +5,26 @@ On CUDA a loaded pipeline takes ``torch.cuda.memory_allocated`` on its device (w
 warm-up call, ``max_memory_allocated``: its weights sit on the CPU between calls); on the CPU, the storage
 bytes of its parameters and buffers. A tensor subclass (torchao's quantized tensors) counts the inner tensors
 it holds (``__tensor_flatten__``), never its logical size. See docs/models.md.
+
+Before a CUDA rank loads, ``wait_for_room_to_load`` waits (a bounded poll) until its device has the room the
+model will take: the memory of a model the server unloaded to make room comes back once its workers have exited.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+logger = logging.getLogger(__name__)
+
+# The longest a CUDA rank waits for its device's room before loading anyway (then CUDA's out-of-memory error,
+# if the room never came, says why the load failed).
+DEVICE_ROOM_WAIT_S = 30.0
 
 def tensor_bytes(tensor: torch.Tensor, seen: set[int]) -> int:
     """Storage bytes of ``tensor`` not counted yet (``seen`` holds storages counted). A tensor subclass
@@ -119,3 +129,33 @@ def estimate_model_bytes(od_config) -> int | None:
         return None
     dtype = resolve_dtype(od_config.dtype, resolve_device(od_config.device, od_config.device_index(0)))
     return estimate_pipeline_bytes(folder, dtype)
+
+
+def wait_for_device_room(device: torch.device, needed_bytes: int, timeout_s: float, interval_s: float = 0.1) -> bool:
+    """Poll ``torch.cuda.mem_get_info(device)`` (the driver's free bytes, other processes' use counted) until
+    ``needed_bytes`` are free, for at most ``timeout_s``; True once they are, False when the deadline passed."""
+    deadline = time.monotonic() + timeout_s
+    while torch.cuda.mem_get_info(device)[0] < needed_bytes:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval_s)
+    return True
+
+
+def wait_for_room_to_load(od_config, device: torch.device, timeout_s: float = DEVICE_ROOM_WAIT_S) -> None:
+    """On CUDA, before a rank loads its model: wait until ``device`` has the bytes the model will take (its
+    meta-device estimate), so that a load right after another model's unload starts once that memory is back,
+    never after a fixed sleep. Past ``timeout_s`` it logs why and lets the load go ahead. Nothing to wait for on
+    the CPU (the server waits for the unloaded workers to exit), with --offload or --quantization (the
+    estimate counts unquantized weights on the device), or without an estimate."""
+    if device.type != "cuda" or od_config.offload != "none" or od_config.quantization != "none":
+        return
+    needed = estimate_model_bytes(od_config)
+    if not needed:
+        return
+    if not wait_for_device_room(device, needed, timeout_s):
+        free, total = torch.cuda.mem_get_info(device)
+        logger.warning(
+            "%s has %.2f GiB free of %.2f GiB after %gs; the model's weights take about %.2f GiB: loading anyway",
+            device, free / 2**30, total / 2**30, timeout_s, needed / 2**30,
+        )
