@@ -291,7 +291,6 @@ class ModelRegistry:
                 raise NoRoomError(self.room.too_large(model))
             victims, fits = self.room.least_recently_used(model, self._resident(model))
             if not fits:  # what would have to go has users
-
                 timeout_s = self.server_config.request_timeout_s
                 room_deadline = room_deadline or time.monotonic() + timeout_s
                 remaining = room_deadline - time.monotonic()

@@ -258,7 +258,6 @@ class ImageServing:
             return response
         return Response(_json_with_base64(response, encoded), media_type="application/json")
 
-
     def _event_maker(
         self, body: ImageOptions, prepared: OmniDiffusionRequest, events: str, engine: DiffusionEngine
     ) -> Callable[[StreamItem], list[str]]:
