@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import typing
 from typing import Any
@@ -152,8 +153,34 @@ def serve(config: OmniDiffusionConfig) -> int:
             self.should_exit = True
 
         async def serve(self, sockets: Any = None) -> None:
+            self._exit_requested = asyncio.Event()
             self._loop = asyncio.get_running_loop()
             await super().serve(sockets)
+
+        # uvicorn's own main loop wakes every 100 ms to look at should_exit (and each 10th time refreshes the Date
+        # header): about 2 ms of the server's CPU per second while it waits, i.e. per image, ~80 ms of a 1024x1024
+        # image that takes 40 s on CPU (docs/benchmarks.md, "Server CPU per image"). This one wakes once a second
+        # for the Date header, and at once when should_exit is set: by a signal, the drain or a monitor thread.
+        @property
+        def should_exit(self) -> bool:
+            return self._should_exit
+
+        @should_exit.setter
+        def should_exit(self, value: bool) -> None:
+            self._should_exit = value
+            loop = getattr(self, "_loop", None)
+            if value and loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._exit_requested.set)
+
+        async def main_loop(self) -> None:
+            counter = 0
+            while True:
+                self._exit_requested.clear()
+                if await self.on_tick(counter):
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._exit_requested.wait(), 1.0)
+                counter = (counter + 10) % 864000  # on_tick refreshes the Date header when counter % 10 == 0
 
     server = Server(
         uvicorn.Config(
@@ -167,7 +194,7 @@ def serve(config: OmniDiffusionConfig) -> int:
             timeout_graceful_shutdown=config.shutdown_timeout_s,
         )
     )
-    # uvicorn's loop polls should_exit, so setting it from a worker-monitor thread is safe.
+    # Setting should_exit from a worker-monitor thread wakes the main loop (Server.should_exit).
     registry.fatal_listeners.append(lambda reason: setattr(server, "should_exit", True))
     try:
         server.run()
