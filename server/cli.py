@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
 import typing
 from typing import Any
@@ -153,8 +152,8 @@ def serve(config: OmniDiffusionConfig) -> int:
             self.should_exit = True
 
         async def serve(self, sockets: Any = None) -> None:
-            self._exit_requested = asyncio.Event()
             self._loop = asyncio.get_running_loop()
+            self._wake = self._loop.create_future()
             await super().serve(sockets)
 
         # uvicorn's own main loop wakes every 100 ms to look at should_exit (and each 10th time refreshes the Date
@@ -170,16 +169,15 @@ def serve(config: OmniDiffusionConfig) -> int:
             self._should_exit = value
             loop = getattr(self, "_loop", None)
             if value and loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(self._exit_requested.set)
+                loop.call_soon_threadsafe(lambda: self._wake.done() or self._wake.set_result(None))
 
         async def main_loop(self) -> None:
             counter = 0
-            while True:
-                self._exit_requested.clear()
-                if await self.on_tick(counter):
-                    return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._exit_requested.wait(), 1.0)
+            while not await self.on_tick(counter):
+                self._wake = self._loop.create_future()
+                timer = self._loop.call_later(1.0, lambda wake=self._wake: wake.done() or wake.set_result(None))
+                await self._wake
+                timer.cancel()
                 counter = (counter + 10) % 864000  # on_tick refreshes the Date header when counter % 10 == 0
 
     server = Server(
