@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import sys
 import typing
+from email.utils import formatdate
 from typing import Any
 
 from pydantic import ValidationError
@@ -156,10 +157,10 @@ def serve(config: OmniDiffusionConfig) -> int:
             self._wake = self._loop.create_future()
             await super().serve(sockets)
 
-        # uvicorn's own main loop wakes every 100 ms to look at should_exit (and each 10th time refreshes the Date
-        # header): about 2 ms of the server's CPU per second while it waits, i.e. per image, ~80 ms of a 1024x1024
-        # image that takes 40 s on CPU (docs/benchmarks.md, "Server CPU per image"). This one wakes once a second
-        # for the Date header, and at once when should_exit is set: by a signal, the drain or a monitor thread.
+        # uvicorn's own main loop wakes every 100 ms to look at should_exit and, each second, to refresh the Date
+        # header: ~2 ms of the server's CPU per second while it waits, ~80 ms of each 1024x1024 image that takes 40 s
+        # on CPU (docs/benchmarks.md, "Server CPU per image"). This one sleeps until should_exit is set (by a signal,
+        # the drain or a monitor thread), and each response gets its Date as it starts (_with_date_header).
         @property
         def should_exit(self) -> bool:
             return self._should_exit
@@ -172,17 +173,14 @@ def serve(config: OmniDiffusionConfig) -> int:
                 loop.call_soon_threadsafe(lambda: self._wake.done() or self._wake.set_result(None))
 
         async def main_loop(self) -> None:
-            counter = 0
-            while not await self.on_tick(counter):
+            while not await self.on_tick(0):
                 self._wake = self._loop.create_future()
-                timer = self._loop.call_later(1.0, lambda wake=self._wake: wake.done() or wake.set_result(None))
                 await self._wake
-                timer.cancel()
-                counter = (counter + 10) % 864000  # on_tick refreshes the Date header when counter % 10 == 0
 
     server = Server(
         uvicorn.Config(
-            app,
+            _with_date_header(app),
+            date_header=False,  # _with_date_header's instead
             host=config.host,
             port=config.port,
             log_level="info",
@@ -202,6 +200,26 @@ def serve(config: OmniDiffusionConfig) -> int:
         print(f"imagegen: exiting: {registry.fatal_error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _with_date_header(app: Any) -> Any:
+    """``app`` with a Date header (RFC 9110) on each response, of the moment the response starts: in place of
+    uvicorn's, which its main loop refreshes every second, awake or idle."""
+
+    async def dated(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_dated(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                date = (b"date", formatdate(usegmt=True).encode())
+                message = {**message, "headers": [*message.get("headers", ()), date]}
+            await send(message)
+
+        await app(scope, receive, send_dated)
+
+    return dated
 
 
 if __name__ == "__main__":
