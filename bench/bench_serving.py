@@ -19,11 +19,12 @@ short and of the long requests and images/s, and step mode's ratios against the 
     python bench/bench_serving.py --workload uniform --size 256 --requests-per-client 2
 
 --workload pixels measures what serving costs the CPU per image once the pixels exist (issue 27): `imagegen
-serve` (backend mp) at 1 and then 4 clients, 1 denoising step, large images. From /proc it reads the CPU seconds
-of the server process and of its worker processes over each load, and the server's idle CPU rate over a window
-before the load, and reports the server's CPU per image raw and with idle rate x elapsed subtracted, the
-workers' CPU per image and the p50. Its baseline row is the raw pipeline plus one Pillow PNG write (level 1) in
-one process. --imagegen-root runs the server of another checkout (e.g. main) with this bench, for before/after.
+serve` (backend mp) at 1 and then 4 clients (--pixels-clients), 1 denoising step, large images. From /proc it reads
+the CPU seconds of the server process and of its worker processes over each load, and the server's idle CPU rate
+(per thread, to the ns) over a window before the load, and reports the server's CPU per image raw and with idle rate
+x elapsed subtracted, the workers' CPU per image and the p50. Its baseline row is the raw pipeline plus one Pillow
+PNG write (level 1) in one process. --imagegen-root runs the server of another checkout (e.g. main) with this bench,
+for before/after.
 
     python bench/bench_serving.py --workload pixels --model demo --size 1024 --steps 1
 """
@@ -426,7 +427,6 @@ def print_workload(args, rows: list[dict], ratios: list[dict]) -> None:
 
 
 # -- what serving costs the CPU per image (issue 27) ------------------------------------------------
-PIXELS_CLIENTS = (1, 4)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -497,7 +497,7 @@ def bench_pixels_server(args, logs: Path) -> list[dict]:
         time.sleep(args.idle_window_s)  # a measurement window, not synchronisation
         idle_rate = (thread_cpu_seconds(process.pid) - idle_cpu) / (time.perf_counter() - idle_started)
         rows = []
-        for clients in PIXELS_CLIENTS:
+        for clients in args.pixels_clients:
             per_client = args.pixels_requests if clients == 1 else max(1, args.pixels_requests // clients)
             server_before, workers_before = cpu_seconds(process.pid), sum(map(cpu_seconds, workers))
             elapsed, latencies = pixels_request(port, args, clients, per_client)
@@ -608,6 +608,8 @@ def main() -> None:
                         "image of the server and its workers (see above)")
     parser.add_argument("--pixels-requests", type=int, default=4,
                         help="pixels: requests of the 1-client load (the 4-client load sends as many in all)")
+    parser.add_argument("--pixels-clients", type=lambda text: [int(n) for n in text.split(",")], default=[1, 4],
+                        help="pixels: the client counts of the loads, one after another (default 1,4)")
     parser.add_argument("--idle-window-s", type=float, default=10, help="pixels: the server's idle CPU window")
     parser.add_argument("--skip-baseline", action="store_true", help="pixels: without the raw pipeline row")
     parser.add_argument("--skip-imagegen", action="store_true", help="pixels: the raw pipeline row only")
