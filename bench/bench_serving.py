@@ -19,11 +19,12 @@ short and of the long requests and images/s, and step mode's ratios against the 
     python bench/bench_serving.py --workload uniform --size 256 --requests-per-client 2
 
 --workload pixels measures what serving costs the CPU per image once the pixels exist (issue 27): `imagegen
-serve` (backend mp) at 1 and then 4 clients, 1 denoising step, large images. From /proc it reads the CPU seconds
-of the server process and of its worker processes over each load, and the server's idle CPU rate over a window
-before the load, and reports the server's CPU per image raw and with idle rate x elapsed subtracted, the
-workers' CPU per image and the p50. Its baseline row is the raw pipeline plus one Pillow PNG write (level 1) in
-one process. --imagegen-root runs the server of another checkout (e.g. main) with this bench, for before/after.
+serve` (backend mp) at 1 and then 4 clients (--pixels-clients), 1 denoising step, large images. From /proc it reads
+the CPU seconds of the server process and of its worker processes over each load, and the server's idle CPU rate
+(per thread, to the ns) over a window before the load, and reports the server's CPU per image raw and with idle rate
+x elapsed subtracted, the workers' CPU per image and the p50. Its baseline row is the raw pipeline plus one Pillow
+PNG write (level 1) in one process. --imagegen-root runs the server of another checkout (e.g. main) with this bench,
+for before/after.
 
     python bench/bench_serving.py --workload pixels --model demo --size 1024 --steps 1
 
@@ -432,7 +433,6 @@ def print_workload(args, rows: list[dict], ratios: list[dict]) -> None:
 
 
 # -- what serving costs the CPU per image (issue 27) ------------------------------------------------
-PIXELS_CLIENTS = (1, 4)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -442,6 +442,17 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pid: int) -> float:
+    """CPU seconds of the threads of ``pid`` alive now, to the nanosecond (/proc/<pid>/task/*/schedstat). Over a
+    window in which no thread ends (the idle window) it is exact where /proc/<pid>/stat counts 10 ms ticks, which
+    over a 10 s window is +-1 ms per s, and the idle rate is multiplied by a load's tens of seconds."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def children_of(pid: int) -> list[int]:
@@ -488,11 +499,11 @@ def bench_pixels_server(args, logs: Path) -> list[dict]:
         workers = children_of(process.pid)
         pixels_request(port, args, 1, 1)  # warm-up
         # The server's own CPU while nothing is asked of it (its event loop, metrics, health threads).
-        idle_started, idle_cpu = time.perf_counter(), cpu_seconds(process.pid)
+        idle_started, idle_cpu = time.perf_counter(), thread_cpu_seconds(process.pid)
         time.sleep(args.idle_window_s)  # a measurement window, not synchronisation
-        idle_rate = (cpu_seconds(process.pid) - idle_cpu) / (time.perf_counter() - idle_started)
+        idle_rate = (thread_cpu_seconds(process.pid) - idle_cpu) / (time.perf_counter() - idle_started)
         rows = []
-        for clients in PIXELS_CLIENTS:
+        for clients in args.pixels_clients:
             per_client = args.pixels_requests if clients == 1 else max(1, args.pixels_requests // clients)
             server_before, workers_before = cpu_seconds(process.pid), sum(map(cpu_seconds, workers))
             elapsed, latencies = pixels_request(port, args, clients, per_client)
@@ -608,6 +619,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="models: interleaved rounds (medians reported)")
     parser.add_argument("--pixels-requests", type=int, default=4,
                         help="pixels: requests of the 1-client load (the 4-client load sends as many in all)")
+    parser.add_argument("--pixels-clients", type=lambda text: [int(n) for n in text.split(",")], default=[1, 4],
+                        help="pixels: the client counts of the loads, one after another (default 1,4)")
     parser.add_argument("--idle-window-s", type=float, default=10, help="pixels: the server's idle CPU window")
     parser.add_argument("--skip-baseline", action="store_true", help="pixels: without the raw pipeline row")
     parser.add_argument("--skip-imagegen", action="store_true", help="pixels: the raw pipeline row only")

@@ -72,7 +72,8 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--batch-timeout-ms", type=float, default=5.0, help="imagegen's default batch_timeout_ms")
+    parser.add_argument("--batch-timeout-ms", type=float, default=5.0,
+                        help="LitServe's batch window (imagegen's batch_timeout_ms was 5 until 0 became its default)")
     args = parser.parse_args()
 
     api = ImagesAPI(args.model, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout_ms / 1000,

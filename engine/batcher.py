@@ -60,8 +60,9 @@ class AsyncDiffusionEngine:
     """Queues requests and runs them in steps of up to ``max_batch_size`` images per worker.
 
     With the workers idle, a step leaves when it is full or when its oldest request has waited
-    ``batch_timeout_ms``; while a step runs, the next leaves only when full or when the running
-    step ends. A step holds only requests that can share pipeline calls (same size, steps, ...).
+    ``batch_timeout_ms`` (0 by default: at once, so one request alone waits for nobody); while a step runs,
+    the next leaves only when full or when the running step ends. A step holds only requests that can share
+    pipeline calls (same size, steps, ...).
     ``step()`` runs in a thread, so the event loop never blocks on generation. With ``--scheduling
     step`` (engine.scheduling) each request is a step of its own, sent as soon as the rank groups' running
     sets have room for its images (``max_batch_size`` each; a larger request goes when nothing else is

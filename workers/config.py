@@ -156,7 +156,12 @@ class OmniDiffusionConfig(BaseSettings):
         "auto", description="auto is bfloat16 on cuda and float32 on cpu"
     )
     max_batch_size: int = Field(8, ge=1, description="most images one worker generates in one step")
-    batch_timeout_ms: float = Field(5.0, ge=0, description="how long a step waits to fill its batch")
+    batch_timeout_ms: float = Field(
+        0.0,
+        ge=0,
+        description="how long a step waits to fill its batch while the workers are idle; 0: it leaves at once (a lone "
+        "request waits for nobody; requests that arrive while a step runs still fill the next)",
+    )
     scheduling: Literal["request", "step"] = Field(
         "request",
         description="request: a step is whole generations; step: requests join and leave a worker's running set "
