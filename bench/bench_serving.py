@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -138,11 +139,13 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def load(port: int, size: int, plan: list[list[int]]) -> tuple[float, dict[int, list[float]]]:
+def load(
+    port: int, size: int, plan: list[list[int]], after_warm_up: Callable[[], None] = lambda: None
+) -> tuple[float, dict[int, list[float]]]:
     """One client thread per entry of ``plan``, each sending its requests' step counts one after another.
 
     Returns the seconds all clients took and the latencies by step count. The last client's
-    requests run alone first, as a warm-up.
+    requests run alone first, as a warm-up; ``after_warm_up()`` runs once it is over.
     """
     url = f"http://127.0.0.1:{port}/v1/images/generations"
     latencies: dict[int, list[float]] = {steps: [] for steps in set().union(*plan)}
@@ -163,6 +166,7 @@ def load(port: int, size: int, plan: list[list[int]]) -> tuple[float, dict[int, 
     client(-1)  # warm-up
     for samples in latencies.values():
         samples.clear()
+    after_warm_up()
     started = time.perf_counter()
     with ThreadPoolExecutor(len(plan)) as pool:
         list(pool.map(client, range(len(plan))))
@@ -181,7 +185,7 @@ def bench_server(name: str, command: list[str], port: int, args, logs: Path) -> 
     process = start(command, port, logs / f"{name.replace(' ', '-')}.log", cwd=cwd)
     try:
         if args.workload != "single":
-            return [workload_load(name, port, args)]
+            return [workload_load(name, port, args, process.pid)]
         return [
             single_load(name, port, args, 1, args.single_requests),
             single_load(name, port, args, 16, args.requests_per_client),
@@ -358,7 +362,7 @@ def add_ratios(results: list[dict]) -> None:
 SHORT_STEPS, LONG_STEPS, SHORT_SHARE = 4, 40, 0.8
 WORKLOAD_CLIENTS = 16
 WORKLOAD_COLUMNS = {"images_per_s": "images/s", "short_p50_ms": "short p50", "short_p99_ms": "short p99",
-                    "long_p50_ms": "long p50", "long_p99_ms": "long p99"}
+                    "long_p50_ms": "long p50", "long_p99_ms": "long p99", "cpu_ms_per_image": "CPU ms/img"}
 
 
 def workload_plan(args) -> list[list[int]]:
@@ -372,10 +376,17 @@ def workload_plan(args) -> list[list[int]]:
     ]
 
 
-def workload_load(name: str, port: int, args) -> dict:
+def workload_load(name: str, port: int, args, pid: int) -> dict:
+    """The workload's row for the server ``pid``: images/s, latencies, and the CPU seconds per image that the
+    server and its workers spent together (from /proc; on a machine shared with other work, a steadier
+    figure of the per-request overhead than images/s, which moves with the CPU share the server gets)."""
     plan = workload_plan(args)
-    elapsed, latencies = load(port, args.size, plan)
-    row = {"name": name, "images_per_s": sum(map(len, plan)) / elapsed}
+    processes = [pid, *children_of(pid)]
+    cpu_before: list[float] = []
+    elapsed, latencies = load(port, args.size, plan, lambda: cpu_before.append(sum(map(cpu_seconds, processes))))
+    images = sum(map(len, plan))
+    cpu_per_image = (sum(map(cpu_seconds, processes)) - cpu_before[0]) / images
+    row = {"name": name, "images_per_s": images / elapsed, "cpu_ms_per_image": 1000 * cpu_per_image}
     for steps, kind in ((SHORT_STEPS, "short"), (LONG_STEPS, "long")):
         if latencies.get(steps):
             row[f"{kind}_p50_ms"], row[f"{kind}_p99_ms"] = p50_p99_ms(latencies[steps])
