@@ -362,7 +362,8 @@ def add_ratios(results: list[dict]) -> None:
 SHORT_STEPS, LONG_STEPS, SHORT_SHARE = 4, 40, 0.8
 WORKLOAD_CLIENTS = 16
 WORKLOAD_COLUMNS = {"images_per_s": "images/s", "short_p50_ms": "short p50", "short_p99_ms": "short p99",
-                    "long_p50_ms": "long p50", "long_p99_ms": "long p99", "cpu_ms_per_image": "CPU ms/img"}
+                    "long_p50_ms": "long p50", "long_p99_ms": "long p99", "server_cpu_ms_per_image": "server CPU",
+                    "workers_cpu_ms_per_image": "worker CPU"}
 
 
 def workload_plan(args) -> list[list[int]]:
@@ -377,16 +378,25 @@ def workload_plan(args) -> list[list[int]]:
 
 
 def workload_load(name: str, port: int, args, pid: int) -> dict:
-    """The workload's row for the server ``pid``: images/s, latencies, and the CPU seconds per image that the
-    server and its workers spent together (from /proc; on a machine shared with other work, a steadier
-    figure of the per-request overhead than images/s, which moves with the CPU share the server gets)."""
+    """The workload's row for the server ``pid``: images/s, latencies, and the CPU seconds per image of the
+    server and of its workers (from /proc; on a machine shared with other work, a steadier figure of the
+    per-request overhead than images/s, which moves with the CPU share the server gets)."""
     plan = workload_plan(args)
-    processes = [pid, *children_of(pid)]
-    cpu_before: list[float] = []
-    elapsed, latencies = load(port, args.size, plan, lambda: cpu_before.append(sum(map(cpu_seconds, processes))))
+    workers = children_of(pid)
+    cpu_before: list[tuple[float, float]] = []
+
+    def cpu_now() -> tuple[float, float]:
+        return cpu_seconds(pid), sum(map(cpu_seconds, workers))
+
+    elapsed, latencies = load(port, args.size, plan, lambda: cpu_before.append(cpu_now()))
     images = sum(map(len, plan))
-    cpu_per_image = (sum(map(cpu_seconds, processes)) - cpu_before[0]) / images
-    row = {"name": name, "images_per_s": images / elapsed, "cpu_ms_per_image": 1000 * cpu_per_image}
+    (server_before, workers_before), (server_after, workers_after) = cpu_before[0], cpu_now()
+    row = {
+        "name": name,
+        "images_per_s": images / elapsed,
+        "server_cpu_ms_per_image": 1000 * (server_after - server_before) / images,
+        "workers_cpu_ms_per_image": 1000 * (workers_after - workers_before) / images,
+    }
     for steps, kind in ((SHORT_STEPS, "short"), (LONG_STEPS, "long")):
         if latencies.get(steps):
             row[f"{kind}_p50_ms"], row[f"{kind}_p99_ms"] = p50_p99_ms(latencies[steps])
@@ -427,7 +437,7 @@ def print_workload(args, rows: list[dict], ratios: list[dict]) -> None:
     print(f"workload={args.workload} clients={WORKLOAD_CLIENTS} requests={sum(map(len, plan))} ({long} of "
           f"{LONG_STEPS} steps, the rest {SHORT_STEPS}) max batch {args.max_batch_size}")
     columns = [column for column in WORKLOAD_COLUMNS if any(column in row for row in rows)]
-    print(f"{'':20}" + "".join(f"{WORKLOAD_COLUMNS[column]:>11}" for column in columns) + "   (p50, p99: ms)")
+    print(f"{'':20}" + "".join(f"{WORKLOAD_COLUMNS[column]:>11}" for column in columns) + "   (p50, p99: ms; CPU: ms per image)")
     for row in rows:
         print(f"{row['name']:20}" + "".join(f"{row[column]:11.1f}" if column in row else f"{'':11}"
                                             for column in columns))

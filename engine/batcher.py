@@ -21,11 +21,9 @@ logger = logging.getLogger(__name__)
 
 # Steps in flight at once. A second step is sent only when it is full, so it waits at the workers
 # while the first runs and they never idle between steps; a partial batch waits for the first to end.
-# In step mode each step is one request, sent while the rank groups have room for it: up to twice what their
-# running sets take in one iteration (config.step_mode_room; a larger request goes alone). The second half waits
-# at the workers, so a request that leaves a running set is replaced at the next iteration rather than after a
-# round trip through the engine (at 64x64 that round trip cost ~17% of step mode's images/s); the fair queue
-# still decides everything beyond it.
+# In step mode each step is one request, sent while the rank groups have room for it: up to what their running
+# sets take in one iteration (max_batch_size images each; a larger request goes alone), so that the fair queue,
+# not the workers' own queues, decides whose request runs next.
 PIPELINE_DEPTH = 2
 # While a worker restarts, how often the scheduler looks whether the engine is ready again.
 _READINESS_POLL_S = 0.1
@@ -65,10 +63,9 @@ class AsyncDiffusionEngine:
     ``batch_timeout_ms``; while a step runs, the next leaves only when full or when the running
     step ends. A step holds only requests that can share pipeline calls (same size, steps, ...).
     ``step()`` runs in a thread, so the event loop never blocks on generation. With ``--scheduling
-    step`` (engine.scheduling) each request is a step of its own, sent as soon as the rank groups have room
-    for its images (twice ``max_batch_size`` each, config.step_mode_room: one running set and the requests
-    that replace those leaving it; a larger request goes when nothing else is in flight): they batch them
-    at every denoising step, and each returns when it is done.
+    step`` (engine.scheduling) each request is a step of its own, sent as soon as the rank groups' running
+    sets have room for its images (``max_batch_size`` each; a larger request goes when nothing else is
+    in flight): they batch them at every denoising step, and each returns when it is done.
 
     Fair share: each request comes with a key (who sent it; the server decides), and the queue
     (engine.fair_queue.FairQueue) serves the keys in turn, each in arrival order; a step still fills up
@@ -93,7 +90,6 @@ class AsyncDiffusionEngine:
         self._images_in_flight = 0  # images of the steps sent and not answered yet
         self._step_mode = engine.scheduling == "step"
         depth = config.step_mode_room * config.num_rank_groups if self._step_mode else PIPELINE_DEPTH
-        self._step_mode_room = config.step_mode_room * config.num_rank_groups  # images sent and not answered
         self._max_queue_size = config.max_queue_size
         self._max_images_per_key = config.queued_images_per_key
         self._request_timeout_s = config.request_timeout_s
@@ -318,8 +314,8 @@ class AsyncDiffusionEngine:
                 pass
 
     def _room_for_next_request(self) -> bool:
-        """Step mode: whether the rank groups have room (config.step_mode_room) for the request whose turn it is."""
-        return not self._images_in_flight or self._images_in_flight + self._queue.peek().images <= self._step_mode_room
+        """Step mode: whether the rank groups' running sets have room for the request whose turn it is."""
+        return not self._images_in_flight or self._images_in_flight + self._queue.peek().images <= self._step_capacity
 
     def _take_batch(self) -> list[_Queued]:
         """The next key's oldest request, then compatible ones from the keys in turn, up to the step's capacity."""

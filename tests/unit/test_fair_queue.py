@@ -275,29 +275,27 @@ def test_a_key_past_its_share_is_refused_while_other_keys_get_in():
     asyncio.run(scenario())
 
 
-def test_step_mode_sends_a_request_only_while_the_workers_have_room_so_the_fair_queue_decides_the_rest():
-    # Room for twice a running set (config.step_mode_room): one running set's worth runs, the next waits at the
-    # worker to replace what leaves; beyond that, the fair queue decides.
+def test_step_mode_sends_a_request_only_when_the_running_set_has_room_so_the_fair_queue_decides():
     engine = FakeEngine("step", max_batch_size=8)
 
     async def scenario():
         front = AsyncDiffusionEngine(engine)
         front.start()
-        floods = [asyncio.ensure_future(front.generate(fox(f"f{i}", 8), "flood")) for i in range(4)]
-        await until(lambda: engine.sent == ["f0", "f1"], "two flood requests to be sent")
+        floods = [asyncio.ensure_future(front.generate(fox(f"f{i}", 8), "flood")) for i in range(3)]
+        await until(lambda: engine.sent == ["f0"], "the first flood request to be sent")
         single = asyncio.ensure_future(front.generate(fox("s", 1), "single"))
         await until(lambda: front.queue_room("single").remaining == 63, "the single request to queue")
-        assert engine.sent == ["f0", "f1"]  # the workers' room is full: the rest wait in the fair queue
+        assert engine.sent == ["f0"]  # the running set is full: the rest wait in the fair queue
         engine.release("f0")
-        await until(lambda: engine.sent == ["f0", "f1", "s"], "the single request to go next")
-        assert engine.sent == ["f0", "f1", "s"]  # f2 does not fit beside them
+        await until(lambda: engine.sent == ["f0", "s"], "the single request to go next")
+        assert engine.sent == ["f0", "s"]  # f1 does not fit beside it
         engine.release("s")
         await single
-        for name in ("f1", "f2", "f3"):
+        for name in ("f1", "f2"):
             await until(lambda name=name: name in engine.sent, f"{name} to be sent")
             engine.release(name)
         await asyncio.gather(*floods)
-        assert engine.sent == ["f0", "f1", "s", "f2", "f3"]
+        assert engine.sent == ["f0", "s", "f1", "f2"]
         await front.close()
 
     asyncio.run(scenario())
