@@ -13,7 +13,8 @@ machines are never mixed. Loopback only; bounded counts. See docs/benchmarks.md.
 --scheduling request`, `--scheduling step` (backend mp) and LitServe's dynamic batching
 (bench/litserve_server.py, the `bench` extra), each request 4 steps with probability 0.8 and 40 otherwise
 (mixed; one seeded sequence for every server) or all 4 steps (uniform). It prints p50 and p99 of the
-short and of the long requests and images/s, and step mode's ratios against the other two.
+short and of the long requests, images/s, the CPU milliseconds per image of the server process and of its
+workers over the load (from /proc; imagegen only), and step mode's ratios against the other two.
 
     python bench/bench_serving.py --workload mixed --requests-per-client 10
     python bench/bench_serving.py --workload uniform --size 256 --requests-per-client 2
