@@ -438,7 +438,8 @@ def print_workload(args, rows: list[dict], ratios: list[dict]) -> None:
     print(f"workload={args.workload} clients={WORKLOAD_CLIENTS} requests={sum(map(len, plan))} ({long} of "
           f"{LONG_STEPS} steps, the rest {SHORT_STEPS}) max batch {args.max_batch_size}")
     columns = [column for column in WORKLOAD_COLUMNS if any(column in row for row in rows)]
-    print(f"{'':20}" + "".join(f"{WORKLOAD_COLUMNS[column]:>11}" for column in columns) + "   (p50, p99: ms; CPU: ms per image)")
+    header = "".join(f"{WORKLOAD_COLUMNS[column]:>11}" for column in columns)
+    print(f"{'':20}{header}   (p50, p99: ms; CPU: ms per image)")
     for row in rows:
         print(f"{row['name']:20}" + "".join(f"{row[column]:11.1f}" if column in row else f"{'':11}"
                                             for column in columns))
