@@ -13,7 +13,8 @@ machines are never mixed. Loopback only; bounded counts. See docs/benchmarks.md.
 --scheduling request`, `--scheduling step` (backend mp) and LitServe's dynamic batching
 (bench/litserve_server.py, the `bench` extra), each request 4 steps with probability 0.8 and 40 otherwise
 (mixed; one seeded sequence for every server) or all 4 steps (uniform). It prints p50 and p99 of the
-short and of the long requests and images/s, and step mode's ratios against the other two.
+short and of the long requests, images/s, the CPU milliseconds per image of the server process and of its
+workers over the load (from /proc; imagegen only), and step mode's ratios against the other two.
 
     python bench/bench_serving.py --workload mixed --requests-per-client 10
     python bench/bench_serving.py --workload uniform --size 256 --requests-per-client 2
@@ -50,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -145,11 +147,13 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def load(port: int, size: int, plan: list[list[int]]) -> tuple[float, dict[int, list[float]]]:
+def load(
+    port: int, size: int, plan: list[list[int]], after_warm_up: Callable[[], None] = lambda: None
+) -> tuple[float, dict[int, list[float]]]:
     """One client thread per entry of ``plan``, each sending its requests' step counts one after another.
 
     Returns the seconds all clients took and the latencies by step count. The last client's
-    requests run alone first, as a warm-up.
+    requests run alone first, as a warm-up; ``after_warm_up()`` runs once it is over.
     """
     url = f"http://127.0.0.1:{port}/v1/images/generations"
     latencies: dict[int, list[float]] = {steps: [] for steps in set().union(*plan)}
@@ -170,6 +174,7 @@ def load(port: int, size: int, plan: list[list[int]]) -> tuple[float, dict[int, 
     client(-1)  # warm-up
     for samples in latencies.values():
         samples.clear()
+    after_warm_up()
     started = time.perf_counter()
     with ThreadPoolExecutor(len(plan)) as pool:
         list(pool.map(client, range(len(plan))))
@@ -188,7 +193,7 @@ def bench_server(name: str, command: list[str], port: int, args, logs: Path) -> 
     process = start(command, port, logs / f"{name.replace(' ', '-')}.log", cwd=cwd)
     try:
         if args.workload != "single":
-            return [workload_load(name, port, args)]
+            return [workload_load(name, port, args, process.pid)]
         return [
             single_load(name, port, args, 1, args.single_requests),
             single_load(name, port, args, 16, args.requests_per_client),
@@ -365,7 +370,8 @@ def add_ratios(results: list[dict]) -> None:
 SHORT_STEPS, LONG_STEPS, SHORT_SHARE = 4, 40, 0.8
 WORKLOAD_CLIENTS = 16
 WORKLOAD_COLUMNS = {"images_per_s": "images/s", "short_p50_ms": "short p50", "short_p99_ms": "short p99",
-                    "long_p50_ms": "long p50", "long_p99_ms": "long p99"}
+                    "long_p50_ms": "long p50", "long_p99_ms": "long p99", "server_cpu_ms_per_image": "server CPU",
+                    "workers_cpu_ms_per_image": "worker CPU"}
 
 
 def workload_plan(args) -> list[list[int]]:
@@ -379,10 +385,26 @@ def workload_plan(args) -> list[list[int]]:
     ]
 
 
-def workload_load(name: str, port: int, args) -> dict:
+def workload_load(name: str, port: int, args, pid: int) -> dict:
+    """The workload's row for the server ``pid``: images/s, latencies, and the CPU seconds per image of the
+    server and of its workers (from /proc; on a machine shared with other work, a steadier figure of the
+    per-request overhead than images/s, which moves with the CPU share the server gets)."""
     plan = workload_plan(args)
-    elapsed, latencies = load(port, args.size, plan)
-    row = {"name": name, "images_per_s": sum(map(len, plan)) / elapsed}
+    workers = children_of(pid)
+    cpu_before: list[tuple[float, float]] = []
+
+    def cpu_now() -> tuple[float, float]:
+        return cpu_seconds(pid), sum(map(cpu_seconds, workers))
+
+    elapsed, latencies = load(port, args.size, plan, lambda: cpu_before.append(cpu_now()))
+    images = sum(map(len, plan))
+    (server_before, workers_before), (server_after, workers_after) = cpu_before[0], cpu_now()
+    row = {
+        "name": name,
+        "images_per_s": images / elapsed,
+        "server_cpu_ms_per_image": 1000 * (server_after - server_before) / images,
+        "workers_cpu_ms_per_image": 1000 * (workers_after - workers_before) / images,
+    }
     for steps, kind in ((SHORT_STEPS, "short"), (LONG_STEPS, "long")):
         if latencies.get(steps):
             row[f"{kind}_p50_ms"], row[f"{kind}_p99_ms"] = p50_p99_ms(latencies[steps])
@@ -423,7 +445,8 @@ def print_workload(args, rows: list[dict], ratios: list[dict]) -> None:
     print(f"workload={args.workload} clients={WORKLOAD_CLIENTS} requests={sum(map(len, plan))} ({long} of "
           f"{LONG_STEPS} steps, the rest {SHORT_STEPS}) max batch {args.max_batch_size}")
     columns = [column for column in WORKLOAD_COLUMNS if any(column in row for row in rows)]
-    print(f"{'':20}" + "".join(f"{WORKLOAD_COLUMNS[column]:>11}" for column in columns) + "   (p50, p99: ms)")
+    header = "".join(f"{WORKLOAD_COLUMNS[column]:>11}" for column in columns)
+    print(f"{'':20}{header}   (p50, p99: ms; CPU: ms per image)")
     for row in rows:
         print(f"{row['name']:20}" + "".join(f"{row[column]:11.1f}" if column in row else f"{'':11}"
                                             for column in columns))
