@@ -86,10 +86,20 @@ def local_ray(num_cpus: int, namespace: str | None = None):
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+_HANDED_OUT_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing listens on now and not handed out before by this process: two ports picked before
+    either is bound (a worker's and its rank group's) could otherwise be the same one."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT_PORTS:
+            _HANDED_OUT_PORTS.add(port)
+            return port
+    raise AssertionError("no free port that was not handed out before")
 
 
 def poll(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -102,23 +103,28 @@ def test_the_third_load_unloads_the_least_recently_used_and_a_request_loads_it_a
     assert loaded(lru_server) == {"tiny-flux", "demo"}
 
 
-def endless(server: ServerProcess, model: str) -> tuple[httpx.Client, httpx.Response]:
-    """A request on ``model`` that runs until the returned response is closed (its first event has come)."""
+def endless(server: ServerProcess, model: str) -> tuple[httpx.Client, httpx.Response, Iterator[str]]:
+    """A request on ``model`` that runs until the returned response is closed, with its lines still to come;
+    returned once it denoises (a model that must load first sends loading_model progress events before). Keep
+    the lines: dropped, their iterator closes the response, which ends the request."""
     client = httpx.Client(timeout=300)
     url = f"{server.base_url}/v1/images/generations"
     response = client.send(client.build_request("POST", url, json={**ENDLESS_STREAM, "model": model}), stream=True)
     assert response.status_code == 200, response.read()
-    return client, response
+    lines = response.iter_lines()
+    for line in lines:
+        if line.startswith("data:") and json.loads(line.removeprefix("data:")).get("stage") == "denoising":
+            break
+    return client, response, lines
 
 
 def test_room_is_never_taken_from_a_busy_model(lru_server):
-    client, running = endless(lru_server, "demo")
+    client, running, events = endless(lru_server, "demo")
     try:
         generate(lru_server, "tiny")  # loaded beside the busy demo, whatever held the other place
         assert loaded(lru_server) == {"demo", "tiny"}
         generate(lru_server, "tiny-flux")  # demo is the least recently used, but busy: tiny goes
         assert loaded(lru_server) == {"demo", "tiny-flux"}
-        events = running.iter_lines()
         assert any(line.startswith("event: image_generation.progress") for line in events)  # demo still runs
     finally:
         running.close()
@@ -126,8 +132,9 @@ def test_room_is_never_taken_from_a_busy_model(lru_server):
 
 
 def test_with_every_loaded_model_busy_a_third_waits_then_gets_503_naming_them(lru_server):
-    demo_client, demo = endless(lru_server, "demo")
-    tiny_client, tiny = endless(lru_server, "tiny")
+    # Each stream's line iterator is kept: dropped, it would close its response, and so end its request.
+    demo_client, demo, demo_events = endless(lru_server, "demo")
+    tiny_client, tiny, tiny_events = endless(lru_server, "tiny")
     try:
         with pytest.raises(openai.InternalServerError) as refused:
             client_of(lru_server).images.generate(model="tiny-flux", **REQUEST)
@@ -264,7 +271,7 @@ def test_admin_routes_load_and_unload_a_model_with_the_admin_key_only(file_serve
 
 
 def test_requests_for_two_loaded_models_run_side_by_side(lru_server):
-    client, running = endless(lru_server, "demo")
+    client, running, events = endless(lru_server, "demo")  # events kept: dropped, it would end the request
     try:
         done = []
         thread = threading.Thread(target=lambda: done.append(generate(lru_server, "tiny")))
