@@ -216,15 +216,9 @@ class ImageServing:
         front: AsyncDiffusionEngine,
     ):
         engine = front.engine
-        # Prepared here: in a thread when it may resize uploaded images (that must not block the event loop); a
-        # request without images is only checked and filled in, quicker than a hop to a thread and back.
-        if request.images or request.mask is not None:
-            prepared = await asyncio.to_thread(engine.prepare, request)
-        else:
-            prepared = engine.prepare(request)
+        prepared = await _prepared(engine, request)
         size = f"{prepared.width}x{prepared.height}"
-        quality = getattr(body, "quality", None)
-        quality = _EFFECTIVE_QUALITY.get(quality, quality)
+        quality = _reported_quality(body)
         encode = partial(self._encode, engine.od_config.model_name, body.output_format, body.output_compression)
 
         if events is not None and getattr(body, "stream", False):
@@ -266,10 +260,8 @@ class ImageServing:
         self, body: ImageOptions, prepared: OmniDiffusionRequest, events: str, engine: DiffusionEngine
     ) -> Callable[[StreamItem], list[str]]:
         """The server-sent events of each item of ``prepared``'s stream (see _events)."""
-        quality = getattr(body, "quality", None)
-        quality = _EFFECTIVE_QUALITY.get(quality, quality)
         fields = {
-            "output_format": body.output_format, "quality": quality or "medium",
+            "output_format": body.output_format, "quality": _reported_quality(body) or "medium",
             "size": f"{prepared.width}x{prepared.height}",
         }
         encode = partial(self._encode, engine.od_config.model_name, body.output_format, body.output_compression)
@@ -301,7 +293,7 @@ class ImageServing:
                 await asyncio.wait({acquiring}, timeout=LOADING_EVENT_INTERVAL_S)
             front = acquiring.result()
             request = make_request(**self.request_fields(body, front.engine))
-            prepared = await asyncio.to_thread(front.engine.prepare, request)
+            prepared = await _prepared(front.engine, request)
             items = front.stream(prepared, key)
             # Starlette ends this stream when the client leaves; _server_sent_events then cancels the request.
             first = await anext(items)
@@ -332,6 +324,20 @@ class ImageServing:
         data = encode_image(image, output_format, compression)
         metrics.STAGE_TIME.labels(model_name, "image_encode").observe(time.perf_counter() - started)
         return data
+
+
+def _reported_quality(body: ImageOptions) -> str | None:
+    """The quality a response reports for the one ``body`` asked for (None: it asked for none)."""
+    quality = getattr(body, "quality", None)
+    return _EFFECTIVE_QUALITY.get(quality, quality)
+
+
+async def _prepared(engine: DiffusionEngine, request: OmniDiffusionRequest) -> OmniDiffusionRequest:
+    """``request`` prepared by ``engine``: in a thread when it may resize uploaded images (that must not block
+    the event loop); a request without images is only checked and filled in, quicker than a hop to a thread."""
+    if request.images or request.mask is not None:
+        return await asyncio.to_thread(engine.prepare, request)
+    return engine.prepare(request)
 
 
 async def _files(
