@@ -12,8 +12,8 @@ from engine.errors import InvalidRequestError
 from workers.data import EncodedImage, WorkerImage
 from workers.runtime.encoding import PILLOW_FORMATS, encode_pixels
 
-# Pillow's format names and the media types they are served with.
-OUTPUT_FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
+# Each output_format (OpenAI's names; PILLOW_FORMATS names the writer of each) and the media type it is served with.
+OUTPUT_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # Uploads are opened with these decoders only: what OpenAI accepts, and less of Pillow exposed to strangers.
 UPLOAD_FORMATS = ["PNG", "JPEG", "WEBP"]
 

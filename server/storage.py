@@ -56,7 +56,7 @@ class ImageStore:
             data = path.read_bytes()
         except FileNotFoundError as error:
             raise NotFoundError(f"No image file '{file_id}'; it may have expired.", param="file_id") from error
-        return data, OUTPUT_FORMATS[file_id.rsplit(".", 1)[1]][1]
+        return data, OUTPUT_FORMATS[file_id.rsplit(".", 1)[1]]
 
     def _expired(self, stored_at: float) -> bool:
         return time.time() - stored_at > self.ttl_s
