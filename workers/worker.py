@@ -395,9 +395,7 @@ class WorkerWrapperBase:
                 pixels[own] = keep_unmasked(pipeline, pixels[own], r.images[0], r.mask)
             images = list(pixels[own])
             if encode:  # 5. on the encode pool, while the pipeline thread goes on
-                images = [
-                    self.encoder.encode(r.request_id, image, r.output_format, r.output_compression) for image in images
-                ]
+                images = self.encoder.encode(r, images)
             outputs[r.request_id] = RequestOutput(
                 r.request_id,
                 images,

@@ -22,7 +22,7 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image
 
-from workers.data import EncodedImage, PartialImageOutput, RequestOutput, WorkerProgress
+from workers.data import EncodedImage, OmniDiffusionRequest, PartialImageOutput, RequestOutput, WorkerProgress
 
 try:  # ISA-L's deflate writes a 1024x1024 PNG ~20-40x faster than Pillow at level 1 (bench/bench_png_writers.py)
     from isal import isal_zlib
@@ -98,18 +98,18 @@ class ImageEncoder:
         # Request id -> the partial images of it still being encoded and sent.
         self._partials: dict[str, list[Future]] = {}
 
-    def encode(self, request_id: str, pixels: np.ndarray, output_format: str, compression: int | None) -> Future:
-        """A final image of ``request_id``: its Future of (EncodedImage, seconds), done only once the request's
-        partial images have been sent."""
+    def encode(self, request: OmniDiffusionRequest, images: list[np.ndarray]) -> list[Future]:
+        """``request``'s final images, in its output_format and output_compression: a Future of (EncodedImage,
+        seconds) each, done only once the request's partial images have been sent."""
         with self._lock:
-            partials = self._partials.pop(request_id, [])
+            partials = self._partials.pop(request.request_id, [])
 
-        def run() -> tuple[EncodedImage, float]:
+        def run(pixels: np.ndarray) -> tuple[EncodedImage, float]:
             # The pool takes jobs in order: the partials, submitted earlier, are running or done by now.
             wait(partials)
-            return _timed_encode(pixels, output_format, compression)
+            return _timed_encode(pixels, request.output_format, request.output_compression)
 
-        return self._pool.submit(run)
+        return [self._pool.submit(run, pixels) for pixels in images]
 
     def send_partial(
         self, partial: PartialImageOutput, output_format: str, compression: int | None,

@@ -281,11 +281,7 @@ class RunningSet:
             for r, (_, own) in zip(leaving, image_slices([r.request for r in leaving]), strict=True):
                 r.images = list(images[own])
                 if r.request.request_id in self._encoded:  # on the encode pool, while the next iteration runs
-                    request, encoder = r.request, self.worker.encoder
-                    r.images = [
-                        encoder.encode(request.request_id, image, request.output_format, request.output_compression)
-                        for image in r.images
-                    ]
+                    r.images = self.worker.encoder.encode(r.request, r.images)
         return leaving
 
     def _report(self, r: RunningRequest, sink: Callable[[WorkerProgress], None] | None) -> None:
