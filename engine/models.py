@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ from engine.errors import (
     NoRoomError,
     NotFoundError,
 )
+from engine.loading import ModelLoader
 from engine.residency import FAILED, LOADED, LOADING, UNLOADED, Room, ServedModel
 from workers.config import OmniDiffusionConfig
 from workers.data import defaults_in_force
@@ -31,8 +33,8 @@ from workers.model_settings import is_external
 
 logger = logging.getLogger(__name__)
 
-# After a failed load, the next request retries it once this back-off has passed (doubling, at most the last).
-LOAD_RETRY_BACKOFF_S = (5.0, 10.0, 30.0, 60.0)
+# OpenMP's settings of how its idle threads wait: one the user set is left as it is.
+OPENMP_WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 class ModelRegistry:
@@ -71,7 +73,7 @@ class ModelRegistry:
         self.fatal_error: str | None = None
         self._changed: asyncio.Event | None = None
         self._waits_ended: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.loader = ModelLoader(changed=lambda: self._changed.set(), on_fatal=self._on_fatal)
         preloaded = [model for model in self.models.values() if model.preload and not model.external]
         if self.room.max_loaded_models is not None and len(preloaded) > self.room.max_loaded_models:
             raise ValueError(
@@ -79,12 +81,24 @@ class ModelRegistry:
             )
         for model in self.models.values():
             metrics.MODEL_LOADED.labels(model.name).set(0)
+        self._share_cores_politely()
+
+    def _share_cores_politely(self) -> None:
+        """With several models that start their own workers, make those workers' idle torch threads sleep rather
+        than spin. Each model's ranks have a thread per core they share (docs/models.md): while two models generate
+        at once, OpenMP's default spin-wait between parallel regions burns the cores the other model's threads
+        need (two models at 64x64 made a tenth of the images per second; passive waiting gave them back). Set in
+        this process's environment before any worker starts, which the workers inherit."""
+        own_workers = [model for model in self.models.values() if not model.external]
+        if len(own_workers) > 1 and not any(name in os.environ for name in OPENMP_WAIT_SETTINGS):
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+            logger.info("several models share this host's cores: their workers run with OMP_WAIT_POLICY=PASSIVE")
 
     @classmethod
     def of_engine(cls, engine: DiffusionEngine) -> ModelRegistry:
         """A registry serving one engine that is already loaded."""
         registry = cls([engine.od_config], engine.od_config)
-        registry.adopt(registry.first, engine)
+        registry.loader.adopt(registry.first, engine)
         return registry
 
     # -- start and stop ---------------------------------------------------------------------------
@@ -93,22 +107,15 @@ class ModelRegistry:
         load raises, naming it: a start-up error."""
         for model in self.models.values():
             if model.preload and model.engine is None:
-                started = time.monotonic()
-                try:
-                    engine = DiffusionEngine(model.config)
-                except Exception as error:
-                    raise RuntimeError(f"could not start model '{model.config.model}': {error}") from error
-                self.adopt(model, engine)
-                metrics.MODEL_LOAD_TIME.labels(model.name).observe(time.monotonic() - started)
+                self.loader.preload(model)
 
     def start(self) -> None:
         """On the event loop: the batching front of every loaded model, and the keep-alive timers."""
-        self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         self._waits_ended = asyncio.Event()
         for model in self.models.values():
             if model.engine is not None:
-                self._start_front(model)
+                self.loader.start_front(model)
 
     async def close(self) -> None:
         """Stop every model (loads in progress first finish; the requests that waited for them get
@@ -123,7 +130,7 @@ class ModelRegistry:
                 front, engine = model.front, model.engine
                 model.front = model.engine = None
                 model.status = UNLOADED
-                await self._stop(front, engine)
+                await self.loader.stop(front, engine)
             if model.closing is not None:
                 await asyncio.gather(model.closing, return_exceptions=True)
 
@@ -225,7 +232,7 @@ class ModelRegistry:
         """The request that held ``model`` is done with it."""
         model.users -= 1
         model.last_used = time.monotonic()
-        self._arm_keep_alive(model)
+        self.loader.arm_keep_alive(model)
         self._changed.set()
 
     @asynccontextmanager
@@ -258,7 +265,7 @@ class ModelRegistry:
                 self._changed.clear()
                 await self._changed.wait()
             if model.status == LOADED:
-                self._begin_unload(model, "admin")
+                self.loader.begin_unload(model, "admin")
             if model.closing is not None:
                 await asyncio.gather(model.closing, return_exceptions=True)
         finally:
@@ -307,7 +314,7 @@ class ModelRegistry:
                     pass
                 continue
             for victim in victims:
-                self._begin_unload(victim, "room")
+                self.loader.begin_unload(victim, "room")
             model.status = LOADING
             model.loading = asyncio.get_running_loop().create_task(
                 self._load(model, [v.closing for v in victims if v.closing is not None])
@@ -330,64 +337,11 @@ class ModelRegistry:
 
     async def _load(self, model: ServedModel, closing: list[asyncio.Task]) -> None:
         try:
-            # The room must really be back before the next load starts: the unloaded models' workers have exited.
-            await asyncio.gather(*closing, return_exceptions=True)
-            started = time.monotonic()
-            logger.info("loading model '%s'", model.name)
-            engine = await asyncio.to_thread(self._start_engine, model)
-        except Exception as error:  # noqa: BLE001 - the model's requests get the cause; the others serve on
-            model.status = FAILED
-            model.error = str(error) or type(error).__name__
-            model.failures += 1
-            backoff = LOAD_RETRY_BACKOFF_S[min(model.failures, len(LOAD_RETRY_BACKOFF_S)) - 1]
-            model.retry_at = time.monotonic() + backoff
-            logger.error("model '%s' failed to load (retried after %gs): %s", model.name, backoff, model.error)
-        else:
-            metrics.MODEL_LOAD_TIME.labels(model.name).observe(time.monotonic() - started)
-            self.adopt(model, engine)
-            self._start_front(model)
-            logger.info("model '%s' loaded in %.1fs: %s", model.name, time.monotonic() - started, model.memory_bytes)
-            self._keep_within_budget(model)
+            if await self.loader.load(model, closing):
+                self._keep_within_budget(model)
         finally:
             model.loading = None
             self._changed.set()
-
-    @staticmethod
-    def _start_engine(model: ServedModel) -> DiffusionEngine:
-        """``model``'s engine (blocking), serving the LoRA adapters it served when it was last unloaded: its
-        start-up ones as before, those loaded at run time loaded again. An adapter that no longer loads (its
-        file gone) is left out, with an error logged: the model serves without it."""
-        engine = DiffusionEngine(model.config)
-        if model.adapters is None:
-            return engine
-        try:
-            refused = engine.loras.restore(model.adapters)
-        except BaseException:
-            engine.close()
-            raise
-        for name, why in refused.items():
-            logger.error("model '%s' loaded again without its LoRA adapter '%s': %s", model.name, name, why)
-        return engine
-
-    def adopt(self, model: ServedModel, engine: DiffusionEngine) -> None:
-        """Serve ``engine``, loaded already, as ``model``."""
-        model.engine = engine
-        model.status = LOADED
-        model.error = None
-        model.failures = 0
-        model.model_info = engine.model_info
-        model.defaults = {name: default.value for name, default in engine.defaults.items()}
-        model.memory_bytes = dict(engine.model_info.get("memory_bytes") or {})
-        model.last_used = time.monotonic()
-        engine.fatal_listeners.append(self._on_fatal)
-        metrics.MODEL_LOADED.labels(model.name).set(1)
-        for device, size in model.memory_bytes.items():
-            metrics.MODEL_MEMORY_BYTES.labels(model.name, device).set(size)
-
-    def _start_front(self, model: ServedModel) -> None:
-        model.front = AsyncDiffusionEngine(model.engine)
-        model.front.start()
-        self._arm_keep_alive(model)
 
     def _on_fatal(self, reason: str) -> None:
         self.fatal_error = self.fatal_error or reason
@@ -399,46 +353,12 @@ class ModelRegistry:
         itself, failed, when it does not fit alone)."""
         if not self.room.fits(model, []):
             model.error = self.room.too_large(model)
-            self._begin_unload(model, "room")
+            self.loader.begin_unload(model, "room")
             model.status = FAILED
             model.retry_at = float("inf")  # its size will not change: no retry
             return
         for victim in self.room.least_recently_used(model, self._resident(model))[0]:
-            self._begin_unload(victim, "room")
-
-    def _begin_unload(self, model: ServedModel, reason: str) -> None:
-        """Take ``model`` out of service now; its workers stop in the background (``model.closing``)."""
-        front, engine = model.front, model.engine
-        model.adapters = engine.loras.served()  # loaded again with it
-        model.front = model.engine = None
-        model.status = UNLOADED
-        if model.idle_timer is not None:
-            model.idle_timer.cancel()
-            model.idle_timer = None
-        metrics.MODEL_LOADED.labels(model.name).set(0)
-        for device in model.memory_bytes:
-            metrics.MODEL_MEMORY_BYTES.labels(model.name, device).set(0)
-        metrics.MODEL_UNLOADS.labels(model.name, reason).inc()
-        logger.info("unloading model '%s' (%s)", model.name, reason)
-        model.closing = asyncio.get_running_loop().create_task(self._stop(front, engine))
-
-    async def _stop(self, front: AsyncDiffusionEngine | None, engine: DiffusionEngine) -> None:
-        if front is not None:
-            await front.close()
-        await asyncio.to_thread(engine.close)  # returns once its workers have exited
-        self._changed.set()
-
-    def _arm_keep_alive(self, model: ServedModel) -> None:
-        if model.keep_alive_s < 0 or model.users or model.status != LOADED or model.external or self._loop is None:
-            return
-        if model.idle_timer is not None:
-            model.idle_timer.cancel()
-        model.idle_timer = self._loop.call_later(model.keep_alive_s, self._unload_if_idle, model)
-
-    def _unload_if_idle(self, model: ServedModel) -> None:
-        model.idle_timer = None
-        if model.status == LOADED and not model.users and not model.refusing:
-            self._begin_unload(model, "idle")
+            self.loader.begin_unload(victim, "room")
 
     # -- probes -----------------------------------------------------------------------------------
     def is_ready(self) -> bool:

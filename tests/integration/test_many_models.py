@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -281,6 +282,20 @@ def test_requests_for_two_loaded_models_run_side_by_side(lru_server):
     finally:
         running.close()
         client.close()
+
+
+def openmp_wait_policy(pid: int) -> str | None:
+    """OMP_WAIT_POLICY in the environment process ``pid`` started with."""
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode().partition("=")[::2] for entry in entries if entry).get("OMP_WAIT_POLICY")
+
+
+def test_the_workers_of_several_models_wait_passively_and_one_models_as_before(lru_server, tiny_server):
+    generate(lru_server, "tiny")  # loaded: its workers run
+    assert lru_server.worker_pids()
+    assert {openmp_wait_policy(pid) for pid in lru_server.worker_pids()} == {"PASSIVE"}
+    assert tiny_server.worker_pids()
+    assert {openmp_wait_policy(pid) for pid in tiny_server.worker_pids()} == {None}
 
 
 def admin_post(server: ServerProcess, path: str, **body) -> httpx.Response:
