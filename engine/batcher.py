@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 # while the first runs and they never idle between steps; a partial batch waits for the first to end.
 # In step mode each step is one request, sent while the rank groups have room for it: up to what their running
 # sets take in one iteration (max_batch_size images each; a larger request goes alone), so that the fair queue,
-# not the workers' own queues, decides whose request runs next.
+# not the workers' own queues, decides whose request runs next. A request's room frees as its last denoising
+# step begins (the worker says so): the next request then reaches the worker while that step runs, and joins
+# the running set at the iteration after, not one round trip later.
 PIPELINE_DEPTH = 2
 # While a worker restarts, how often the scheduler looks whether the engine is ready again.
 _READINESS_POLL_S = 0.1
@@ -88,7 +90,8 @@ class AsyncDiffusionEngine:
         self._model_name = engine.od_config.model_name
         config = engine.od_config
         self._step_capacity = config.max_batch_size * config.num_rank_groups
-        self._images_in_flight = 0  # images of the steps sent and not answered yet
+        # Request id -> its images, for the requests sent and not yet in their last step: the room they take.
+        self._room_taken: dict[str, int] = {}
         self._step_mode = engine.scheduling == "step"
         depth = config.step_mode_room * config.num_rank_groups if self._step_mode else PIPELINE_DEPTH
         self._max_queue_size = config.max_queue_size
@@ -117,6 +120,7 @@ class AsyncDiffusionEngine:
         self._loop = asyncio.get_running_loop()
         self._scheduler = self._loop.create_task(self._schedule(), name="imagegen-scheduler")
         self.engine.progress_listeners.append(self._on_progress)
+        self.engine.finishing_listeners.append(self._on_finishing)
 
     async def close(self) -> None:
         """Stop scheduling, let running steps finish, fail what is still queued (and refuse what comes later:
@@ -125,6 +129,7 @@ class AsyncDiffusionEngine:
         if self._scheduler is not None:
             self._scheduler.cancel()
             self.engine.progress_listeners.remove(self._on_progress)
+            self.engine.finishing_listeners.remove(self._on_finishing)
         if self._steps:
             await asyncio.wait(self._steps)
         self._fail_queued(EngineDeadError("the server is shutting down"))
@@ -252,6 +257,15 @@ class AsyncDiffusionEngine:
         if progress is not None:  # else nobody streams it (any more)
             progress.put_nowait(item)
 
+    def _on_finishing(self, request_ids: tuple[str, ...]) -> None:
+        # Called from an executor's thread.
+        self._loop.call_soon_threadsafe(self._free_room, request_ids)
+
+    def _free_room(self, request_ids: tuple[str, ...] | list[str]) -> None:
+        for request_id in request_ids:
+            self._room_taken.pop(request_id, None)
+        self._changed.set()
+
     def _fail_queued(self, error: Exception) -> None:
         if self._queue:
             self._changed.set()
@@ -268,9 +282,8 @@ class AsyncDiffusionEngine:
             self._waiting.dec()
             metrics.REQUESTS_TIMED_OUT.labels(self._model_name).inc()
             if not queued.future.done():
-                queued.future.set_exception(
-                    RequestTimeoutError(f"The request waited {self._request_timeout_s:g}s in the queue and was dropped.")
-                )
+                waited = f"The request waited {self._request_timeout_s:g}s in the queue and was dropped."
+                queued.future.set_exception(RequestTimeoutError(waited))
 
     # -- scheduling ------------------------------------------------------------------------------
     async def _schedule(self) -> None:
@@ -278,7 +291,7 @@ class AsyncDiffusionEngine:
             await self._free_slots.acquire()
             await self._wait_for_batch()
             batch = self._take_batch()
-            self._images_in_flight += sum(queued.images for queued in batch)
+            self._room_taken.update((queued.request.request_id, queued.images) for queued in batch)
             task = asyncio.get_running_loop().create_task(self._run_step(batch))
             self._steps.add(task)
             task.add_done_callback(self._steps.discard)
@@ -318,7 +331,8 @@ class AsyncDiffusionEngine:
 
     def _room_for_next_request(self) -> bool:
         """Step mode: whether the rank groups' running sets have room for the request whose turn it is."""
-        return not self._images_in_flight or self._images_in_flight + self._queue.peek().images <= self._step_capacity
+        taken = sum(self._room_taken.values())
+        return not taken or taken + self._queue.peek().images <= self._step_capacity
 
     def _take_batch(self) -> list[_Queued]:
         """The next key's oldest request, then compatible ones from the keys in turn, up to the step's capacity."""
@@ -365,7 +379,6 @@ class AsyncDiffusionEngine:
                     queued.future.set_result(output)
         finally:
             self._running.dec(len(batch))
-            self._images_in_flight -= sum(queued.images for queued in batch)
             self._free_slots.release()
             self._steps.discard(asyncio.current_task())
-            self._changed.set()
+            self._free_room([queued.request.request_id for queued in batch])

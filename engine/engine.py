@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,6 @@ from workers.config import OmniDiffusionConfig
 from workers.data import (
     EncodedImage,
     OmniDiffusionRequest,
-    group_shares,
     PartialImageOutput,
     RequestOutput,
     RunningSetIteration,
@@ -39,6 +38,7 @@ from workers.data import (
     Usage,
     WorkerProgress,
     defaults_in_force,
+    group_shares,
 )
 
 logger = logging.getLogger(__name__)
@@ -123,6 +123,8 @@ class DiffusionEngine:
         self.fatal_listeners: list[Callable[[str], None]] = []
         # Called with each PartialImages or StepProgress of a running request (see the class docstring).
         self.progress_listeners: list[Callable[[PartialImages | StepProgress], None]] = []
+        # Step mode: called with the ids of requests whose last denoising step begins (from another thread).
+        self.finishing_listeners: list[Callable[[tuple[str, ...]], None]] = []
         self._lock = threading.Lock()
         executor_class = get_executor_class(od_config.distributed_executor_backend)
         self.executor = executor_class(od_config)
@@ -149,8 +151,9 @@ class DiffusionEngine:
         self.rules = RequestRules(od_config, self.model_info, self.defaults, self.loras)
         # request or step (--scheduling): whether a step carries one request the workers run in their running set.
         self.scheduling = self._scheduling_in_force()
-        # Step mode: images sent to each rank group and not answered yet (see _route).
-        self._images_in_flight = [0] * od_config.num_rank_groups
+        # Step mode with data parallel: request id -> (its rank group, its images), for the requests sent and not
+        # yet in their last denoising step: the room they take in their group's running set (see _route).
+        self._room_taken: dict[str, tuple[int, int]] = {}
         if od_config.compile != "none":
             metrics.RECOMPILES.labels(od_config.model_name)  # exported from the start, at 0
         for component, size in (self.model_info.get("weight_bytes") or {}).items():
@@ -220,6 +223,10 @@ class DiffusionEngine:
             model_name = self.od_config.model_name
             metrics.RUNNING_SET_SIZE.labels(model_name, str(progress.rank)).set(progress.running)
             metrics.RUNNING_SET_ADMISSIONS.labels(model_name).observe(progress.admitted)
+            if progress.finishing:
+                self._free_room(progress.finishing)
+                for listener in self.finishing_listeners:
+                    listener(progress.finishing)
             return
         if isinstance(progress, PartialImageOutput):
             images = [to_pil(image) for image in progress.images]
@@ -265,8 +272,7 @@ class DiffusionEngine:
             return replies, {**failures, **lost}
         finally:
             if group is not None:
-                with self._lock:
-                    self._images_in_flight[group] -= sum(request.num_images for request in requests)
+                self._free_room([request.request_id for request in requests])
         # A rank group's leader answers for it; its other ranks made the same images with it.
         replies = [reply for shard in shards[:: self.od_config.rank_group_size] for reply in shard]
         answered = {reply.request_id for reply in replies}
@@ -283,13 +289,23 @@ class DiffusionEngine:
 
     def _route(self, requests: list[OmniDiffusionRequest], serving: list[int]) -> int | None:
         """Step mode with data parallel: the serving rank group with the most free room (the fewest images
-        sent and not answered yet) takes the whole step. None: every serving group takes its share (group_shares)."""
+        sent and not yet in their last step) takes the whole step. None: every serving group takes its share
+        (group_shares)."""
         if self.scheduling != "step" or self.od_config.num_rank_groups == 1:
             return None
         with self._lock:
-            group = min(serving, key=self._images_in_flight.__getitem__)
-            self._images_in_flight[group] += sum(request.num_images for request in requests)
+            taken = dict.fromkeys(serving, 0)
+            for group, images in self._room_taken.values():
+                if group in taken:
+                    taken[group] += images
+            group = min(serving, key=taken.__getitem__)
+            self._room_taken.update((request.request_id, (group, request.num_images)) for request in requests)
         return group
+
+    def _free_room(self, request_ids: Iterable[str]) -> None:
+        with self._lock:
+            for request_id in request_ids:
+                self._room_taken.pop(request_id, None)
 
     def _call_ranks(
         self,

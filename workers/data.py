@@ -221,12 +221,15 @@ class StepProgress:
 
 @dataclass(frozen=True)
 class RunningSetIteration:
-    """One iteration of a worker's running set (step mode): the requests left in it, and how many joined.
-    A worker host sends it like progress, on a call still running; the engine turns it into metrics."""
+    """One iteration of a worker's running set (step mode): the requests left in it, how many joined, and
+    ``finishing``, the ids of the requests whose next step is their last. A worker host sends it like
+    progress, on a call still running; the engine turns it into metrics, and sends the next requests for
+    the finishing ones' room while their last step runs."""
 
     rank: int
     running: int
     admitted: int
+    finishing: tuple[str, ...] = ()
 
 
 # What a worker's host sends on while a call runs, ahead of the call's reply.

@@ -169,6 +169,22 @@ def test_max_batch_size_caps_the_images_in_the_running_set(worker_of):
     assert_same_pixels_as_alone(worker, requests, {**outputs, left[0].request_id: left[0]})
 
 
+def test_each_request_is_named_finishing_by_the_iteration_before_its_last(worker_of):
+    worker = worker_of("tiny", max_batch_size=4)
+    short, long = filled(worker, 2, 71), filled(worker, 4, 72, num_images=2)
+    running = RunningSet(worker)
+    running.add([short, long])
+    finishing, left = [], []
+    for _ in range(10):  # bounded: 4 iterations
+        if running.idle:
+            break
+        left.append([output.request_id for output in running.iterate()])
+        finishing.append(running.finishing)
+    # The engine sends the next request for their room while their last step runs.
+    assert finishing == [(short.request_id,), (), (long.request_id,), ()]
+    assert left == [[], [short.request_id], [], [long.request_id]]
+
+
 def test_a_short_request_at_a_full_running_set_goes_first_while_a_long_one_pauses(worker_of):
     worker = worker_of("tiny", max_batch_size=2)
     longs = [filled(worker, 10, 61), filled(worker, 10, 62)]

@@ -75,6 +75,34 @@ def test_a_short_request_sent_mid_flight_returns_before_the_long_one_with_its_re
     assert_pixels_close(pixels(short_output)[0], pixels(alone[1])[0])
 
 
+def test_the_next_request_is_sent_while_the_leaving_one_has_its_last_step(step_engine):
+    full = fox(8, 31, num_images=4, progress=True)  # the whole running set: max_batch_size 4
+    later = fox(2, 32)
+
+    def waiting() -> float:
+        return REGISTRY.get_sample_value("imagegen_num_requests_waiting", {"model_name": "tiny"})
+
+    async def scenario():
+        front = AsyncDiffusionEngine(step_engine)
+        front.start()
+        try:
+            first = asyncio.ensure_future(front.generate(full))
+            async for item in _progress_of(front, full):
+                if isinstance(item, StepProgress):
+                    break
+            before = waiting()
+            second = asyncio.ensure_future(front.generate(later))
+            output = await first
+            # Its room freed as its last step began, not when its reply came: the later one left the queue then.
+            assert waiting() == before
+            return output, await second
+        finally:
+            await front.close()
+
+    full_output, later_output = asyncio.run(scenario())
+    assert len(pixels(full_output)) == 4 and len(pixels(later_output)) == 1
+
+
 async def _progress_of(front: AsyncDiffusionEngine, request: OmniDiffusionRequest):
     """The progress of a request already running through ``front``, from the engine's listeners."""
     queue: asyncio.Queue = asyncio.Queue()

@@ -15,7 +15,15 @@ from executors import WorkerStartupError, get_executor_class
 from executors.grpc_external import GrpcExternalDiffusionExecutor, expand_addresses
 from server.cli import build_parser
 from workers.config import OmniDiffusionConfig
-from workers.data import EncodedImage, LoraWeight, OmniDiffusionRequest, PartialImageOutput, RequestOutput, Usage
+from workers.data import (
+    EncodedImage,
+    LoraWeight,
+    OmniDiffusionRequest,
+    PartialImageOutput,
+    RequestOutput,
+    RunningSetIteration,
+    Usage,
+)
 from workers.hosts.grpc_messages import (
     CONTRACT_VERSION,
     ENCODING_SINCE,
@@ -27,6 +35,8 @@ from workers.hosts.grpc_messages import (
     pixels_from_proto,
     request_from_proto,
     request_to_proto,
+    running_set_iteration_from_proto,
+    running_set_iteration_to_proto,
     without_encoding,
     worker_contract_version,
 )
@@ -186,6 +196,14 @@ def test_encoded_images_cross_the_wire_as_the_worker_wrote_them():
     back = output_from_proto(pb.RequestOutput.FromString(message.SerializeToString()))
     assert back.images == images and back.partial_images[0].images == images[:1]
     assert back.stage_seconds == {"image_encode": 0.5}
+
+
+def test_a_running_set_iteration_crosses_the_wire_with_its_finishing_requests():
+    iteration = RunningSetIteration(rank=1, running=3, admitted=2, finishing=("a", "b"))
+    message = pb.RunningSetIteration.FromString(running_set_iteration_to_proto(iteration).SerializeToString())
+    assert running_set_iteration_from_proto(message) == iteration
+    # A worker from before `finishing` sends none: the server frees room on replies alone.
+    assert running_set_iteration_from_proto(pb.RunningSetIteration(rank=0, running=1, admitted=1)).finishing == ()
 
 
 def test_a_worker_before_encoding_gets_requests_without_the_encode_fields():

@@ -209,11 +209,13 @@ def step_progress_from_proto(message: pb.StepProgress) -> StepProgress:
 
 
 def running_set_iteration_to_proto(iteration: RunningSetIteration) -> pb.RunningSetIteration:
-    return pb.RunningSetIteration(rank=iteration.rank, running=iteration.running, admitted=iteration.admitted)
+    return pb.RunningSetIteration(
+        rank=iteration.rank, running=iteration.running, admitted=iteration.admitted, finishing=iteration.finishing
+    )
 
 
 def running_set_iteration_from_proto(message: pb.RunningSetIteration) -> RunningSetIteration:
-    return RunningSetIteration(message.rank, message.running, message.admitted)
+    return RunningSetIteration(message.rank, message.running, message.admitted, tuple(message.finishing))
 
 
 def output_to_proto(output: RequestOutput) -> pb.RequestOutput:

@@ -133,6 +133,8 @@ class RunningSet:
         self._key: tuple | None = None
         # Requests admitted by the latest iteration (a metric: admissions per iteration).
         self.admitted = 0
+        # Ids of the requests of the latest call that have one step left: they leave at the next iteration.
+        self.finishing: tuple[str, ...] = ()
         self._default_guidance = inspect.signature(type(self.pipeline).__call__).parameters["guidance_scale"].default
 
     @property
@@ -179,6 +181,7 @@ class RunningSet:
         if self.batch:
             self.batch[0].compiled_graphs += call["compiled_graphs"]
         self.batch = [r for r in self.batch if all(r is not other for other in leaving)]
+        self.finishing = tuple(r.request.request_id for r in self.batch if r.total_steps - r.step == 1)
         outputs += [self._output(r) for r in leaving]
         for output in outputs:
             self._deadlines.pop(output.request_id, None)
@@ -384,7 +387,8 @@ class StepLoop:
             for output in self.running.iterate(sink):
                 self._calls[self._call_of.pop(output.request_id)].outputs[output.request_id] = output
             # On a call not yet answered: the host sends its reply after it.
-            iteration = RunningSetIteration(self.worker.rank, self.running.size, self.running.admitted)
+            running = self.running
+            iteration = RunningSetIteration(self.worker.rank, running.size, running.admitted, running.finishing)
             send(next(iter(self._calls)), iteration)
         answered = [(call_id, call.reply()) for call_id, call in self._calls.items() if call.answered]
         for call_id, _ in answered:

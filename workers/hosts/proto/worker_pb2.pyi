@@ -125,14 +125,16 @@ class StepProgress(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ...) -> None: ...
 
 class RunningSetIteration(_message.Message):
-    __slots__ = ("rank", "running", "admitted")
+    __slots__ = ("rank", "running", "admitted", "finishing")
     RANK_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    FINISHING_FIELD_NUMBER: _ClassVar[int]
     rank: int
     running: int
     admitted: int
-    def __init__(self, rank: _Optional[int] = ..., running: _Optional[int] = ..., admitted: _Optional[int] = ...) -> None: ...
+    finishing: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, rank: _Optional[int] = ..., running: _Optional[int] = ..., admitted: _Optional[int] = ..., finishing: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RequestOutput(_message.Message):
     __slots__ = ("request_id", "images", "seed", "rank", "error", "partial_images", "usage", "stage_seconds", "encoded_images")
