@@ -23,9 +23,9 @@ logger = logging.getLogger(__name__)
 # while the first runs and they never idle between steps; a partial batch waits for the first to end.
 # In step mode each step is one request, sent while the rank groups have room for it: up to what their running
 # sets take in one iteration (max_batch_size images each; a larger request goes alone), so that the fair queue,
-# not the workers' own queues, decides whose request runs next. A request's room frees as its last denoising
-# step begins (the worker says so): the next request then reaches the worker while that step runs, and joins
-# the running set at the iteration after, not one round trip later.
+# not the workers' own queues, decides whose request runs next (engine.running_sets.RunningSetRoom). A request's
+# room frees as its last denoising step begins (the worker says so): the next request then reaches the worker
+# while that step runs, and joins the running set at the iteration after, not one round trip later.
 PIPELINE_DEPTH = 2
 # While a worker restarts, how often the scheduler looks whether the engine is ready again.
 _READINESS_POLL_S = 0.1
@@ -66,9 +66,9 @@ class AsyncDiffusionEngine:
     the next leaves only when full or when the running step ends. A step holds only requests that can share
     pipeline calls (same size, steps, ...).
     ``step()`` runs in a thread, so the event loop never blocks on generation. With ``--scheduling
-    step`` (engine.scheduling) each request is a step of its own, sent as soon as the rank groups' running
-    sets have room for its images (``max_batch_size`` each; a larger request goes when nothing else is
-    in flight): they batch them at every denoising step, and each returns when it is done.
+    step`` (engine.scheduling) each request is a step of its own, sent as soon as a rank group's running set
+    would run it at its next iteration (engine.running_sets.RunningSetRoom: ``max_batch_size`` images each,
+    earliest deadline first): they batch them at every denoising step, and each returns when it is done.
 
     Fair share: each request comes with a key (who sent it; the server decides), and the queue
     (engine.fair_queue.FairQueue) serves the keys in turn, each in arrival order; a step still fills up
@@ -90,8 +90,6 @@ class AsyncDiffusionEngine:
         self._model_name = engine.od_config.model_name
         config = engine.od_config
         self._step_capacity = config.max_batch_size * config.num_rank_groups
-        # Request id -> its images, for the requests sent and not yet in their last step: the room they take.
-        self._room_taken: dict[str, int] = {}
         self._step_mode = engine.scheduling == "step"
         depth = config.step_mode_room * config.num_rank_groups if self._step_mode else PIPELINE_DEPTH
         self._max_queue_size = config.max_queue_size
@@ -258,13 +256,8 @@ class AsyncDiffusionEngine:
             progress.put_nowait(item)
 
     def _on_finishing(self, request_ids: tuple[str, ...]) -> None:
-        # Called from an executor's thread.
-        self._loop.call_soon_threadsafe(self._free_room, request_ids)
-
-    def _free_room(self, request_ids: tuple[str, ...] | list[str]) -> None:
-        for request_id in request_ids:
-            self._room_taken.pop(request_id, None)
-        self._changed.set()
+        # Called from an executor's thread: room frees in a running set.
+        self._loop.call_soon_threadsafe(self._changed.set)
 
     def _fail_queued(self, error: Exception) -> None:
         if self._queue:
@@ -291,7 +284,6 @@ class AsyncDiffusionEngine:
             await self._free_slots.acquire()
             await self._wait_for_batch()
             batch = self._take_batch()
-            self._room_taken.update((queued.request.request_id, queued.images) for queued in batch)
             task = asyncio.get_running_loop().create_task(self._run_step(batch))
             self._steps.add(task)
             task.add_done_callback(self._steps.discard)
@@ -330,14 +322,15 @@ class AsyncDiffusionEngine:
                 pass
 
     def _room_for_next_request(self) -> bool:
-        """Step mode: whether the rank groups' running sets have room for the request whose turn it is."""
-        taken = sum(self._room_taken.values())
-        return not taken or taken + self._queue.peek().images <= self._step_capacity
+        """Step mode: whether a rank group's running set would run the request whose turn it is at once."""
+        return self.engine.runs_at_once(self._queue.peek().request)
 
     def _take_batch(self) -> list[_Queued]:
         """The next key's oldest request, then compatible ones from the keys in turn, up to the step's capacity."""
         if self._step_mode:  # its own call, answered as soon as it leaves the running set
-            return [self._queue.popleft()]
+            queued = self._queue.popleft()
+            self.engine.place([queued.request])  # counted there now: its step begins in a thread, later
+            return [queued]
         return self._queue.take_batch(self._step_capacity, lambda queued: queued.request.batch_key())
 
     async def _run_step(self, batch: list[_Queued]) -> None:
@@ -381,4 +374,4 @@ class AsyncDiffusionEngine:
             self._running.dec(len(batch))
             self._free_slots.release()
             self._steps.discard(asyncio.current_task())
-            self._free_room([queued.request.request_id for queued in batch])
+            self._changed.set()

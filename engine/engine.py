@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +20,7 @@ from engine.images import to_pil
 from engine.lora import LoraRegistry
 from engine.rank_groups import RankGroups
 from engine.requests import RequestRules
+from engine.running_sets import RunningSetRoom
 from executors import (
     ExecutorError,
     RpcTimeoutError,
@@ -125,7 +125,6 @@ class DiffusionEngine:
         self.progress_listeners: list[Callable[[PartialImages | StepProgress], None]] = []
         # Step mode: called with the ids of requests whose last denoising step begins (from another thread).
         self.finishing_listeners: list[Callable[[tuple[str, ...]], None]] = []
-        self._lock = threading.Lock()
         executor_class = get_executor_class(od_config.distributed_executor_backend)
         self.executor = executor_class(od_config)
         self.rank_groups = RankGroups(self.executor, od_config, self._turn_fatal)
@@ -151,9 +150,8 @@ class DiffusionEngine:
         self.rules = RequestRules(od_config, self.model_info, self.defaults, self.loras)
         # request or step (--scheduling): whether a step carries one request the workers run in their running set.
         self.scheduling = self._scheduling_in_force()
-        # Step mode with data parallel: request id -> (its rank group, its images), for the requests sent and not
-        # yet in their last denoising step: the room they take in their group's running set (see _route).
-        self._room_taken: dict[str, tuple[int, int]] = {}
+        # Step mode: the requests in each rank group's running set, and when each is due there.
+        self.running_sets = RunningSetRoom(od_config.max_batch_size, od_config.num_rank_groups)
         if od_config.compile != "none":
             metrics.RECOMPILES.labels(od_config.model_name)  # exported from the start, at 0
         for component, size in (self.model_info.get("weight_bytes") or {}).items():
@@ -187,6 +185,13 @@ class DiffusionEngine:
         An invalid request or a pipeline failure is reported in that output's ``error``; a
         failure of the workers themselves raises EngineDeadError or RequestTimeoutError.
         """
+        try:
+            return self._step(requests)
+        finally:
+            if self.scheduling == "step":  # out of their running sets, placed there by the async front or _route
+                self.running_sets.answered(request.request_id for request in requests)
+
+    def _step(self, requests: list[OmniDiffusionRequest]) -> list[DiffusionOutput]:
         outputs: dict[str, DiffusionOutput] = {}
         runnable: dict[str, OmniDiffusionRequest] = {}
         for request in requests:
@@ -223,8 +228,8 @@ class DiffusionEngine:
             model_name = self.od_config.model_name
             metrics.RUNNING_SET_SIZE.labels(model_name, str(progress.rank)).set(progress.running)
             metrics.RUNNING_SET_ADMISSIONS.labels(model_name).observe(progress.admitted)
+            self.running_sets.iterated(progress.rank // self.od_config.rank_group_size, progress.finishing)
             if progress.finishing:
-                self._free_room(progress.finishing)
                 for listener in self.finishing_listeners:
                     listener(progress.finishing)
             return
@@ -250,7 +255,7 @@ class DiffusionEngine:
         if not serving:
             raise self.rank_groups.no_serving_error()
         group = self._route(requests, serving)
-        if group is not None:
+        if group is not None and self.od_config.num_rank_groups > 1:
             kwargs: dict = {"group": group}
         else:
             kwargs = {} if len(serving) == self.od_config.num_rank_groups else {"groups": tuple(serving)}
@@ -270,9 +275,6 @@ class DiffusionEngine:
             lost = {request.request_id: failure for index in failed for request in shares[index]}
             replies, failures = self._generate([r for r in requests if r.request_id not in lost], retry)
             return replies, {**failures, **lost}
-        finally:
-            if group is not None:
-                self._free_room([request.request_id for request in requests])
         # A rank group's leader answers for it; its other ranks made the same images with it.
         replies = [reply for shard in shards[:: self.od_config.rank_group_size] for reply in shard]
         answered = {reply.request_id for reply in replies}
@@ -288,24 +290,23 @@ class DiffusionEngine:
         return replies + more, failures
 
     def _route(self, requests: list[OmniDiffusionRequest], serving: list[int]) -> int | None:
-        """Step mode with data parallel: the serving rank group with the most free room (the fewest images
-        sent and not yet in their last step) takes the whole step. None: every serving group takes its share
-        (group_shares)."""
-        if self.scheduling != "step" or self.od_config.num_rank_groups == 1:
+        """Step mode: the serving rank group whose running set takes the whole step (RunningSetRoom.place), its
+        requests counted there. None: every serving group takes its share (group_shares)."""
+        if self.scheduling != "step":
             return None
-        with self._lock:
-            taken = dict.fromkeys(serving, 0)
-            for group, images in self._room_taken.values():
-                if group in taken:
-                    taken[group] += images
-            group = min(serving, key=taken.__getitem__)
-            self._room_taken.update((request.request_id, (group, request.num_images)) for request in requests)
-        return group
+        return self.running_sets.place(requests, serving)
 
-    def _free_room(self, request_ids: Iterable[str]) -> None:
-        with self._lock:
-            for request_id in request_ids:
-                self._room_taken.pop(request_id, None)
+    def runs_at_once(self, request: OmniDiffusionRequest) -> bool:
+        """Step mode: whether a serving rank group's running set would run ``request`` at its next iteration."""
+        serving = self.rank_groups.serving()
+        return not serving or self.running_sets.choose([request], serving)[1]
+
+    def place(self, requests: list[OmniDiffusionRequest]) -> None:
+        """Step mode: count ``requests`` in the running set that will run them as they leave the queue, so that
+        the next ``runs_at_once`` sees them before their step begins; ``step`` sends them there."""
+        serving = self.rank_groups.serving()
+        if serving:
+            self.running_sets.place(requests, serving)
 
     def _call_ranks(
         self,

@@ -103,6 +103,35 @@ def test_the_next_request_is_sent_while_the_leaving_one_has_its_last_step(step_e
     assert len(pixels(full_output)) == 4 and len(pixels(later_output)) == 1
 
 
+def test_a_short_request_overtakes_a_running_set_full_of_a_long_one(step_engine):
+    long = fox(40, 33, num_images=4, progress=True)  # the whole running set: max_batch_size 4
+    short = fox(3, 34)
+
+    async def scenario():
+        front = AsyncDiffusionEngine(step_engine)
+        front.start()
+        finished = []
+        try:
+            async def run(request):
+                output = await front.generate(request)
+                finished.append(request.request_id)
+                return output
+
+            long_task = asyncio.ensure_future(run(long))
+            async for item in _progress_of(front, long):
+                if isinstance(item, StepProgress):
+                    break
+            # Due at its 3rd step, long before the long one's 40th: it is sent at once, and the long one pauses.
+            short_output = await run(short)
+            assert finished == [short.request_id]
+            return await long_task, short_output
+        finally:
+            await front.close()
+
+    long_output, short_output = asyncio.run(scenario())
+    assert len(pixels(long_output)) == 4 and len(pixels(short_output)) == 1
+
+
 async def _progress_of(front: AsyncDiffusionEngine, request: OmniDiffusionRequest):
     """The progress of a request already running through ``front``, from the engine's listeners."""
     queue: asyncio.Queue = asyncio.Queue()

@@ -17,6 +17,7 @@ from engine import (
     OmniDiffusionRequest,
 )
 from engine.fair_queue import FairQueue
+from engine.running_sets import RunningSetRoom
 
 
 @dataclass(eq=False)
@@ -198,7 +199,8 @@ def test_peek_names_the_request_popleft_takes_without_taking_it():
 
 class FakeEngine:
     """What AsyncDiffusionEngine uses of a DiffusionEngine. Each request's step() returns once the test
-    releases it; ``sent`` lists the requests in the order they were sent to the workers."""
+    releases it; ``sent`` lists the requests in the order they were sent to the workers, whose one running
+    set is the engine's own RunningSetRoom."""
 
     def __init__(self, scheduling: str, ready: bool = True, **settings):
         self.od_config = OmniDiffusionConfig(model="tiny", **settings)
@@ -206,6 +208,8 @@ class FakeEngine:
         self.ready = ready
         self.fatal_error = None
         self.progress_listeners = []
+        self.finishing_listeners = []
+        self.running_sets = RunningSetRoom(self.od_config.max_batch_size, 1)
         self.sent: list[str] = []
         self._released: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
@@ -222,6 +226,12 @@ class FakeEngine:
     def cancel(self, request_ids) -> None:
         pass
 
+    def runs_at_once(self, request) -> bool:
+        return self.running_sets.choose([request], [0])[1]
+
+    def place(self, requests) -> None:
+        self.running_sets.place(requests, [0])
+
     def release(self, prompt: str) -> None:
         self._event(prompt).set()
 
@@ -234,11 +244,12 @@ class FakeEngine:
             self.sent.append(request.prompt)
         for request in requests:
             assert self._event(request.prompt).wait(30), f"{request.prompt} was never released"
+        self.running_sets.answered(request.request_id for request in requests)
         return [DiffusionOutput(request.request_id, [], 0) for request in requests]
 
 
 def fox(prompt: str, n: int = 1):
-    return OmniDiffusionRequest(prompt, num_images=n)
+    return OmniDiffusionRequest(prompt, num_images=n, num_inference_steps=4)
 
 
 async def until(condition, what: str, timeout_s: float = 10) -> None:

@@ -1,4 +1,5 @@
-"""Pure pieces of step mode: which requests may share a running set, and when partial images are taken."""
+"""Pure pieces of step mode: which requests may share a running set, when partial images are taken, and when
+the engine sends a request to a running set."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 
 import numpy as np
 
+from engine.running_sets import RunningSetRoom
 from workers.data import LoraWeight, OmniDiffusionRequest
 from workers.runtime.step_batching import request_refusal
 from workers.worker import partial_image_steps
@@ -39,3 +41,36 @@ def test_partial_images_are_evenly_spaced_and_never_the_last_step():
     assert partial_image_steps(3, 8) == [2, 4, 6]
     assert partial_image_steps(2, 3) == [1, 2]
     assert partial_image_steps(3, 2) == [1]  # fewer steps than partial images asked for
+
+
+def fox(steps: int, images: int = 1) -> OmniDiffusionRequest:
+    return OmniDiffusionRequest("a fox", num_inference_steps=steps, num_images=images)
+
+
+def test_a_request_is_sent_where_it_would_run_at_once_earliest_deadline_first():
+    room = RunningSetRoom(max_images=4, num_groups=1)
+    long = fox(40, images=4)
+    room.place([long], [0])  # due at iteration 40: the running set is full
+    assert room.choose([fox(4)], [0]) == (0, True)  # due at 4: it overtakes, the long one pauses
+    for _ in range(38):
+        room.iterated(0, ())
+    assert room.choose([fox(4)], [0]) == (0, False)  # due at 42 now, after the long one: it would wait
+    room.iterated(0, (long.request_id,))  # the long one's last step begins: its room frees
+    assert room.choose([fox(4, images=4)], [0]) == (0, True)
+    room.answered([long.request_id])
+    assert room.choose([fox(4, images=9)], [0]) == (0, True)  # larger than the set: it goes when nothing is due
+
+
+def test_a_request_goes_to_the_group_where_it_runs_at_once_and_pauses_the_least():
+    room = RunningSetRoom(max_images=2, num_groups=3)
+    room.place([fox(10, images=2)], [0])
+    room.place([fox(2, images=2)], [1])
+    room.place([fox(10)], [2])
+    # Group 0 and 2 would run it at once (their requests are due later); group 2 runs fewer images.
+    assert room.choose([fox(4)], [0, 1, 2]) == (2, True)
+    assert room.choose([fox(4)], [0, 1]) == (0, True)
+    assert room.choose([fox(4)], [1]) == (1, False)  # group 1's request is due first and fills it
+    placed = fox(4)
+    assert room.place([placed], [0, 1, 2]) == 2
+    assert room.place([placed], [0, 1, 2]) == 2  # placed already (by the async front): it stays
+    assert room.place([placed], [0, 1]) == 0  # its group was set aside since: placed anew
