@@ -42,6 +42,8 @@ class _Queued:
     deadline: float
     key: str = ""
     enqueued_at: float = field(default_factory=time.monotonic)
+    # Step mode: the running sets' iteration (RunningSetRoom.iteration) it was queued at, plus its steps.
+    deadline_iteration: int = 0
 
     @property
     def images(self) -> int:
@@ -173,7 +175,8 @@ class AsyncDiffusionEngine:
         now = time.monotonic()
         loop = asyncio.get_running_loop()
         queued = _Queued(
-            prepared, loop.create_future(), deadline=now + self._request_timeout_s, key=key, enqueued_at=now
+            prepared, loop.create_future(), deadline=now + self._request_timeout_s, key=key, enqueued_at=now,
+            deadline_iteration=self.engine.running_sets.iteration() + (prepared.num_inference_steps or 0),
         )
         self._queue.append(queued)
         self._waiting.inc()
@@ -322,13 +325,30 @@ class AsyncDiffusionEngine:
                 pass
 
     def _room_for_next_request(self) -> bool:
-        """Step mode: whether a rank group's running set would run the request whose turn it is at once."""
-        return self.engine.runs_at_once(self._queue.peek().request)
+        """Step mode: whether a request can be sent now (see _next_request)."""
+        return self._next_request() is not None
+
+    def _next_request(self) -> _Queued | None:
+        """Step mode: the request whose turn it is when a rank group's running set would run it at once. Else,
+        while it waits for room, the first queued request that would run at once and that the running set
+        would run before it anyway (due earlier: it would finish sooner than the waiting one's deadline), so
+        that a long request waiting for room does not hold up short ones that fit; none is due earlier once
+        the waiting one has waited as long as its own steps, so it is never passed for ever."""
+        turn = self._queue.peek()
+        if self.engine.runs_at_once(turn.request):
+            return turn
+        now = self.engine.running_sets.iteration()
+        for queued in self._queue.in_turn():
+            due_earlier = now + (queued.request.num_inference_steps or 0) < turn.deadline_iteration
+            if queued is not turn and due_earlier and self.engine.runs_at_once(queued.request):
+                return queued
+        return None
 
     def _take_batch(self) -> list[_Queued]:
         """The next key's oldest request, then compatible ones from the keys in turn, up to the step's capacity."""
         if self._step_mode:  # its own call, answered as soon as it leaves the running set
-            queued = self._queue.popleft()
+            queued = self._next_request() or self._queue.peek()  # peek: the batch timeout sends it regardless
+            self._queue.take(queued)
             self.engine.place([queued.request])  # counted there now: its step begins in a thread, later
             return [queued]
         return self._queue.take_batch(self._step_capacity, lambda queued: queued.request.batch_key())

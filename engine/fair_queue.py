@@ -116,6 +116,17 @@ class FairQueue(Generic[Q]):
         self._served([key])
         return item
 
+    def in_turn(self) -> Iterator[Q]:
+        """Every queued request: the keys in the order their turns come, each key's in arrival order."""
+        for key in self.keys():
+            yield from list(self._by_key[key])
+
+    def take(self, item: Q) -> None:
+        """Take ``item`` out as served, out of its turn (a request that may pass the next one; see the batcher)."""
+        self._by_key[item.key].remove(item)
+        self._taken(item)
+        self._served([item.key])
+
     def take_batch(self, capacity: int, batch_key: Callable[[Q], Hashable]) -> list[Q]:
         """The oldest request of the key whose turn it is, then requests with its ``batch_key`` from each
         key in turn (its oldest such request, round after round) while the batch holds at most

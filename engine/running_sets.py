@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from workers.data import OmniDiffusionRequest
+from workers.data import OmniDiffusionRequest, late_room
 
 
 @dataclass
@@ -23,7 +23,8 @@ class RunningSetRoom:
 
     A worker's running set (workers.runtime.step_batching.RunningSet) gives each request a deadline, the
     iteration it arrived at plus its step count, and runs the earliest deadlines first, up to
-    ``max_batch_size`` images per iteration; the others pause. Here each group's iterations are counted
+    ``max_batch_size`` images per iteration (those past their deadline, up to half of it while others
+    wait); the others pause. Here each group's iterations are counted
     from its RunningSetIteration reports, so the same deadlines are known: a request fits a group when
     the images due no later than it, and its own, fit in one iteration (a larger request, when nothing
     is due before it). It is then sent and runs at the group's next iteration: the fair queue, not a
@@ -60,6 +61,11 @@ class RunningSetRoom:
                 self._placed[request.request_id] = _Placed(group, request.num_images, deadline)
             return group
 
+    def iteration(self) -> int:
+        """Iterations of the busiest group so far: the clock of the deadlines of requests still queued."""
+        with self._lock:
+            return max(self._iterations)
+
     def iterated(self, group: int, finishing: Iterable[str]) -> None:
         """``group``'s running set ran an iteration, after which the ``finishing`` requests have one step left."""
         with self._lock:
@@ -89,9 +95,15 @@ class RunningSetRoom:
 
     def _due(self, group: int, deadline: int | None) -> int:
         """Images in ``group``'s running set that run before a request due at ``deadline`` (None: all of them)
-        and stay after this iteration."""
-        return sum(
-            placed.images
-            for placed in self._placed.values()
-            if placed.group == group and not placed.finishing and (deadline is None or placed.deadline <= deadline)
-        )
+        and stay after this iteration: those on time and due first, and those past their deadline up to
+        the share of a call they take while others wait (workers.data.late_room)."""
+        now = self._iterations[group]
+        late = on_time = 0
+        for placed in self._placed.values():
+            if placed.group != group or placed.finishing:
+                continue
+            if placed.deadline <= now:
+                late += placed.images
+            elif deadline is None or placed.deadline <= deadline:
+                on_time += placed.images
+        return on_time + (late if deadline is None else min(late, late_room(self._max_images)))

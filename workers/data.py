@@ -232,6 +232,12 @@ class RunningSetIteration:
     finishing: tuple[str, ...] = ()
 
 
+def late_room(max_images: int) -> int:
+    """Step mode: the images of one denoiser call that requests past their deadline take while requests on time
+    wait (workers.runtime.step_batching.RunningSet): half of ``max_batch_size``."""
+    return max(1, max_images // 2)
+
+
 # What a worker's host sends on while a call runs, ahead of the call's reply.
 WorkerProgress = PartialImageOutput | StepProgress | RunningSetIteration
 

@@ -210,6 +210,25 @@ def test_a_short_request_at_a_full_running_set_goes_first_while_a_long_one_pause
     assert_same_pixels_as_alone(worker, [*longs, short], outputs)
 
 
+def test_requests_past_their_deadline_take_half_a_call_while_requests_on_time_wait(worker_of):
+    worker = worker_of("tiny", max_batch_size=2)
+    late = [filled(worker, 3, 81), filled(worker, 3, 82)]  # due at iteration 3
+    running = RunningSet(worker)
+    running.add(late)
+    running.iterate()
+    running.add([filled(worker, 1, 83), filled(worker, 1, 84)])  # due at 2: they go first, the two pause
+    running.iterate()
+    running.iterate()  # the two again: one step left each, and at iteration 3 they are late
+    on_time = [filled(worker, 2, 85), filled(worker, 2, 86)]  # due at 5
+    running.add(on_time)
+    (left,) = running.iterate()
+    # One late request (half of 2 images) had its last step beside one on time; the other late one waits.
+    assert left.request_id == late[0].request_id
+    assert [r.request.request_id for r in running.batch] == [on_time[0].request_id]
+    outputs, _ = run_to_the_end(running)
+    assert_same_pixels_as_alone(worker, [*late, *on_time], {**outputs, left.request_id: left})
+
+
 def test_requests_with_different_lora_adapter_sets_never_share_a_denoiser_call(worker_of, model_cache, tmp_path):
     worker = worker_of("tiny", max_batch_size=4)  # its own worker: the adapters stay loaded on it
     for name, seed in (("sharp", 1), ("pastel", 2)):

@@ -248,8 +248,8 @@ class FakeEngine:
         return [DiffusionOutput(request.request_id, [], 0) for request in requests]
 
 
-def fox(prompt: str, n: int = 1):
-    return OmniDiffusionRequest(prompt, num_images=n, num_inference_steps=4)
+def fox(prompt: str, n: int = 1, steps: int = 4):
+    return OmniDiffusionRequest(prompt, num_images=n, num_inference_steps=steps)
 
 
 async def until(condition, what: str, timeout_s: float = 10) -> None:
@@ -307,6 +307,34 @@ def test_step_mode_sends_a_request_only_when_the_running_set_has_room_so_the_fai
             engine.release(name)
         await asyncio.gather(*floods)
         assert engine.sent == ["f0", "s", "f1", "f2"]
+        await front.close()
+
+    asyncio.run(scenario())
+
+
+def test_step_mode_lets_a_short_request_pass_a_long_one_waiting_for_room_until_the_long_one_is_due():
+    engine = FakeEngine("step", max_batch_size=8)
+
+    async def scenario():
+        front = AsyncDiffusionEngine(engine)
+        front.start()
+        running = asyncio.ensure_future(front.generate(fox("long", 4, steps=40)))
+        await until(lambda: engine.sent == ["long"], "the long one to be sent")
+        waiting = asyncio.ensure_future(front.generate(fox("waiting", 8, steps=40)))  # due at 40: 4 + 8 images
+        first = asyncio.ensure_future(front.generate(fox("short", 1)))  # due at 4: it runs before both
+        await until(lambda: engine.sent == ["long", "short"], "the short request to pass")
+        engine.release("short")
+        await first
+        for _ in range(37):  # the running set's iterations: a short request sent now is due at 41, after it
+            engine.running_sets.iterated(0, ())
+        later = asyncio.ensure_future(front.generate(fox("later", 1)))
+        await until(lambda: front.queue_room("").remaining == front.queue_room("").limit - 9, "both to queue")
+        assert engine.sent == ["long", "short"]  # it would fit beside the long one, but it is due after the waiting one
+        engine.release("long")
+        await until(lambda: engine.sent == ["long", "short", "waiting", "later"], "the waiting one, then the later")
+        for name in ("waiting", "later"):
+            engine.release(name)
+        await asyncio.gather(running, waiting, later)
         await front.close()
 
     asyncio.run(scenario())

@@ -74,3 +74,13 @@ def test_a_request_goes_to_the_group_where_it_runs_at_once_and_pauses_the_least(
     assert room.place([placed], [0, 1, 2]) == 2
     assert room.place([placed], [0, 1, 2]) == 2  # placed already (by the async front): it stays
     assert room.place([placed], [0, 1]) == 0  # its group was set aside since: placed anew
+
+
+def test_requests_past_their_deadline_count_for_half_the_set_before_a_request_on_time():
+    room = RunningSetRoom(max_images=4, num_groups=1)
+    room.place([fox(2, images=4)], [0])  # due at iteration 2
+    assert room.choose([fox(4)], [0]) == (0, False)
+    room.iterated(0, ())
+    room.iterated(0, ())  # paused for others: it is late now, and takes half of each call while others wait
+    assert room.choose([fox(4)], [0]) == (0, True)
+    assert room.choose([fox(4, images=3)], [0]) == (0, False)

@@ -32,6 +32,7 @@ from workers.data import (
     StepProgress,
     WorkerProgress,
     image_slices,
+    late_room,
 )
 from workers.logs import describe_error
 from workers.runtime.denoise_loops import STEP_LOOPS, RunningRequest
@@ -101,6 +102,17 @@ def request_refusal(request: OmniDiffusionRequest) -> str | None:
     return None
 
 
+def _fill(chosen: list, candidates: list, max_images: int) -> list:
+    """``chosen`` and then ``candidates`` in order while their images fit in ``max_images`` (the first always)."""
+    images = sum(request.num_images for request, _ in chosen)
+    for request, started in candidates:
+        if chosen and images + request.num_images > max_images:
+            break
+        chosen = [*chosen, (request, started)]
+        images += request.num_images
+    return chosen
+
+
 class RunningSet:
     """The requests one worker is denoising, advanced together one step per ``iterate()``.
 
@@ -110,7 +122,9 @@ class RunningSet:
     call takes the earliest deadlines, up to ``max_batch_size`` images, among the requests that share
     the running set's ``step_key``; the others wait, paused with their latents and scheduler. So a
     4-step request that arrives behind 40-step ones goes first, and a 40-step one still runs once its
-    deadline is the earliest: no request starves. A waiting request with another key stops the
+    deadline is the earliest: no request starves. Requests past their deadline take at most
+    ``late_room`` of a call while requests on time wait, so that a set of long requests paused for short
+    ones catches up without shutting the next short ones out. A waiting request with another key stops the
     requests behind it from joining until the running set has drained. A request's text is encoded
     when it first joins a call. Cancelled requests (WorkerWrapperBase.cancel) leave at the next iteration.
 
@@ -217,12 +231,12 @@ class RunningSet:
             [(r.request, r) for r in self.running] + [(request, None) for request in joinable],
             key=lambda candidate: self._deadlines[candidate[0].request_id],  # sorted() is stable: ties by arrival
         )
-        chosen, images = [], 0
-        for request, started in candidates:
-            if chosen and images + request.num_images > self.max_images:
-                break
-            chosen.append((request, started))
-            images += request.num_images
+        late = [c for c in candidates if self._deadlines[c[0].request_id] <= self.iteration]
+        on_time = [c for c in candidates if self._deadlines[c[0].request_id] > self.iteration]
+        # Late requests take at most LATE_SHARE of the call while others wait, then whatever room is left.
+        chosen = _fill([], late, late_room(self.max_images))
+        chosen = _fill(chosen, on_time, self.max_images)
+        chosen = _fill(chosen, [c for c in late if c not in chosen], self.max_images)
         starting = [request for request, started in chosen if started is None]
         ids = {request.request_id for request in starting}
         self.waiting = deque(request for request in self.waiting if request.request_id not in ids)
