@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 # In step mode each step is one request, sent while the rank groups have room for it: up to what their running
 # sets take in one iteration (max_batch_size images each; a larger request goes alone), so that the fair queue,
 # not the workers' own queues, decides whose request runs next (engine.running_sets.RunningSetRoom). A request's
-# room frees as its last denoising step begins (the worker says so): the next request then reaches the worker
-# while that step runs, and joins the running set at the iteration after, not one round trip later.
+# room frees as its last two denoising steps begin (the worker says so): the next request then reaches the
+# worker while they run, and joins the running set as it leaves, not one round trip later.
 PIPELINE_DEPTH = 2
 # While a worker restarts, how often the scheduler looks whether the engine is ready again.
 _READINESS_POLL_S = 0.1

@@ -123,7 +123,7 @@ class DiffusionEngine:
         self.fatal_listeners: list[Callable[[str], None]] = []
         # Called with each PartialImages or StepProgress of a running request (see the class docstring).
         self.progress_listeners: list[Callable[[PartialImages | StepProgress], None]] = []
-        # Step mode: called with the ids of requests whose last denoising step begins (from another thread).
+        # Step mode: called with the ids of requests whose last denoising steps begin (from another thread).
         self.finishing_listeners: list[Callable[[tuple[str, ...]], None]] = []
         executor_class = get_executor_class(od_config.distributed_executor_backend)
         self.executor = executor_class(od_config)

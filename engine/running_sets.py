@@ -15,7 +15,7 @@ class _Placed:
     group: int
     images: int
     deadline: int  # in its group's iterations, as the worker sets it: arrival plus steps
-    finishing: bool = False  # its last step has begun
+    finishing: bool = False  # it has its last steps (workers.runtime.step_batching.FINISHING_STEPS)
 
 
 class RunningSetRoom:
@@ -29,7 +29,7 @@ class RunningSetRoom:
     the images due no later than it, and its own, fit in one iteration (a larger request, when nothing
     is due before it). It is then sent and runs at the group's next iteration: the fair queue, not a
     worker's own queue, decides whose request runs next, and a short request still overtakes long ones.
-    A request's room frees as its last step begins (the worker names it finishing) or when it is answered.
+    A request's room frees as its last two steps begin (the worker names it finishing) or when it is answered.
 
     Thread-safe: the scheduler asks and places, steps are answered, and iterations come from executor threads.
     """
@@ -67,7 +67,7 @@ class RunningSetRoom:
             return max(self._iterations)
 
     def iterated(self, group: int, finishing: Iterable[str]) -> None:
-        """``group``'s running set ran an iteration, after which the ``finishing`` requests have one step left."""
+        """``group``'s running set ran an iteration, after which the ``finishing`` requests have their last steps."""
         with self._lock:
             self._iterations[group] += 1
             for request_id in finishing:

@@ -222,9 +222,10 @@ class StepProgress:
 @dataclass(frozen=True)
 class RunningSetIteration:
     """One iteration of a worker's running set (step mode): the requests left in it, how many joined, and
-    ``finishing``, the ids of the requests whose next step is their last. A worker host sends it like
-    progress, on a call still running; the engine turns it into metrics, and sends the next requests for
-    the finishing ones' room while their last step runs."""
+    ``finishing``, the ids of the requests with at most two steps left
+    (workers.runtime.step_batching.FINISHING_STEPS). A worker host sends it like progress, on a call still
+    running; the engine turns it into metrics, and sends the next requests for the finishing ones' room
+    while their last steps run."""
 
     rank: int
     running: int

@@ -169,7 +169,7 @@ def test_max_batch_size_caps_the_images_in_the_running_set(worker_of):
     assert_same_pixels_as_alone(worker, requests, {**outputs, left[0].request_id: left[0]})
 
 
-def test_each_request_is_named_finishing_by_the_iteration_before_its_last(worker_of):
+def test_each_request_is_named_finishing_while_it_has_its_last_two_steps(worker_of):
     worker = worker_of("tiny", max_batch_size=4)
     short, long = filled(worker, 2, 71), filled(worker, 4, 72, num_images=2)
     running = RunningSet(worker)
@@ -180,8 +180,8 @@ def test_each_request_is_named_finishing_by_the_iteration_before_its_last(worker
             break
         left.append([output.request_id for output in running.iterate()])
         finishing.append(running.finishing)
-    # The engine sends the next request for their room while their last step runs.
-    assert finishing == [(short.request_id,), (), (long.request_id,), ()]
+    # The engine sends the next requests for their room while their last steps run.
+    assert finishing == [(short.request_id,), (long.request_id,), (long.request_id,), ()]
     assert left == [[], [short.request_id], [], [long.request_id]]
 
 

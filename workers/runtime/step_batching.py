@@ -41,6 +41,10 @@ from workers.runtime.stages import Cancellations, StageTimer, count_usage, decod
 logger = logging.getLogger(__name__)
 
 CANCELLED = "cancelled: the client went away"
+# A request is named finishing when it has this many steps left: the requests that replace it reach the worker
+# while it has its last two, and those that replace a batch that ends together join together, at the
+# iteration after (one text-encoder call, and again one decode when they end), not one by one as they arrive.
+FINISHING_STEPS = 2
 
 
 class StepWorker(Protocol):
@@ -147,7 +151,7 @@ class RunningSet:
         self._key: tuple | None = None
         # Requests admitted by the latest iteration (a metric: admissions per iteration).
         self.admitted = 0
-        # Ids of the requests of the latest call that have one step left: they leave at the next iteration.
+        # Ids of the requests of the latest call that have at most FINISHING_STEPS steps left.
         self.finishing: tuple[str, ...] = ()
         self._default_guidance = inspect.signature(type(self.pipeline).__call__).parameters["guidance_scale"].default
 
@@ -195,7 +199,7 @@ class RunningSet:
         if self.batch:
             self.batch[0].compiled_graphs += call["compiled_graphs"]
         self.batch = [r for r in self.batch if all(r is not other for other in leaving)]
-        self.finishing = tuple(r.request.request_id for r in self.batch if r.total_steps - r.step == 1)
+        self.finishing = tuple(r.request.request_id for r in self.batch if r.total_steps - r.step <= FINISHING_STEPS)
         outputs += [self._output(r) for r in leaving]
         for output in outputs:
             self._deadlines.pop(output.request_id, None)
