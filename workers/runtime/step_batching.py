@@ -14,6 +14,7 @@ workers/runtime/denoise_loops.py.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import logging
@@ -148,6 +149,7 @@ class RunningSet:
         self._deadlines: dict[str, int] = {}  # request id -> its arrival iteration plus its step count
         self._encoded: set[str] = set()  # ids of the requests whose images the worker encodes (the serving path)
         self._loop = None  # the family's loop, made for the running set's key
+        self._scheduler = None  # a fresh scheduler, made with the loop: each request's own is a copy of it
         self._key: tuple | None = None
         # Requests admitted by the latest iteration (a metric: admissions per iteration).
         self.admitted = 0
@@ -205,7 +207,7 @@ class RunningSet:
             self._deadlines.pop(output.request_id, None)
             self._encoded.discard(output.request_id)
         if not self.running:
-            self._key = self._loop = None
+            self._key = self._loop = self._scheduler = None
             self.pipeline.maybe_free_model_hooks()  # offload hooks re-armed, as at the end of a pipeline call
         return outputs
 
@@ -230,6 +232,8 @@ class RunningSet:
             guidance = first.guidance_scale if first.guidance_scale is not None else self._default_guidance
             self._key = first.step_key()
             self._loop = STEP_LOOPS[type(self.pipeline).__name__](self.pipeline, guidance)
+            # A copy costs a quarter of from_config's parsing of the config, once per request.
+            self._scheduler = type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
         joinable = list(itertools.takewhile(lambda request: request.step_key() == self._key, self.waiting))
         candidates = sorted(
             [(r.request, r) for r in self.running] + [(request, None) for request in joinable],
@@ -260,7 +264,7 @@ class RunningSet:
         try:
             # Adapters change the text encoder too: in effect before the prompts are encoded.
             self.worker.loras.activate(first.loras)
-            schedulers = [type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config) for _ in requests]
+            schedulers = [copy.deepcopy(self._scheduler) for _ in requests]
             generators = [[torch.Generator().manual_seed(seed) for seed in r.image_seeds()] for r in requests]
             return self._loop.start(requests, schedulers, generators), []
         except Exception as error:  # noqa: BLE001 - reported for the request that caused it
