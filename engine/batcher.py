@@ -21,11 +21,11 @@ logger = logging.getLogger(__name__)
 
 # Steps in flight at once. A second step is sent only when it is full, so it waits at the workers
 # while the first runs and they never idle between steps; a partial batch waits for the first to end.
-# In step mode each step is one request, sent while the rank groups have room for it: up to what their running
-# sets take in one iteration (max_batch_size images each; a larger request goes alone), so that the fair queue,
-# not the workers' own queues, decides whose request runs next (engine.running_sets.RunningSetRoom). A request's
-# room frees as its last two denoising steps begin (the worker says so): the next request then reaches the
-# worker while they run, and joins the running set as it leaves, not one round trip later.
+# In step mode each step is one request, sent when a rank group's running set would run it at its next
+# iteration (engine.running_sets.RunningSetRoom: max_batch_size images each, earliest deadline first), so that
+# the fair queue, not the workers' own queues, decides whose request runs next. A request's room frees as its
+# last two denoising steps begin (the worker says so): the next request then reaches the worker while they
+# run, and joins the running set as it leaves, not one round trip later.
 PIPELINE_DEPTH = 2
 # While a worker restarts, how often the scheduler looks whether the engine is ready again.
 _READINESS_POLL_S = 0.1

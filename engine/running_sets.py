@@ -24,12 +24,12 @@ class RunningSetRoom:
     A worker's running set (workers.runtime.step_batching.RunningSet) gives each request a deadline, the
     iteration it arrived at plus its step count, and runs the earliest deadlines first, up to
     ``max_batch_size`` images per iteration (those past their deadline, up to half of it while others
-    wait); the others pause. Here each group's iterations are counted
-    from its RunningSetIteration reports, so the same deadlines are known: a request fits a group when
-    the images due no later than it, and its own, fit in one iteration (a larger request, when nothing
-    is due before it). It is then sent and runs at the group's next iteration: the fair queue, not a
-    worker's own queue, decides whose request runs next, and a short request still overtakes long ones.
-    A request's room frees as its last two steps begin (the worker names it finishing) or when it is answered.
+    wait); the others pause. Here each group's iterations are counted from its RunningSetIteration
+    reports, so the same deadlines are known: a request fits a group when the images due no later than
+    it, and its own, fit in one iteration (a larger request, when nothing is due before it). It is then
+    sent and runs at the group's next iteration: the fair queue, not a worker's own queue, decides whose
+    request runs next, and a short request still overtakes long ones. A request's room frees as its last
+    two steps begin (the worker names it finishing) or when it is answered.
 
     Thread-safe: the scheduler asks and places, steps are answered, and iterations come from executor threads.
     """

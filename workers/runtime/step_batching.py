@@ -110,11 +110,11 @@ def request_refusal(request: OmniDiffusionRequest) -> str | None:
 def _fill(chosen: list, candidates: list, max_images: int) -> list:
     """``chosen`` and then ``candidates`` in order while their images fit in ``max_images`` (the first always)."""
     images = sum(request.num_images for request, _ in chosen)
-    for request, started in candidates:
-        if chosen and images + request.num_images > max_images:
+    for candidate in candidates:
+        if chosen and images + candidate[0].num_images > max_images:
             break
-        chosen = [*chosen, (request, started)]
-        images += request.num_images
+        chosen = [*chosen, candidate]
+        images += candidate[0].num_images
     return chosen
 
 
@@ -241,10 +241,10 @@ class RunningSet:
         )
         late = [c for c in candidates if self._deadlines[c[0].request_id] <= self.iteration]
         on_time = [c for c in candidates if self._deadlines[c[0].request_id] > self.iteration]
-        # Late requests take at most LATE_SHARE of the call while others wait, then whatever room is left.
-        chosen = _fill([], late, late_room(self.max_images))
-        chosen = _fill(chosen, on_time, self.max_images)
-        chosen = _fill(chosen, [c for c in late if c not in chosen], self.max_images)
+        # Late requests take at most late_room of the call while others wait, then whatever room is left.
+        first_late = _fill([], late, late_room(self.max_images))
+        chosen = _fill(first_late, on_time, self.max_images)
+        chosen = _fill(chosen, late[len(first_late):], self.max_images)
         starting = [request for request, started in chosen if started is None]
         ids = {request.request_id for request in starting}
         self.waiting = deque(request for request in self.waiting if request.request_id not in ids)
