@@ -41,11 +41,14 @@ def pixels(output) -> list[np.ndarray]:
     return [np.asarray(image) for image in output.images]
 
 
+# 4 images: the whole running set (max_batch_size 4). The short one, due at its 3rd step, long before the long
+# one's 20th, is sent at once all the same, and the long one pauses for it.
+@pytest.mark.parametrize("long_images", [1, 4])
 def test_a_short_request_sent_mid_flight_returns_before_the_long_one_with_its_request_mode_pixels(
-    step_engine, request_engine
+    step_engine, request_engine, long_images
 ):
     assert step_engine.scheduling == "step"
-    long, short = fox(20, 1, progress=True), fox(3, 2)
+    long, short = fox(20, 1, num_images=long_images, progress=True), fox(3, 2)
 
     async def scenario():
         front = AsyncDiffusionEngine(step_engine)
@@ -101,35 +104,6 @@ def test_the_next_request_is_sent_while_the_leaving_one_has_its_last_step(step_e
 
     full_output, later_output = asyncio.run(scenario())
     assert len(pixels(full_output)) == 4 and len(pixels(later_output)) == 1
-
-
-def test_a_short_request_overtakes_a_running_set_full_of_a_long_one(step_engine):
-    long = fox(40, 33, num_images=4, progress=True)  # the whole running set: max_batch_size 4
-    short = fox(3, 34)
-
-    async def scenario():
-        front = AsyncDiffusionEngine(step_engine)
-        front.start()
-        finished = []
-        try:
-            async def run(request):
-                output = await front.generate(request)
-                finished.append(request.request_id)
-                return output
-
-            long_task = asyncio.ensure_future(run(long))
-            async for item in _progress_of(front, long):
-                if isinstance(item, StepProgress):
-                    break
-            # Due at its 3rd step, long before the long one's 40th: it is sent at once, and the long one pauses.
-            short_output = await run(short)
-            assert finished == [short.request_id]
-            return await long_task, short_output
-        finally:
-            await front.close()
-
-    long_output, short_output = asyncio.run(scenario())
-    assert len(pixels(long_output)) == 4 and len(pixels(short_output)) == 1
 
 
 async def _progress_of(front: AsyncDiffusionEngine, request: OmniDiffusionRequest):
