@@ -176,7 +176,7 @@ class AsyncDiffusionEngine:
         loop = asyncio.get_running_loop()
         queued = _Queued(
             prepared, loop.create_future(), deadline=now + self._request_timeout_s, key=key, enqueued_at=now,
-            deadline_iteration=self.engine.running_sets.iteration() + (prepared.num_inference_steps or 0),
+            deadline_iteration=self.engine.running_sets.iteration() + prepared.num_inference_steps,
         )
         self._queue.append(queued)
         self._waiting.inc()
@@ -258,7 +258,7 @@ class AsyncDiffusionEngine:
         if progress is not None:  # else nobody streams it (any more)
             progress.put_nowait(item)
 
-    def _on_finishing(self, request_ids: tuple[str, ...]) -> None:
+    def _on_finishing(self) -> None:
         # Called from an executor's thread: room frees in a running set.
         self._loop.call_soon_threadsafe(self._changed.set)
 
@@ -285,13 +285,15 @@ class AsyncDiffusionEngine:
     async def _schedule(self) -> None:
         while True:
             await self._free_slots.acquire()
-            await self._wait_for_batch()
-            batch = self._take_batch()
+            chosen = await self._wait_for_batch()
+            batch = self._take_batch(chosen)
             task = asyncio.get_running_loop().create_task(self._run_step(batch))
             self._steps.add(task)
             task.add_done_callback(self._steps.discard)
 
-    async def _wait_for_batch(self) -> None:
+    async def _wait_for_batch(self) -> _Queued | None:
+        """Wait until a step may leave. Step mode: returns the request it sends (see _next_request), or None
+        when the batch timeout sends the request whose turn it is regardless."""
         while True:
             now = time.monotonic()
             self._expire_overdue(now)
@@ -304,18 +306,16 @@ class AsyncDiffusionEngine:
                 except EngineDeadError as error:
                     self._fail_queued(error)
             if self._queue:
-                if self._step_mode:
-                    step_ready = self._room_for_next_request()
-                else:
-                    step_ready = self._queue.images() >= self._step_capacity
+                chosen = self._next_request() if self._step_mode and ready else None
+                step_ready = chosen is not None if self._step_mode else self._queue.images() >= self._step_capacity
                 if ready and step_ready:
-                    return
+                    return chosen
                 if not ready:
                     timeout = _READINESS_POLL_S
                 elif not self._steps:
                     timeout = min(queued.enqueued_at for queued in self._queue) + self._batch_timeout_s - now
                     if timeout <= 0:
-                        return
+                        return chosen
                 next_deadline = min(queued.deadline for queued in self._queue) - now
                 timeout = next_deadline if timeout is None else min(timeout, next_deadline)
             self._changed.clear()
@@ -323,10 +323,6 @@ class AsyncDiffusionEngine:
                 await asyncio.wait_for(self._changed.wait(), None if timeout is None else max(timeout, 0))
             except TimeoutError:
                 pass
-
-    def _room_for_next_request(self) -> bool:
-        """Step mode: whether a request can be sent now (see _next_request)."""
-        return self._next_request() is not None
 
     def _next_request(self) -> _Queued | None:
         """Step mode: the request whose turn it is when a rank group's running set would run it at once. Else,
@@ -339,15 +335,16 @@ class AsyncDiffusionEngine:
             return turn
         now = self.engine.running_sets.iteration()
         for queued in self._queue.in_turn():
-            due_earlier = now + (queued.request.num_inference_steps or 0) < turn.deadline_iteration
+            due_earlier = now + queued.request.num_inference_steps < turn.deadline_iteration
             if queued is not turn and due_earlier and self.engine.runs_at_once(queued.request):
                 return queued
         return None
 
-    def _take_batch(self) -> list[_Queued]:
-        """The next key's oldest request, then compatible ones from the keys in turn, up to the step's capacity."""
+    def _take_batch(self, chosen: _Queued | None) -> list[_Queued]:
+        """The next key's oldest request, then compatible ones from the keys in turn, up to the step's capacity.
+        Step mode: ``chosen`` alone (else the request whose turn it is)."""
         if self._step_mode:  # its own call, answered as soon as it leaves the running set
-            queued = self._next_request() or self._queue.peek()  # peek: the batch timeout sends it regardless
+            queued = chosen or self._queue.peek()
             self._queue.take(queued)
             self.engine.place([queued.request])  # counted there now: its step begins in a thread, later
             return [queued]

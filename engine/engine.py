@@ -123,8 +123,8 @@ class DiffusionEngine:
         self.fatal_listeners: list[Callable[[str], None]] = []
         # Called with each PartialImages or StepProgress of a running request (see the class docstring).
         self.progress_listeners: list[Callable[[PartialImages | StepProgress], None]] = []
-        # Step mode: called with the ids of requests whose last denoising steps begin (from another thread).
-        self.finishing_listeners: list[Callable[[tuple[str, ...]], None]] = []
+        # Step mode: called when requests' last denoising steps begin, so room frees (from another thread).
+        self.finishing_listeners: list[Callable[[], None]] = []
         executor_class = get_executor_class(od_config.distributed_executor_backend)
         self.executor = executor_class(od_config)
         self.rank_groups = RankGroups(self.executor, od_config, self._turn_fatal)
@@ -231,7 +231,7 @@ class DiffusionEngine:
             self.running_sets.iterated(progress.rank // self.od_config.rank_group_size, progress.finishing)
             if progress.finishing:
                 for listener in self.finishing_listeners:
-                    listener(progress.finishing)
+                    listener()
             return
         if isinstance(progress, PartialImageOutput):
             images = [to_pil(image) for image in progress.images]

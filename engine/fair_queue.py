@@ -110,10 +110,8 @@ class FairQueue(Generic[Q]):
 
     def popleft(self) -> Q:
         """The oldest request of the key whose turn it is; IndexError when nothing is queued."""
-        key = self._next_key()
-        item = self._by_key[key].popleft()
-        self._taken(item)
-        self._served([key])
+        item = self.peek()
+        self.take(item)
         return item
 
     def in_turn(self) -> Iterator[Q]:
@@ -122,7 +120,7 @@ class FairQueue(Generic[Q]):
             yield from list(self._by_key[key])
 
     def take(self, item: Q) -> None:
-        """Take ``item`` out as served, out of its turn (a request that may pass the next one; see the batcher)."""
+        """Take ``item`` out as served (out of its turn: a request that may pass the next one; see the batcher)."""
         self._by_key[item.key].remove(item)
         self._taken(item)
         self._served([item.key])

@@ -109,11 +109,12 @@ def request_refusal(request: OmniDiffusionRequest) -> str | None:
 
 def _fill(chosen: list, candidates: list, max_images: int) -> list:
     """``chosen`` and then ``candidates`` in order while their images fit in ``max_images`` (the first always)."""
+    chosen = list(chosen)
     images = sum(request.num_images for request, _ in chosen)
     for candidate in candidates:
         if chosen and images + candidate[0].num_images > max_images:
             break
-        chosen = [*chosen, candidate]
+        chosen.append(candidate)
         images += candidate[0].num_images
     return chosen
 
