@@ -28,7 +28,7 @@ from workers.runtime.edits import EditPipeline, edit_kwargs, edit_pipeline, refe
 from workers.runtime.encoding import ImageEncoder, encoded
 from workers.runtime.levers import Levers, apply_levers, load_device, warm_up
 from workers.runtime.lora import LoraAdapters, LoraLoadError
-from workers.runtime.memory import measure_weights, wait_for_room_to_load
+from workers.runtime.memory import keep_freed_memory, measure_weights, wait_for_room_to_load
 from workers.runtime.pipelines import native_size, resolve_device, resolve_dtype, size_multiple, task_pipelines
 from workers.runtime.quantization import QuantizationPlan
 from workers.runtime.rank_group import (
@@ -144,6 +144,8 @@ class WorkerWrapperBase:
         if self.device.type == "cuda" and config.offload != "none":
             self._measure_offload_peak()
         logger.info("rank %d levers: %s", self.rank, self.levers.description)
+        if not keep_freed_memory():
+            logger.debug("rank %d: malloc's thresholds left as they are (not glibc, or tuned by the user)", self.rank)
         return self.describe()
 
     def _measure_offload_peak(self) -> None:

@@ -6,14 +6,19 @@ warm-up call, ``max_memory_allocated``: its weights sit on the CPU between calls
 bytes of its parameters and buffers. A tensor subclass (torchao's quantized tensors) counts the inner tensors
 it holds (``__tensor_flatten__``), never its logical size. See docs/models.md.
 
+Once loaded, ``keep_freed_memory`` has glibc's malloc keep the memory a denoiser call frees for the next call.
+
 Before a CUDA rank loads, ``wait_for_room_to_load`` waits (a bounded poll) until its device has the room the
 model will take: the memory of a model the server unloaded to make room comes back once its workers have exited.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import os
+import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,34 @@ logger = logging.getLogger(__name__)
 # The longest a CUDA rank waits for its device's room before loading anyway (then CUDA's out-of-memory error,
 # if the room never came, says why the load failed).
 DEVICE_ROOM_WAIT_S = 30.0
+
+# glibc's malloc gives a freed block back to the kernel when the top of its heap has more than M_TRIM_THRESHOLD
+# free, and serves a block above M_MMAP_THRESHOLD with an mmap of its own, unmapped when freed; both thresholds
+# adapt as it goes. A denoising iteration frees and allocates tens of MiB of activations, which came back as
+# fresh zeroed pages: step mode at 64x64 on the tiny model took ~12,000 page faults and ~26 ms of system CPU per
+# image, and each denoiser call ran ~30% slower than request mode's (docs/benchmarks.md, "Page faults").
+# Fixed thresholds keep that memory in the heap for the next call.
+MMAP_THRESHOLD_BYTES = 32 * 2**20  # the most glibc takes on 64-bit (HEAP_MAX_SIZE / 2); larger blocks stay mmaps
+TRIM_THRESHOLD_BYTES = 256 * 2**20  # free memory the heap's top keeps: a 64x64 iteration's needed < 256 MiB
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
+# The user's own malloc tuning, which keep_freed_memory leaves in force.
+MALLOC_TUNING = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+
+
+def keep_freed_memory() -> bool:
+    """Hand the memory freed so far (loading's) back to the kernel, then have glibc's malloc keep what later calls
+    free for the next ones (the thresholds above). Returns whether it did: not where the C library is not glibc,
+    nor where the user tuned malloc (``MALLOC_TUNING``, or glibc.malloc tunables in ``GLIBC_TUNABLES``)."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    if any(name in os.environ for name in MALLOC_TUNING) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    libc = ctypes.CDLL(None)
+    libc.malloc_trim(0)
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
+
 
 def tensor_bytes(tensor: torch.Tensor, seen: set[int]) -> int:
     """Storage bytes of ``tensor`` not counted yet (``seen`` holds storages counted). A tensor subclass
