@@ -76,17 +76,22 @@ def summary(name: str, images: int, elapsed: float, latencies: list[float]) -> d
 
 
 # -- raw pipeline ------------------------------------------------------------------------------
-def bench_raw(args) -> list[dict]:
-    import torch
-    from diffusers import DiffusionPipeline
-
-    from workers.models.catalog import resolve_model_path
+def raw_pipeline(args):
+    """``args.model``'s pipeline in this process on ``args.device``, and that device. Loaded as a worker loads it: a
+    folder's model from disk, a random-weight one (random-sdxl) built on the device."""
+    from workers.models.catalog import load_pipeline
     from workers.runtime.pipelines import resolve_device, resolve_dtype
 
     device = resolve_device(args.device, 0)
-    dtype = resolve_dtype("auto", device)
-    pipeline = DiffusionPipeline.from_pretrained(resolve_model_path(args.model, args.cache_dir), dtype=dtype).to(device)
+    pipeline = load_pipeline(args.model, args.cache_dir, resolve_dtype("auto", device), device).to(device)
     pipeline.set_progress_bar_config(disable=True)
+    return pipeline, device
+
+
+def bench_raw(args) -> list[dict]:
+    import torch
+
+    pipeline, device = raw_pipeline(args)
 
     def call(batch: int, seed: int) -> None:
         generators = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
@@ -550,18 +555,11 @@ def bench_pixels_baseline(args) -> dict:
     import io
 
     import torch
-    from diffusers import DiffusionPipeline
     from PIL import Image
 
-    from workers.models.catalog import resolve_model_path
-    from workers.runtime.pipelines import resolve_device, resolve_dtype
     from workers.runtime.stages import to_uint8
 
-    device = resolve_device(args.device, 0)
-    pipeline = DiffusionPipeline.from_pretrained(
-        resolve_model_path(args.model, args.cache_dir), dtype=resolve_dtype("auto", device)
-    ).to(device)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline, _ = raw_pipeline(args)
 
     def one(seed: int) -> bytes:
         images = pipeline(prompt=["a red circle on a white background"], height=args.size, width=args.size,

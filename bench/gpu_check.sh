@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine (see docs/benchmarks.md). About 9 minutes of sections, each
+# One prepared run on a lent GPU machine (see docs/benchmarks.md): sections of at most 14 minutes in all, each
 # under its own time budget (`timeout`): a section that runs out is cut, the next one still runs.
 #   1. the CUDA tests                                        (100 s)
 #   2. the serving benchmark, tiny model at 512x512           (45 s)
@@ -11,11 +11,13 @@
 #   6. quantization: random-flux-dev 1024x1024, 28 steps, bfloat16 against int8wo and a float8dq
 #      transformer with an int8wo T5; seconds per image and the peak memory of a call, which
 #      must stay under 24 GiB for the quantized FLUX-dev-size pipeline   (150 s)
+#   7. images at GPU speed: random-sdxl 1024x1024, 4 steps, the raw pipeline plus one PNG write against
+#      imagegen at 1 and 8 clients: images/s, p50, and the server's CPU per image    (150 s)
 # Arguments pick sections by name (cuda-tests bench-tiny-512 levers-flux-dev levers-sdxl cfg-pair-512
-# quantization); none runs them all, about 11 minutes:
+# quantization pixels-sdxl); none runs them all (their budgets add up to 14 minutes; pick some within a 15-minute lease):
 #   bash bench/gpu_check.sh quantization cfg-pair-512
 # Expects the project's wheels (diffusers, transformers, accelerate, torchao, gguf, fastapi, ...) in .whl/
-# and writes to $OUT. Sections 3, 4 and 6 build the random-weight models on the GPU (34 GB and 7 GB in
+# and writes to $OUT. Sections 3, 4, 6 and 7 build the random-weight models on the GPU (34 GB and 7 GB in
 # bfloat16).
 set -uo pipefail
 SECTIONS=" $* "
@@ -47,3 +49,5 @@ section cfg-pair-512 30 python3 bench/bench_serving.py --backends mp,mp_cfg_para
     --device cuda --raw-calls 4 --single-requests 4 --requests-per-client 1 --skip-naive --json "$OUT/cfg-pair-512.json"
 section quantization 150 python3 bench/bench_quantization.py --model random-flux-dev --size 1024 --steps 28 \
     --device cuda --rows bf16,int8wo,float8dq+int8wo-t5 --limit-gib 24 --json "$OUT/quantization.json"
+section pixels-sdxl 150 python3 bench/bench_serving.py --workload pixels --model random-sdxl --size 1024 --steps 4 \
+    --device cuda --pixels-clients 1,8 --pixels-requests 8 --idle-window-s 5 --json "$OUT/pixels-sdxl.json"
