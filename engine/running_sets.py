@@ -7,22 +7,23 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from workers.data import OmniDiffusionRequest, late_room
+from workers.data import OmniDiffusionRequest, deadline_of, late_room
 
 
 @dataclass
 class _Placed:
     group: int
     images: int
-    deadline: int  # in its group's iterations, as the worker sets it: arrival plus steps
-    finishing: bool = False  # it has its last steps (workers.runtime.step_batching.FINISHING_STEPS)
+    deadline: int  # in its group's iterations, as the worker sets it (workers.data.deadline_of)
+    finishing: bool = False  # it has its last steps (workers.data.FINISHING_STEPS)
 
 
 class RunningSetRoom:
     """Step mode: the requests placed in each rank group's running set and not answered yet.
 
-    A worker's running set (workers.runtime.step_batching.RunningSet) gives each request a deadline, the
-    iteration it arrived at plus its step count, and runs the earliest deadlines first, up to
+    A worker's running set (workers.runtime.step_batching.RunningSet) gives each request a deadline (the
+    iteration it arrived at plus its step count, plus the steps it may wait for its room: workers.data.deadline_of),
+    and runs the earliest deadlines first, up to
     ``max_batch_size`` images per iteration (those past their deadline, up to half of it while others
     wait); the others pause. Here each group's iterations are counted from its RunningSetIteration
     reports, so the same deadlines are known: a request fits a group when the images due no later than
@@ -91,7 +92,7 @@ class RunningSetRoom:
         return group, not refused
 
     def _deadline(self, group: int, requests: list[OmniDiffusionRequest]) -> int:
-        return self._iterations[group] + min(request.num_inference_steps for request in requests)
+        return deadline_of(self._iterations[group], min(request.num_inference_steps for request in requests))
 
     def _due(self, group: int, deadline: int | None) -> int:
         """Images in ``group``'s running set that run before a request due at ``deadline`` (None: all of them)

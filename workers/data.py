@@ -222,15 +222,30 @@ class StepProgress:
 @dataclass(frozen=True)
 class RunningSetIteration:
     """One iteration of a worker's running set (step mode): the requests left in it, how many joined, and
-    ``finishing``, the ids of the requests with at most two steps left
-    (workers.runtime.step_batching.FINISHING_STEPS). A worker host sends it like progress, on a call still
-    running; the engine turns it into metrics, and sends the next requests for the finishing ones' room
-    while their last steps run."""
+    ``finishing``, the ids of the requests with at most ``FINISHING_STEPS`` steps left. A worker host sends it
+    like progress, on a call still running; the engine turns it into metrics, and sends the next requests for
+    the finishing ones' room while their last steps run."""
 
     rank: int
     running: int
     admitted: int
     finishing: tuple[str, ...] = ()
+
+
+# Step mode: a request is named finishing while it has this many steps left, and the engine then sends the
+# requests that will take its room (engine.running_sets.RunningSetRoom). They reach the worker while its last
+# steps run, and those that replace a group that ends together join together, at the iteration after (one
+# text-encoder call, and one decode when they end), not one by one as they arrive.
+FINISHING_STEPS = 2
+
+
+def deadline_of(arrival_iteration: int, steps: int) -> int:
+    """Step mode: the running-set iteration by which a request that reached its worker at ``arrival_iteration``
+    should have had its ``steps``, had it run from then without a pause; past it, the request is late
+    (``late_room``). It may have been sent ``FINISHING_STEPS`` iterations before its room frees, and is not late
+    for waiting them: late, the requests of one group would split (some late ones paused while the rest run)
+    and never join or leave together again."""
+    return arrival_iteration + FINISHING_STEPS + steps
 
 
 def late_room(max_images: int) -> int:

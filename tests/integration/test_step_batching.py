@@ -7,6 +7,7 @@ running set is the same computation, so bit for bit."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 from helpers import assert_pixels_close
@@ -212,14 +213,15 @@ def test_a_short_request_at_a_full_running_set_goes_first_while_a_long_one_pause
 
 def test_requests_past_their_deadline_take_half_a_call_while_requests_on_time_wait(worker_of):
     worker = worker_of("tiny", max_batch_size=2)
-    late = [filled(worker, 3, 81), filled(worker, 3, 82)]  # due at iteration 3
+    # Deadlines: arrival + steps + FINISHING_STEPS (2), the iterations a request sent ahead may wait for room.
+    late = [filled(worker, 5, 81), filled(worker, 5, 82)]  # due at iteration 7
     running = RunningSet(worker)
     running.add(late)
     running.iterate()
-    running.add([filled(worker, 1, 83), filled(worker, 1, 84)])  # due at 2: they go first, the two pause
-    running.iterate()
-    running.iterate()  # the two again: one step left each, and at iteration 3 they are late
-    on_time = [filled(worker, 2, 85), filled(worker, 2, 86)]  # due at 5
+    running.add([filled(worker, 3, 83), filled(worker, 3, 84)])  # due at 6: they go first, the two pause
+    for _ in range(3 + 3):
+        running.iterate()  # theirs, then the two again: one step left each, and at iteration 7 they are late
+    on_time = [filled(worker, 2, 85), filled(worker, 2, 86)]  # due at 11
     running.add(on_time)
     (left,) = running.iterate()
     # One late request (half of 2 images) had its last step beside one on time; the other late one waits.
@@ -227,6 +229,29 @@ def test_requests_past_their_deadline_take_half_a_call_while_requests_on_time_wa
     assert [r.request.request_id for r in running.batch] == [on_time[0].request_id]
     outputs, _ = run_to_the_end(running)
     assert_same_pixels_as_alone(worker, [*late, *on_time], {**outputs, left.request_id: left})
+
+
+def test_requests_sent_for_a_groups_room_join_and_leave_together_as_that_group_did(worker_of):
+    # The engine sends a request for the room of each one named finishing (engine.running_sets.RunningSetRoom), so
+    # it waits up to FINISHING_STEPS iterations for that room. A group that joined together keeps leaving together
+    # (one decode, and its replacements one text-encoder call): none of it is late for that wait and paused while
+    # the rest of it runs.
+    worker = worker_of("tiny", max_batch_size=8)
+    seeds = itertools.count(300)
+    running = RunningSet(worker)
+    running.add([filled(worker, 4, next(seeds))])  # alone at first, as when the load begins
+    running.iterate()
+    running.add([filled(worker, 4, next(seeds)) for _ in range(7)])
+    replaced, left = set(), []
+    for _ in range(40):  # bounded: three generations of 8 requests of 4 steps, about 14 iterations
+        if running.idle:
+            break
+        left.append([output.request_id for output in running.iterate()])
+        finishing = [request_id for request_id in running.finishing if request_id not in replaced]
+        replaced.update(finishing)
+        if len(replaced) <= 16:  # two generations of replacements
+            running.add([filled(worker, 4, next(seeds)) for _ in finishing])
+    assert [len(ids) for ids in left if ids] == [1, 7, 1, 7, 1, 7]
 
 
 def test_requests_with_different_lora_adapter_sets_never_share_a_denoiser_call(worker_of, model_cache, tmp_path):

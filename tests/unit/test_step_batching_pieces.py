@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 
 from engine.running_sets import RunningSetRoom
-from workers.data import LoraWeight, OmniDiffusionRequest
+from workers.data import FINISHING_STEPS, LoraWeight, OmniDiffusionRequest
 from workers.runtime.step_batching import request_refusal
 from workers.worker import partial_image_steps
 
@@ -50,11 +50,12 @@ def fox(steps: int, images: int = 1) -> OmniDiffusionRequest:
 def test_a_request_is_sent_where_it_would_run_at_once_earliest_deadline_first():
     room = RunningSetRoom(max_images=4, num_groups=1)
     long = fox(40, images=4)
-    room.place([long], [0])  # due at iteration 40: the running set is full
-    assert room.choose([fox(4)], [0]) == (0, True)  # due at 4: it overtakes, the long one pauses
+    # Deadlines: arrival + steps + FINISHING_STEPS (the iterations a request sent ahead may wait for its room).
+    room.place([long], [0])  # due at iteration 42: the running set is full
+    assert room.choose([fox(4)], [0]) == (0, True)  # due at 6: it overtakes, the long one pauses
     for _ in range(38):
         room.iterated(0, ())
-    assert room.choose([fox(4)], [0]) == (0, False)  # due at 42 now, after the long one: it would wait
+    assert room.choose([fox(4)], [0]) == (0, False)  # due at 44 now, after the long one: it would wait
     room.iterated(0, (long.request_id,))  # the long one's last step begins: its room frees
     assert room.choose([fox(4, images=4)], [0]) == (0, True)
     room.answered([long.request_id])
@@ -78,9 +79,13 @@ def test_a_request_goes_to_the_group_where_it_runs_at_once_and_pauses_the_least(
 
 def test_requests_past_their_deadline_count_for_half_the_set_before_a_request_on_time():
     room = RunningSetRoom(max_images=4, num_groups=1)
-    room.place([fox(2, images=4)], [0])  # due at iteration 2
+    room.place([fox(2, images=4)], [0])  # due at iteration 2 + FINISHING_STEPS
     assert room.choose([fox(4)], [0]) == (0, False)
     room.iterated(0, ())
-    room.iterated(0, ())  # paused for others: it is late now, and takes half of each call while others wait
+    room.iterated(0, ())
+    # It could have had its steps by now, but it may have waited for the room it was sent ahead for: not late yet.
+    assert room.choose([fox(4)], [0]) == (0, False)
+    for _ in range(FINISHING_STEPS):
+        room.iterated(0, ())  # paused for others: it is late now, and takes half of each call while others wait
     assert room.choose([fox(4)], [0]) == (0, True)
     assert room.choose([fox(4, images=3)], [0]) == (0, False)

@@ -26,12 +26,14 @@ from typing import Any, Protocol
 import torch
 
 from workers.data import (
+    FINISHING_STEPS,
     OmniDiffusionRequest,
     PartialImageOutput,
     RequestOutput,
     RunningSetIteration,
     StepProgress,
     WorkerProgress,
+    deadline_of,
     image_slices,
     late_room,
 )
@@ -42,10 +44,6 @@ from workers.runtime.stages import Cancellations, StageTimer, count_usage, decod
 logger = logging.getLogger(__name__)
 
 CANCELLED = "cancelled: the client went away"
-# A request is named finishing when it has this many steps left: the requests that replace it reach the worker
-# while it has its last two, and those that replace a batch that ends together join together, at the
-# iteration after (one text-encoder call, and again one decode when they end), not one by one as they arrive.
-FINISHING_STEPS = 2
 
 
 class StepWorker(Protocol):
@@ -124,7 +122,8 @@ class RunningSet:
 
     ``add()`` queues requests (filled in, see workers.data.with_defaults, and admissible:
     ``request_refusal`` is None). Each request has a deadline: the iteration it would finish at had it
-    run from its arrival without a pause, its arrival plus its step count. Each iteration's denoiser
+    run from its arrival without a pause, its arrival plus its step count, plus the steps it may wait for
+    the room it was sent ahead for (workers.data.deadline_of). Each iteration's denoiser
     call takes the earliest deadlines, up to ``max_batch_size`` images, among the requests that share
     the running set's ``step_key``; the others wait, paused with their latents and scheduler. So a
     4-step request that arrives behind 40-step ones goes first, and a 40-step one still runs once its
@@ -147,7 +146,7 @@ class RunningSet:
         self.waiting: deque[OmniDiffusionRequest] = deque()  # not started yet, in arrival order
         self.batch: list[RunningRequest] = []  # the requests of the latest denoiser call (once it ends: those left)
         self.iteration = 0
-        self._deadlines: dict[str, int] = {}  # request id -> its arrival iteration plus its step count
+        self._deadlines: dict[str, int] = {}  # request id -> deadline_of(its arrival iteration, its steps)
         self._encoded: set[str] = set()  # ids of the requests whose images the worker encodes (the serving path)
         self._loop = None  # the family's loop, made for the running set's key
         self._scheduler = None  # a fresh scheduler, made with the loop: each request's own is a copy of it
@@ -175,7 +174,7 @@ class RunningSet:
             if (refusal := request_refusal(request)) is not None:
                 raise ValueError(refusal)
         for request in requests:
-            self._deadlines[request.request_id] = self.iteration + request.num_inference_steps
+            self._deadlines[request.request_id] = deadline_of(self.iteration, request.num_inference_steps)
         if encode:
             self._encoded.update(request.request_id for request in requests)
         self.waiting.extend(requests)
