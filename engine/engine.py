@@ -169,7 +169,9 @@ class DiffusionEngine:
             return "request"
         refusal = self.model_info.get("step_mode_refusal")
         if refusal is not None:
-            logger.warning("--scheduling step runs as request: %s", refusal)
+            # Asked for, it is worth a warning; as the default, it is how such a model runs.
+            asked = "scheduling" in self.od_config.model_fields_set
+            (logger.warning if asked else logger.info)("--scheduling step runs as request: %s", refusal)
             return "request"
         logger.info("--scheduling step: each worker runs a running set, requests join it at every denoising step")
         return "step"

@@ -163,9 +163,9 @@ class OmniDiffusionConfig(BaseSettings):
         "request waits for nobody; requests that arrive while a step runs still fill the next)",
     )
     scheduling: Literal["request", "step"] = Field(
-        "request",
-        description="request: a step is whole generations; step: requests join and leave a worker's running set "
-        "at every denoising step (SD and Flux text-to-image; the rest runs as request)",
+        "step",
+        description="step: requests join and leave a worker's running set at every denoising step (SD and Flux "
+        "text-to-image; the rest runs as request); request: a step is whole generations",
     )
     rpc_timeout_s: float = Field(300.0, gt=0, description="longest a worker may take for one call")
     worker_start_timeout_s: float = Field(600.0, gt=0, description="longest a worker may take to load its model")

@@ -80,7 +80,9 @@ def _entry_settings(config: OmniDiffusionConfig, entry: dict[str, Any], where: s
             raise ModelSettingsError(f"{where}: unknown key '{key}'")
     if "," in str(entry["model"]):
         raise ModelSettingsError(f"{where}: 'model' names one model per entry")
-    server_wide = {name: getattr(config, name) for name in OmniDiffusionConfig.model_fields if name != "models_file"}
+    # The settings the server was given, not its defaults: an entry's config then tells a default from a choice
+    # (model_fields_set), as the server's own does.
+    server_wide = {name: getattr(config, name) for name in config.model_fields_set if name != "models_file"}
     try:
         return OmniDiffusionConfig(**{**server_wide, **{ENTRY_KEYS[key]: value for key, value in entry.items()}})
     except ValidationError as error:

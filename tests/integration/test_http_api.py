@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from helpers import assert_pixels_close, decode, metric_samples
+from helpers import ServerProcess, assert_pixels_close, decode, metric_samples
 
 pytestmark = pytest.mark.slow
 
@@ -65,22 +65,43 @@ def test_output_formats(tiny_server, output_format, magic):
     assert response.json()["output_format"] == output_format
 
 
-def test_concurrent_requests_are_served_in_batches(tiny_server, client):
-    def batch_stats() -> tuple[float, float]:
-        # Zero before the server's first step: this test may be the first on it.
-        return tiny_server.metric("imagegen_batch_size_images_count"), tiny_server.metric("imagegen_batch_size_images_sum")
+def test_concurrent_requests_share_the_running_sets_denoiser_calls(tiny_server, client):
+    """Step mode, the default: 16 concurrent 4-step requests, each a step of its own, run side by side in the
+    worker's running set, in fewer denoiser calls than they would one by one."""
 
-    steps_before, images_before = batch_stats()
+    def steps_and_iterations() -> tuple[float, float]:
+        # Zero before the server's first step: this test may be the first on it.
+        return tiny_server.metric("imagegen_batch_size_images_count"), tiny_server.metric(
+            "imagegen_running_set_admissions_count"
+        )
+
+    steps_before, iterations_before = steps_and_iterations()
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda seed: generate(client, seed=seed), range(100, 116)))
     assert all(len(r.data) == 1 for r in responses)
-    steps, images = batch_stats()
-    assert images - images_before == 16
-    # 16 single-image requests in fewer steps than requests: batches larger than one.
-    assert steps - steps_before < 16
-    buckets = metric_samples(tiny_server.metrics(), "imagegen_batch_size_images_bucket")
-    one_image_steps = next(s.value for s in buckets if s.labels["le"] == "1.0")
-    assert one_image_steps < steps
+    steps, iterations = steps_and_iterations()
+    assert steps - steps_before == 16
+    assert iterations - iterations_before < 16 * 4
+
+
+def test_concurrent_requests_are_served_in_batches_in_request_mode():
+    server = ServerProcess(
+        "--model", "tiny", "--max-batch-size", "8", "--batch-timeout-ms", "20", "--scheduling", "request"
+    )
+    try:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(lambda seed: generate(client, seed=seed), range(100, 116)))
+        assert all(len(r.data) == 1 for r in responses)
+        assert server.metric("imagegen_batch_size_images_sum") == 16
+        # 16 single-image requests in fewer steps than requests: batches larger than one.
+        steps = server.metric("imagegen_batch_size_images_count")
+        assert steps < 16
+        buckets = metric_samples(server.metrics(), "imagegen_batch_size_images_bucket")
+        assert next(sample.value for sample in buckets if sample.labels["le"] == "1.0") < steps
+        assert server.metric("imagegen_running_set_admissions_count") == 0
+    finally:
+        server.stop()
 
 
 def test_batched_image_matches_the_same_seed_alone(client):
