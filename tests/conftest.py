@@ -40,9 +40,11 @@ def tiny_server():
 @pytest.fixture(scope="session")
 def keyed_server():
     """A real server with API key TEST_API_KEY, a queue of one image (see helpers.queue_held_full),
-    and requests allowed to run until their client hangs up."""
+    and requests allowed to run until their client hangs up. In request mode: a long request then holds
+    the worker, and the next one holds the queue."""
     server = ServerProcess(
-        "--model", "tiny", "--api-key", TEST_API_KEY, "--max-queue-size", "1", "--max-num-inference-steps", "100000"
+        "--model", "tiny", "--api-key", TEST_API_KEY, "--max-queue-size", "1", "--max-num-inference-steps", "100000",
+        "--scheduling", "request",
     )
     yield server
     server.stop()

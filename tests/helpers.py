@@ -47,6 +47,22 @@ RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @contextlib.contextmanager
+def scheduling_by_default(mode: str):
+    """The servers, workers and engines started inside run ``--scheduling mode`` unless told otherwise (each reads
+    IMAGEGEN_SCHEDULING as it starts): for tests of one mode's own mechanics, such as request mode's batches that
+    hold a worker busy, or its sharding of one step across ranks."""
+    before = os.environ.get("IMAGEGEN_SCHEDULING")
+    os.environ["IMAGEGEN_SCHEDULING"] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("IMAGEGEN_SCHEDULING", None)
+        else:
+            os.environ["IMAGEGEN_SCHEDULING"] = before
+
+
+@contextlib.contextmanager
 def ray_test_environment():
     """RAY_ENV set and RAY_ADDRESS unset for the block, then the environment as it was."""
     saved = {name: os.environ.get(name) for name in [*RAY_ENV, "RAY_ADDRESS"]}

@@ -91,10 +91,11 @@ def test_single_requests_sent_with_the_flooding_key_wait_in_arrival_order_like_t
 
 @pytest.fixture(scope="module")
 def capped_server():
-    """A key may have 2 images waiting; requests may run until their client hangs up."""
+    """A key may have 2 images waiting; requests may run until their client hangs up. In request mode, so that a
+    running request holds the worker and the next ones wait in the queue (in step mode they would join it)."""
     server = ServerProcess(
         "--model", "tiny", "--api-key", f"{FLOOD_KEY},{SINGLE_KEY}", "--max-queued-images-per-key", "2",
-        "--max-num-inference-steps", str(ENDLESS_STREAM["num_inference_steps"]),
+        "--max-num-inference-steps", str(ENDLESS_STREAM["num_inference_steps"]), "--scheduling", "request",
     )
     yield server
     server.stop()

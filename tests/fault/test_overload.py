@@ -8,9 +8,17 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import httpx
 import pytest
-from helpers import ENDLESS_STREAM, ServerProcess, poll
+from helpers import ENDLESS_STREAM, ServerProcess, poll, scheduling_by_default
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def request_mode():
+    """A long request holds the worker while the next ones wait in the queue: request mode's batches (in step
+    mode they would join its running set)."""
+    with scheduling_by_default("request"):
+        yield
 
 # Seconds a request may take to answer when other processes compete for the cores.
 DEADLINE_S = 300

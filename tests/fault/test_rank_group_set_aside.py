@@ -13,12 +13,20 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from helpers import ADMIN_KEY, TESTS, ServerProcess, WorkerProcess, admin, poll
+from helpers import ADMIN_KEY, TESTS, ServerProcess, WorkerProcess, admin, poll, scheduling_by_default
 from lora_adapters import make_lora
 
 from workers.models.catalog import resolve_model_path
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def request_mode():
+    """The hang hook (tests/hanging_worker.py) blocks request mode's pipeline call, and request mode shards a
+    step across both groups."""
+    with scheduling_by_default("request"):
+        yield
 
 # Short, so a hung call fails fast; the workers use the same value to report NOT_SERVING.
 RPC_TIMEOUT_S = 3

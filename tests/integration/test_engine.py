@@ -74,7 +74,8 @@ def test_rpc_timeout_names_method_and_timeout(one_rank):
 
 def test_two_ranks_spread_a_step_and_match_one_rank(one_rank):
     requests = requests_for(range(10, 16))
-    with DiffusionEngine(OmniDiffusionConfig(model="tiny", num_gpus=2)) as two_ranks:
+    # Request mode shards one step's requests across the ranks (step mode sends each request where it runs at once).
+    with DiffusionEngine(OmniDiffusionConfig(model="tiny", num_gpus=2, scheduling="request")) as two_ranks:
         assert len(child_pids(os.getpid())) >= 2
         assert two_ranks.collective_rpc("get_rank") == [0, 1]
         spread = two_ranks.step(requests)

@@ -24,6 +24,7 @@ from helpers import (
     free_port,
     poll,
     run_cli,
+    scheduling_by_default,
     start_workers,
 )
 from hypothesis import assume, given, settings
@@ -37,6 +38,14 @@ from workers.hosts.proto import worker_pb2 as pb
 from workers.hosts.proto import worker_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def request_mode():
+    """Request mode's data parallel (one step sharded across both workers) and its pipeline calls; step mode
+    on gRPC workers is tested in test_step_mode_backends.py."""
+    with scheduling_by_default("request"):
+        yield
 
 TOKEN = "grpc-test-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)

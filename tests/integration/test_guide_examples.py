@@ -207,7 +207,9 @@ def test_custom_external_executor(pods, monkeypatch):
         # rank 0 alone, so an executor copied from the guide still serves (docs/executors.md).
         assert engine.model_info["native_size"] == "64x64"
         outputs = engine.step([OmniDiffusionRequest("a red fox", num_inference_steps=2, seed=s) for s in range(4)])
-        assert [o.error for o in outputs] == [None] * 4 and {o.rank for o in outputs} == {0, 1}
+        # Step mode (the default) sends each request to a pod whose running set runs it at once: one pod may take
+        # all four. That both pods serve, collective_rpc shows.
+        assert [o.error for o in outputs] == [None] * 4 and {o.rank for o in outputs} <= {0, 1}
         assert engine.collective_rpc("get_rank", unique_reply_rank=1) == 1
         # The pitfall itself: rank 0 alone gets every rank's reply.
         assert engine.collective_rpc("get_rank", unique_reply_rank=0) == [0, 1]

@@ -313,10 +313,14 @@ def test_an_unload_waits_for_a_queued_request_that_holds_the_adapter_among_other
             assert running.status_code == 200
             lines = running.iter_lines()
             assert next(line for line in lines if line.startswith("event:")) == "event: image_generation.progress"
-            # Another set of adapters cannot join the running step: it waits in the queue until it ends.
-            waiting_before = server.metric("imagegen_num_requests_waiting")
+            # Another set of adapters cannot share the running request's denoiser calls: it waits until that one
+            # ends, in the engine's queue (request mode) or in the worker's running set (step mode, the default).
+            def taken() -> float:
+                return server.metric("imagegen_num_requests_waiting") + server.metric("imagegen_num_requests_running")
+
+            taken_before = taken()
             queued = pool.submit(generate, client, loras=[{"name": "tardy", "scale": 0.5}, {"name": "sharp"}])
-            poll(lambda: server.metric("imagegen_num_requests_waiting") > waiting_before, 30, "the request to queue")
+            poll(lambda: taken() > taken_before, 30, "the request to be taken")
             unload = pool.submit(admin, server, "unload_lora_adapter", lora_name="tardy")
             poll(lambda: "tardy" not in [m.id for m in client.models.list().data], 30, "tardy to leave /v1/models")
             with pytest.raises(openai.NotFoundError):

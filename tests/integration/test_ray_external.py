@@ -75,13 +75,14 @@ def pixels(outputs) -> list[np.ndarray]:
 
 def test_close_leaves_actors_alive_for_a_new_engine(actors):
     requests = requests_for([5, 6, 7])
-    first = engine_on(NAMES)
+    # Request mode shards one step's requests across both ranks, so the second engine shows it reached both.
+    first = engine_on(NAMES, scheduling="request")
     before = first.step(requests)
     first.close()
     assert ray.get([actor.get_rank.remote() for actor in actors], timeout=30) == [0, 1]
     with pytest.raises(EngineDeadError):
         first.step(requests)
-    with engine_on(NAMES) as second:
+    with engine_on(NAMES, scheduling="request") as second:
         after = second.step(requests)
     assert {o.rank for o in after} == {0, 1}
     assert all(np.array_equal(a, b) for a, b in zip(pixels(before), pixels(after), strict=True))

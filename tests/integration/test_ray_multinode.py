@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import pytest
 import ray
-from helpers import poll, two_ray_nodes
+from helpers import poll, scheduling_by_default, two_ray_nodes
 
 from engine import DiffusionEngine, OmniDiffusionConfig, OmniDiffusionRequest
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def request_mode():
+    """Request mode shards one step across the ranks on both nodes."""
+    with scheduling_by_default("request"):
+        yield
 
 def alive_nodes() -> list[dict]:
     return [node for node in ray.nodes() if node["Alive"]]

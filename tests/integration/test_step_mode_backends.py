@@ -129,7 +129,7 @@ def test_a_short_request_joins_a_long_ones_running_set_on_every_transport(backen
 
 def test_an_external_worker_started_in_request_mode_makes_the_engine_say_so(request, caplog, ray_cluster):
     actor = RayDiffusionWorkerActor.options(num_gpus=0, num_cpus=1, name="imagegen_request_rank_0").remote(
-        rank=0, od_config=OmniDiffusionConfig(model="tiny")
+        rank=0, od_config=OmniDiffusionConfig(model="tiny", scheduling="request")
     )
     try:
         assert ray.get(actor.initialize.remote())["status"] == "ready"

@@ -162,12 +162,16 @@ def test_edits_in_step_mode_run_in_request_mode(step_engine, request_engine):
     assert (pixels(made)[0] == pixels(wanted)[0]).all()  # the same pipeline call, by itself
 
 
-def test_a_pipeline_without_a_step_loop_runs_as_request_with_one_line_why(model_cache, caplog):
-    with caplog.at_level(logging.WARNING, logger="engine.engine"):
-        with DiffusionEngine(OmniDiffusionConfig(model="tiny-sd3", scheduling="step")) as engine:
+@pytest.mark.parametrize(
+    ("settings", "level"), [({"scheduling": "step"}, logging.WARNING), ({}, logging.INFO)], ids=["asked", "default"]
+)
+def test_a_pipeline_without_a_step_loop_runs_as_request_with_one_line_why(model_cache, caplog, settings, level):
+    # Asked for, step mode's refusal is a warning; as the default, an info line: it is how such a model runs.
+    with caplog.at_level(logging.INFO, logger="engine.engine"):
+        with DiffusionEngine(OmniDiffusionConfig(model="tiny-sd3", **settings)) as engine:
             assert engine.scheduling == "request"
             (output,) = engine.step([fox(2, 31)])
             assert output.error is None
-    lines = [r.getMessage() for r in caplog.records if "--scheduling step runs as request" in r.getMessage()]
-    assert lines == ["--scheduling step runs as request: StableDiffusion3Pipeline has no step loop "
-                     "(step mode runs StableDiffusionPipeline, FluxPipeline)"]
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if "--scheduling step runs as" in r.getMessage()]
+    assert lines == [(level, "--scheduling step runs as request: StableDiffusion3Pipeline has no step loop "
+                             "(step mode runs StableDiffusionPipeline, FluxPipeline)")]

@@ -55,6 +55,14 @@ def test_an_entry_overrides_the_server_wide_settings_and_keeps_the_rest(tmp_path
     assert fast.models_file is None
 
 
+def test_an_entrys_settings_tell_a_default_from_a_choice_as_the_servers_do(tmp_path):
+    # The engine says why step mode cannot run as a warning when it was asked for, as info when it is the default.
+    (default,) = settings_of(tmp_path, "- model: tiny\n")
+    assert default.scheduling == "step" and "scheduling" not in default.model_fields_set
+    (chosen,) = settings_of(tmp_path, "- model: tiny\n", scheduling="request")
+    assert chosen.scheduling == "request" and "scheduling" in chosen.model_fields_set
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
