@@ -15,7 +15,7 @@ from engine.engine import DiffusionEngine, DiffusionOutput, PartialImages
 from engine.errors import EngineDeadError, EngineOverloadedError, RequestTimeoutError
 from engine.fair_queue import FairQueue
 from workers.config import LoraModule
-from workers.data import OmniDiffusionRequest, StepProgress
+from workers.data import OmniDiffusionRequest, StepProgress, deadline_of
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class _Queued:
     deadline: float
     key: str = ""
     enqueued_at: float = field(default_factory=time.monotonic)
-    # Step mode: the running sets' iteration (RunningSetRoom.iteration) it was queued at, plus its steps.
+    # Step mode: its deadline (workers.data.deadline_of) from the running sets' iteration it was queued at.
     deadline_iteration: int = 0
 
     @property
@@ -176,7 +176,7 @@ class AsyncDiffusionEngine:
         loop = asyncio.get_running_loop()
         queued = _Queued(
             prepared, loop.create_future(), deadline=now + self._request_timeout_s, key=key, enqueued_at=now,
-            deadline_iteration=self.engine.running_sets.iteration() + prepared.num_inference_steps,
+            deadline_iteration=deadline_of(self.engine.running_sets.iteration(), prepared.num_inference_steps),
         )
         self._queue.append(queued)
         self._waiting.inc()
@@ -335,7 +335,7 @@ class AsyncDiffusionEngine:
             return turn
         now = self.engine.running_sets.iteration()
         for queued in self._queue.in_turn():
-            due_earlier = now + queued.request.num_inference_steps < turn.deadline_iteration
+            due_earlier = deadline_of(now, queued.request.num_inference_steps) < turn.deadline_iteration
             if queued is not turn and due_earlier and self.engine.runs_at_once(queued.request):
                 return queued
         return None

@@ -38,7 +38,7 @@ DEVICE_ROOM_WAIT_S = 30.0
 # image, and each denoiser call ran ~30% slower than request mode's (docs/benchmarks.md, "Page faults").
 # Fixed thresholds keep that memory in the heap for the next call.
 MMAP_THRESHOLD_BYTES = 32 * 2**20  # the most glibc takes on 64-bit (HEAP_MAX_SIZE / 2); larger blocks stay mmaps
-TRIM_THRESHOLD_BYTES = 256 * 2**20  # free memory the heap's top keeps: a 64x64 iteration's needed < 256 MiB
+TRIM_THRESHOLD_BYTES = 256 * 2**20  # free memory the heap's top keeps (enough for a 64x64 iteration's reuse)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 # The user's own malloc tuning, which keep_freed_memory leaves in force.
 MALLOC_TUNING = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
